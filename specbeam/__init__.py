@@ -1,0 +1,1 @@
+"""specbeam: lossless speculative decoding for Hugging Face causal language models."""

@@ -1,0 +1,1 @@
+"""Plain torch versions of every specbeam kernel: readable, float64-capable, the test oracle."""

@@ -1,0 +1,91 @@
+"""Attention of packed queries over a paged KV cache, in plain torch.
+
+Layout. K and V live in pools `[num_blocks, block_size, num_kv_heads, head_dim]`. Sequence s owns the
+blocks `block_tables[s]`; its key at position j sits in block `block_tables[s, j // block_size]`, offset
+`j % block_size`. The queries of sequence s are rows `query_start_loc[s]:query_start_loc[s + 1]` of `query`:
+its n_s newest tokens, whose K/V are already stored at positions `seq_lens[s] - n_s ... seq_lens[s] - 1`.
+
+Visibility. Query t of sequence s sees every key of the committed prefix (j < seq_lens[s] - n_s) and the new
+tokens c with `tree_mask[row, c]` (its ancestors in the draft tree and itself). Without a tree mask the
+new tokens are a chain and the mask is causal: c <= t. Decode is the case n_s = 1.
+"""
+import torch
+import torch.nn.functional as F
+
+
+def store_kv(
+    key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    value_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    slot_mapping: torch.Tensor,  # [num_tokens] int: block * block_size + offset
+) -> None:
+    key_cache.view(-1, *key_cache.shape[2:]).index_copy_(0, slot_mapping, key.to(key_cache.dtype))
+    value_cache.view(-1, *value_cache.shape[2:]).index_copy_(0, slot_mapping, value.to(value_cache.dtype))
+
+
+def _visible_keys(
+    seq_lens: torch.Tensor,  # [num_seqs]
+    num_new: torch.Tensor,  # [num_seqs]
+    tree_mask: torch.Tensor | None,  # [num_queries, max_new] bool
+    query_start_loc: torch.Tensor,  # [num_seqs + 1]
+    max_new: int,
+    max_len: int,
+) -> torch.Tensor:  # [num_seqs, max_new, max_len] bool
+    device = seq_lens.device
+    key_pos = torch.arange(max_len, device=device)
+    query_idx = torch.arange(max_new, device=device)
+    rel = key_pos[None, :] - (seq_lens - num_new)[:, None]  # [S, L]: key position relative to the first new token
+    in_prefix = rel < 0
+    is_new = (rel >= 0) & (rel < num_new[:, None])
+    if tree_mask is None:
+        new_visible = rel[:, None, :] <= query_idx[None, :, None]  # causal among the new tokens
+    else:
+        rows = (query_start_loc[:-1, None] + query_idx[None, :]).clamp(max=tree_mask.shape[0] - 1)  # [S, max_new]
+        padded = tree_mask[rows]  # [S, max_new, mask_width]
+        cols = rel.clamp(0, tree_mask.shape[1] - 1)  # [S, L]
+        new_visible = torch.gather(padded, 2, cols[:, None, :].expand(-1, max_new, -1))
+    visible = in_prefix[:, None, :] | (is_new[:, None, :] & new_visible)
+    # padding rows (t >= n_s) see key 0 only, so that softmax stays finite; they are dropped afterwards
+    is_pad_row = query_idx[None, :] >= num_new[:, None]  # [S, max_new]
+    return visible | (is_pad_row[:, :, None] & (key_pos == 0)[None, None, :])
+
+
+def paged_attention(
+    query: torch.Tensor,  # [num_queries, num_q_heads, head_dim]
+    key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    value_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks_per_seq] int
+    seq_lens: torch.Tensor,  # [num_seqs] int: keys of each sequence, its new tokens included
+    query_start_loc: torch.Tensor,  # [num_seqs + 1] int: cumulative count of new tokens
+    tree_mask: torch.Tensor | None = None,  # [num_queries, max_new] bool; None: causal
+    scale: float | None = None,
+) -> torch.Tensor:  # [num_queries, num_q_heads, head_dim]
+    num_seqs = seq_lens.shape[0]
+    block_size = key_cache.shape[1]
+    num_new = query_start_loc[1:] - query_start_loc[:-1]
+    max_len, max_new = int(seq_lens.max()), int(num_new.max())
+
+    # gather each sequence's keys and values in position order: [S, L, Hkv, D]
+    key_pos = torch.arange(max_len, device=query.device)
+    block_idx = (key_pos // block_size).clamp(max=block_tables.shape[1] - 1)
+    slots = block_tables[:, block_idx].long() * block_size + key_pos % block_size  # [S, L]
+    keys = key_cache.reshape(-1, *key_cache.shape[2:])[slots]
+    values = value_cache.reshape(-1, *value_cache.shape[2:])[slots]
+
+    # scatter the packed queries into [S, max_new, Hq, D]
+    seq_of_query = torch.repeat_interleave(torch.arange(num_seqs, device=query.device), num_new)
+    local_idx = torch.arange(query.shape[0], device=query.device) - query_start_loc[seq_of_query]
+    queries = query.new_zeros(num_seqs, max_new, *query.shape[1:])
+    queries[seq_of_query, local_idx] = query
+
+    visible = _visible_keys(seq_lens, num_new, tree_mask, query_start_loc, max_new, max_len)
+    out = F.scaled_dot_product_attention(
+        queries.transpose(1, 2),
+        keys.transpose(1, 2).to(query.dtype),
+        values.transpose(1, 2).to(query.dtype),
+        attn_mask=visible[:, None],
+        scale=scale,
+        enable_gqa=query.shape[1] != key_cache.shape[2],
+    )  # [S, Hq, max_new, D]
+    return out.transpose(1, 2)[seq_of_query, local_idx]
