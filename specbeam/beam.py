@@ -1,0 +1,133 @@
+"""Beam search with transformers' exact semantics (`GenerationMixin._beam_search`), one step at a time.
+
+The state is transformers' own: running beams and their scores, the best finished hypotheses, the
+early-stopping heuristic. `step` consumes the processed log-probabilities of the running beams and replays
+the same tensor operations in the same dtype, so ties and float32 rounding fall the same way. Speculative
+beam search calls `step` several times per target pass, with distributions read off the draft tree.
+
+Each step keeps K = max(2, 1 + num_eos) * B candidates per prompt: the top-K of (running score +
+log p(token)) over B beams x V tokens. The best B that do not stop become the running beams; those among the
+top B that do stop enter the finished hypotheses with score sum / (generated length ** length_penalty).
+"""
+import torch
+from transformers import StoppingCriteriaList
+
+from specbeam.config import SamplingParams
+from specbeam.trace import TraceStep
+
+NEG = -1.0e9  # transformers' "impossible" score
+
+
+def _gather(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """tensor [batch, beams, ...], indices [batch, k] -> [batch, k, ...]."""
+    while indices.dim() < tensor.dim():
+        indices = indices.unsqueeze(-1)
+    return torch.take_along_dim(tensor, indices, dim=1)
+
+
+class BeamSearch:
+    def __init__(self, input_ids: torch.Tensor, params: SamplingParams, num_eos: int):  # [batch * beams, L]
+        beams, device = params.num_beams, input_ids.device
+        self.params = params
+        self.batch = input_ids.shape[0] // beams
+        self.prompt_len = self.cur_len = input_ids.shape[1]
+        self.num_candidates = max(2, 1 + num_eos) * beams
+        self.is_top_beam = torch.arange(self.num_candidates, device=device) < beams  # [K]
+        fill = params.pad_token_id if params.pad_token_id is not None else -1
+        self.running = torch.full((self.batch, beams, params.max_length), fill, dtype=torch.long, device=device)
+        self.running[:, :, : self.cur_len] = input_ids.view(self.batch, beams, -1)
+        self.finished = self.running.clone()
+        # only the first beam of each prompt is live at the start, so the first step does not pick duplicates
+        self.running_scores = torch.zeros((self.batch, beams), dtype=torch.float32, device=device)
+        self.running_scores[:, 1:] = NEG
+        self.finished_scores = torch.full((self.batch, beams), NEG, dtype=torch.float32, device=device)
+        self.is_finished = torch.zeros((self.batch, beams), dtype=torch.bool, device=device)
+        self.can_improve = torch.ones((self.batch, 1), dtype=torch.bool, device=device)
+        self.hits_stop = torch.zeros((self.batch, beams), dtype=torch.bool, device=device)
+        generated = params.max_length - self.cur_len
+        self.running_origin = torch.full((self.batch, beams, generated), -1, dtype=torch.int32, device=device)
+        self.finished_origin = self.running_origin.clone()
+        self.done = False
+
+    def running_sequences(self) -> torch.Tensor:  # [batch * beams, cur_len]
+        return self.running[:, :, : self.cur_len].flatten(0, 1)
+
+    def active_prompts(self) -> torch.Tensor:  # [batch] bool
+        """Prompts whose hypotheses can still change; the others are frozen until the search ends."""
+        full = self.is_finished.all(dim=1) & (self.params.early_stopping is True)
+        return self.can_improve[:, 0] & ~full
+
+    def step(self, log_probs: torch.Tensor, criteria: StoppingCriteriaList, scores) -> TraceStep:
+        """log_probs: [batch * beams, vocab], processed. Returns what happened, for the trace; afterwards
+        `parents()` names the previous running beam of every new one."""
+        beams, batch, step = self.params.num_beams, self.batch, self.cur_len - self.prompt_len
+        total = log_probs.view(batch, beams, -1) + self.running_scores[:, :, None]
+        vocab = total.shape[-1]
+        cand_scores, flat = torch.topk(total.view(batch, -1), k=self.num_candidates)
+        cand_beam, cand_token = flat // vocab, flat % vocab  # [batch, K]
+        cand_seqs = _gather(self.running, cand_beam)
+        cand_seqs[:, :, self.cur_len] = cand_token
+        cand_origin = _gather(self.running_origin, cand_beam)
+        cand_origin[:, :, step] = cand_beam + torch.arange(batch, device=flat.device)[:, None] * beams
+        hits = criteria(cand_seqs[:, :, : self.cur_len + 1].flatten(0, 1), scores).view(batch, -1)
+        self.hits_stop = hits
+
+        # the best B candidates that do not stop run on
+        live_scores = cand_scores + hits.to(torch.float32) * NEG
+        survivors = torch.topk(live_scores, k=beams)[1]
+        self.running = _gather(cand_seqs, survivors)
+        self.running_scores = _gather(live_scores, survivors)
+        self.running_origin = _gather(cand_origin, survivors)
+
+        entered = self._update_finished(cand_seqs, cand_scores, cand_origin, hits)
+        self.cur_len += 1
+        self._update_done()
+        return TraceStep(cand_beam, cand_token, cand_scores, survivors, entered)
+
+    def parents(self) -> torch.Tensor:  # [batch * beams]: flat index of each running beam's parent
+        return self.running_origin[:, :, self.cur_len - 1 - self.prompt_len].flatten().long()
+
+    def _update_finished(self, cand_seqs, cand_scores, cand_origin, hits) -> torch.Tensor:
+        """Merge the candidates that stopped among the top B into the best B finished hypotheses."""
+        beams, generated = self.params.num_beams, self.cur_len + 1 - self.prompt_len
+        just_finished = hits & self.is_top_beam[None, :]
+        scores = cand_scores / (generated**self.params.length_penalty)
+        full = self.is_finished.all(dim=-1, keepdim=True) & (self.params.early_stopping is True)
+        scores = scores + full.to(torch.float32) * NEG  # early_stopping=True: a full set takes no more
+        scores = scores + (~self.can_improve).to(torch.float32) * NEG  # nothing can beat the set
+        scores = scores + (~just_finished) * NEG  # still running: not a hypothesis
+        merged_scores = torch.cat((self.finished_scores, scores), dim=1)
+        best = torch.topk(merged_scores, k=beams)[1]
+        self.finished = _gather(torch.cat((self.finished, cand_seqs), dim=1), best)
+        self.finished_scores = _gather(merged_scores, best)
+        self.finished_origin = _gather(torch.cat((self.finished_origin, cand_origin), dim=1), best)
+        self.is_finished = _gather(torch.cat((self.is_finished, just_finished), dim=1), best)
+        # which candidates entered: merged index beams + k is candidate k; older hypotheses go to a dummy column
+        entered = torch.zeros((self.batch, self.num_candidates + 1), dtype=torch.bool, device=best.device)
+        entered.scatter_(1, (best - beams + 1).clamp(min=0), best >= beams)
+        return entered[:, 1:]
+
+    def _update_done(self) -> None:
+        """transformers' early-stopping heuristic, then its stopping rule for the whole search."""
+        params = self.params
+        if params.early_stopping == "never" and params.length_penalty > 0.0:
+            best_length = params.max_length - self.prompt_len
+        else:
+            best_length = self.cur_len - self.prompt_len
+        best_running = self.running_scores[:, :1] / (best_length**params.length_penalty)
+        worst_finished = torch.where(self.is_finished, self.finished_scores.min(dim=1, keepdim=True)[0], NEG)
+        self.can_improve = self.can_improve & (best_running > worst_finished).any(dim=-1, keepdim=True)
+        improvement_possible = bool(self.can_improve.any())
+        open_beam = not (bool(self.is_finished.all()) and params.early_stopping is True)
+        valid_continuations = not bool(self.hits_stop.all())
+        self.done = not (improvement_possible and open_beam and valid_continuations)
+
+    def results(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The best `num_return_sequences` hypotheses: sequences [batch * n, length], scores [batch * n],
+        beam indices [batch * n, generated] (-1 padded), cropped as transformers crops them."""
+        n = self.params.num_return_sequences
+        sequences = self.finished[:, :n].flatten(0, 1)
+        scores = self.finished_scores[:, :n].flatten()
+        origin = self.finished_origin[:, :n].flatten(0, 1)
+        generated = int((origin + 1).bool().sum(dim=1).max())
+        return sequences[:, : self.prompt_len + generated], scores, origin[:, :generated]

@@ -1,0 +1,102 @@
+"""Paged KV cache: a block pool per model, an allocator with reference counts, and block tables that fork
+and copy on write, so that the beams of one prompt share the prompt's blocks."""
+from dataclasses import dataclass, field
+
+import torch
+
+
+class CacheFullError(RuntimeError):
+    """The pool ran out of blocks (the request was sized wrong: a bug, not bad input)."""
+
+
+class BlockAllocator:
+    """Free list plus a reference count per block. A block is free exactly when its count is 0."""
+
+    def __init__(self, num_blocks: int):
+        self.num_blocks = num_blocks
+        self.refcount = [0] * num_blocks
+        self.free = list(range(num_blocks - 1, -1, -1))
+        self.peak_used = 0
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    def allocate(self) -> int:
+        if not self.free:
+            raise CacheFullError(f"all {self.num_blocks} KV blocks are in use")
+        block = self.free.pop()
+        self.refcount[block] = 1
+        self.peak_used = max(self.peak_used, self.num_blocks - len(self.free))
+        return block
+
+    def incref(self, block: int) -> None:
+        self.refcount[block] += 1
+
+    def decref(self, block: int) -> None:
+        self.refcount[block] -= 1
+        if self.refcount[block] == 0:
+            self.free.append(block)
+
+
+@dataclass
+class BlockTable:
+    """One sequence's blocks; `length` is the number of positions whose K/V are stored."""
+
+    blocks: list[int] = field(default_factory=list)
+    length: int = 0
+
+
+class PagedKVCache:
+    """K and V pools of one model: `pool[layer, 0 | 1]` is `[num_blocks, block_size, num_kv_heads, head_dim]`."""
+
+    def __init__(self, num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, device):
+        shape = (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim)
+        self.pool = torch.empty(shape, dtype=dtype, device=device)
+        self.block_size = block_size
+        self.allocator = BlockAllocator(num_blocks)
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block across all layers, K and V."""
+        return self.pool[:, :, 0].numel() * self.pool.element_size()
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.pool[index, 0], self.pool[index, 1]
+
+    def fork(self, table: BlockTable) -> BlockTable:
+        """A new table sharing every block of `table`."""
+        for block in table.blocks:
+            self.allocator.incref(block)
+        return BlockTable(list(table.blocks), table.length)
+
+    def release(self, table: BlockTable) -> None:
+        for block in table.blocks:
+            self.allocator.decref(block)
+        table.blocks, table.length = [], 0
+
+    def reserve(self, table: BlockTable, num_tokens: int) -> list[int]:
+        """Slots for the next `num_tokens` positions of `table`, made private first: a shared block about
+        to be written is copied (copy on write), a missing one allocated. Returns flat slot indices."""
+        start, end = table.length, table.length + num_tokens
+        for index in range(start // self.block_size, (end - 1) // self.block_size + 1):
+            if index == len(table.blocks):
+                table.blocks.append(self.allocator.allocate())
+            elif self.allocator.refcount[table.blocks[index]] > 1:
+                table.blocks[index] = self._copy_block(table.blocks[index])
+        table.length = end
+        return [table.blocks[p // self.block_size] * self.block_size + p % self.block_size for p in range(start, end)]
+
+    def truncate(self, table: BlockTable, length: int) -> None:
+        """Forget positions >= length, releasing blocks that no longer hold any."""
+        keep = -(-length // self.block_size)
+        for block in table.blocks[keep:]:
+            self.allocator.decref(block)
+        del table.blocks[keep:]
+        table.length = length
+
+    def _copy_block(self, block: int) -> int:
+        new = self.allocator.allocate()
+        self.pool[:, :, new] = self.pool[:, :, block]
+        self.allocator.decref(block)
+        return new

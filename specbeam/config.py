@@ -1,0 +1,59 @@
+"""Configuration dataclasses, each checked in `__post_init__`."""
+from dataclasses import dataclass
+
+from transformers import GenerationConfig
+
+GREEDY, SAMPLE, BEAM = "greedy", "sample", "beam"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine lays out its KV cache.
+
+    block_size: KV slots per block. max_cache_bytes: a request whose KV cache would need more is refused
+    before any work (None: no limit beyond the machine's memory).
+    """
+
+    block_size: int = 16
+    max_cache_bytes: int | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ValueError(f"block_size must be a positive int, got {self.block_size!r}")
+        if self.max_cache_bytes is not None and self.max_cache_bytes <= 0:
+            raise ValueError(f"max_cache_bytes must be positive or None, got {self.max_cache_bytes!r}")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What one `generate` call decodes, read off a prepared `GenerationConfig`."""
+
+    mode: str
+    max_length: int
+    num_beams: int = 1
+    num_return_sequences: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    pad_token_id: int | None = None
+
+    @classmethod
+    def from_generation_config(cls, config: GenerationConfig) -> "SamplingParams":
+        if config.num_beams > 1:
+            mode = BEAM
+        else:
+            mode = SAMPLE if config.do_sample else GREEDY
+        pad = config._pad_token_tensor
+        return cls(
+            mode=mode,
+            max_length=config.max_length,
+            num_beams=config.num_beams,
+            num_return_sequences=config.num_return_sequences,
+            length_penalty=config.length_penalty,
+            early_stopping=config.early_stopping,
+            pad_token_id=None if pad is None else int(pad),
+        )
+
+    @property
+    def rows_per_prompt(self) -> int:
+        """Sequences decoded per prompt: the beams, or the independent samples."""
+        return self.num_beams if self.mode == BEAM else self.num_return_sequences

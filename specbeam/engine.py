@@ -1,0 +1,126 @@
+"""`Engine.generate`: transformers' `model.generate`, same arguments and outputs, over specbeam's paged KV
+cache. `patch(model)` routes `model.generate` through an engine; `unpatch(model)` undoes it."""
+import warnings
+
+import torch
+from transformers import PreTrainedModel
+
+from specbeam.config import BEAM, EngineConfig
+from specbeam.model_runner import ModelRunner
+from specbeam.outputs import DecodeStats
+from specbeam.request import Request, build_request
+from specbeam.scheduler import Scheduler
+from specbeam.cache import PagedKVCache
+from specbeam.validation import UnsupportedOptionError
+
+
+class Engine:
+    """Decoding engine for one target model (and, later, a draft). `options` fill an `EngineConfig`."""
+
+    def __init__(self, model: PreTrainedModel, draft_model: PreTrainedModel | None = None, **options):
+        self.config = EngineConfig(**options)
+        self.runner = ModelRunner(model)
+        self.draft_model = draft_model
+        self.cache: PagedKVCache | None = None
+        self.last_stats: DecodeStats | None = None
+
+    @torch.no_grad()
+    def generate(
+        self,
+        inputs: torch.Tensor | None = None,
+        generation_config=None,
+        logits_processor=None,
+        stopping_criteria=None,
+        prefix_allowed_tokens_fn=None,
+        synced_gpus=None,
+        assistant_model=None,
+        streamer=None,
+        negative_prompt_ids=None,
+        negative_prompt_attention_mask=None,
+        custom_generate=None,
+        **kwargs,
+    ):
+        """Same arguments and results as `transformers.GenerationMixin.generate`; `generator=` seeds sampling."""
+        if assistant_model is not None or self.draft_model is not None:
+            raise UnsupportedOptionError("assistant_model", "(speculative decoding) is not implemented yet")
+        generator = kwargs.pop("generator", None)
+        extra = dict(
+            prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
+            synced_gpus=synced_gpus,
+            negative_prompt_ids=negative_prompt_ids,
+            negative_prompt_attention_mask=negative_prompt_attention_mask,
+            custom_generate=custom_generate,
+            assistant_tokenizer=kwargs.pop("assistant_tokenizer", None),
+        )
+        model = self.runner.model
+        request = build_request(model, inputs, generation_config, logits_processor, stopping_criteria, extra, kwargs)
+        self._check_request(request, streamer, generator)
+        scheduler = Scheduler(self.runner, self._cache_for(request), request, streamer, generator)
+        try:
+            return scheduler.run()
+        finally:
+            self.last_stats = scheduler.stats
+
+    def _check_request(self, request: Request, streamer, generator) -> None:
+        if streamer is not None and request.params.mode == BEAM:
+            raise ValueError("streamer cannot be used with beam search (num_beams > 1), as in transformers")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        window = self.runner.sliding_window
+        if window is not None and request.params.max_length > window:
+            raise ValueError(
+                f"max_length {request.params.max_length} exceeds the model's sliding_window {window}, "
+                "which specbeam's attention does not implement"
+            )
+
+    def _blocks_needed(self, request: Request) -> int:
+        """Prompt blocks once, plus per row: a private copy of the prompt's partial block and the new tokens."""
+        size = self.config.block_size
+        new_tokens = request.params.max_length - request.input_ids.shape[1]
+        prompt_blocks = sum(-(-len(p) // size) for p in request.prompts)
+        return prompt_blocks + request.input_ids.shape[0] * (-(-new_tokens // size) + 1)
+
+    def _cache_for(self, request: Request) -> PagedKVCache:
+        """The engine's pool, grown when this request needs more blocks than it has."""
+        needed, size = self._blocks_needed(request), self.config.block_size
+        limit = self.config.max_cache_bytes
+        block_bytes = self.runner.bytes_per_token() * size
+        if limit is not None and needed * block_bytes > limit:
+            raise ValueError(
+                f"this request needs {needed} KV blocks ({needed * block_bytes / 2**20:.1f} MiB) but "
+                f"max_cache_bytes allows {limit / 2**20:.1f} MiB: shorten max_new_tokens, the batch or num_beams"
+            )
+        if self.cache is None or self.cache.allocator.num_blocks < needed:
+            self.cache = None  # free the old pool before allocating the new one
+            self.cache = self.runner.new_cache(needed, size)
+        self.cache.allocator.peak_used = 0
+        return self.cache
+
+
+def patch(model: PreTrainedModel, **options) -> PreTrainedModel:
+    """Make `model.generate` go through specbeam. Calls with an option specbeam does not support go to the
+    original `generate`, with a warning naming the option once."""
+    if hasattr(model, "_specbeam_engine"):
+        return model
+    engine, original, warned = Engine(model, **options), model.generate, set()
+
+    def generate(*args, **kwargs):
+        try:
+            return engine.generate(*args, **kwargs)
+        except UnsupportedOptionError as error:
+            if error.option not in warned:
+                warned.add(error.option)
+                warnings.warn(f"specbeam: {error}; using transformers' generate for this call", stacklevel=2)
+            return original(*args, **kwargs)
+
+    model._specbeam_engine = engine
+    model.generate = generate
+    return model
+
+
+def unpatch(model: PreTrainedModel) -> PreTrainedModel:
+    """Undo `patch`: `model.generate` is transformers' again."""
+    if hasattr(model, "_specbeam_engine"):
+        del model._specbeam_engine
+        del model.generate
+    return model

@@ -1,0 +1,148 @@
+"""Runs any Hugging Face decoder through specbeam's attention: every new token of every sequence is packed
+into one `[1, T]` row, K/V go to the paged cache, and attention reads them back through block tables."""
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from transformers import AttentionInterface, PreTrainedModel
+
+from specbeam import ops
+from specbeam.cache import BlockTable, PagedKVCache
+
+ATTENTION_NAME = "specbeam"
+
+
+@dataclass
+class StepMetadata:
+    """What the attention of one forward needs, shared by all layers."""
+
+    cache: PagedKVCache
+    slot_mapping: torch.Tensor  # [num_tokens]
+    block_tables: torch.Tensor  # [num_seqs, max_blocks]
+    seq_lens: torch.Tensor  # [num_seqs]
+    query_start_loc: torch.Tensor  # [num_seqs + 1]
+    tree_mask: torch.Tensor | None  # [num_tokens, max_new] bool; None: causal
+
+
+def specbeam_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """`AttentionInterface` entry. query: [1, Hq, T, D]; key, value: [1, Hkv, T, D] -> ([1, T, Hq, D], None)."""
+    step: StepMetadata = kwargs["specbeam_step"]
+    key_cache, value_cache = step.cache.layer(module.layer_idx)
+    ops.store_kv(key_cache, value_cache, key[0].transpose(0, 1), value[0].transpose(0, 1), step.slot_mapping)
+    out = ops.paged_attention(
+        query[0].transpose(0, 1),
+        key_cache,
+        value_cache,
+        step.block_tables,
+        step.seq_lens,
+        step.query_start_loc,
+        step.tree_mask,
+        scaling,
+    )
+    return out.unsqueeze(0), None
+
+
+AttentionInterface.register(ATTENTION_NAME, specbeam_attention)
+
+
+class UnsupportedModelError(ValueError):
+    """The model cannot run through specbeam's attention."""
+
+
+def check_model(model: PreTrainedModel) -> None:
+    config = model.config
+    if config.is_encoder_decoder:
+        raise UnsupportedModelError(f"{type(model).__name__} is an encoder-decoder; specbeam runs decoder-only models")
+    if not getattr(model, "_supports_attention_backend", False):
+        raise UnsupportedModelError(f"{type(model).__name__} does not route attention through AttentionInterface")
+    for name in ("attn_logit_softcapping", "reorder_and_upcast_attn"):
+        if getattr(config, name, None):
+            raise UnsupportedModelError(f"model config sets {name}, which specbeam's attention does not implement")
+
+
+class ModelRunner:
+    """Owns one model's cache geometry and runs packed forwards through the attention hook."""
+
+    def __init__(self, model: PreTrainedModel):
+        check_model(model)
+        self.model = model
+        config = model.config.get_text_config()
+        self.num_layers = config.num_hidden_layers
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.sliding_window = getattr(config, "sliding_window", None)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    def bytes_per_token(self) -> int:
+        """KV bytes one position costs across all layers (K and V)."""
+        element = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element
+
+    def new_cache(self, num_blocks: int, block_size: int) -> PagedKVCache:
+        shape = (self.num_layers, num_blocks, block_size, self.num_kv_heads, self.head_dim)
+        return PagedKVCache(*shape, dtype=self.dtype, device=self.device)
+
+    def forward(
+        self,
+        cache: PagedKVCache,
+        tables: list[BlockTable],
+        new_tokens: list[torch.Tensor],  # per sequence: [n_s] token ids to append
+        depths: list[torch.Tensor] | None = None,  # per sequence: [n_s] offsets from its length; None: 0..n_s-1
+        tree_masks: list[torch.Tensor] | None = None,  # per sequence: [n_s, n_s] bool ancestor-or-self
+        logit_rows: torch.Tensor | None = None,  # [R] packed rows to score; None: each sequence's last
+    ) -> torch.Tensor:  # [R, vocab]
+        device = self.device
+        counts = torch.tensor([len(t) for t in new_tokens])
+        starts = [table.length for table in tables]
+        slots = [cache.reserve(table, len(tokens)) for table, tokens in zip(tables, new_tokens)]
+        if depths is None:
+            depths = [torch.arange(n) for n in counts.tolist()]
+        positions = torch.cat([start + d.cpu() for start, d in zip(starts, depths)])
+        query_start_loc = torch.zeros(len(tables) + 1, dtype=torch.long)
+        torch.cumsum(counts, 0, out=query_start_loc[1:])
+        if logit_rows is None:
+            logit_rows = query_start_loc[1:] - 1
+        step = StepMetadata(
+            cache=cache,
+            slot_mapping=torch.tensor(sum(slots, []), device=device),
+            block_tables=_pad_tables(tables).to(device),
+            seq_lens=torch.tensor([t.length for t in tables], device=device),
+            query_start_loc=query_start_loc.to(device),
+            tree_mask=None if tree_masks is None else _pack_tree_masks(tree_masks).to(device),
+        )
+        with self._specbeam_attention():
+            out = self.model(
+                input_ids=torch.cat(new_tokens).to(device)[None],
+                position_ids=positions.to(device)[None],
+                logits_to_keep=logit_rows.to(device),
+                use_cache=False,
+                specbeam_step=step,
+            )
+        return out.logits[0]
+
+    @contextmanager
+    def _specbeam_attention(self):
+        config = self.model.config
+        saved = config._attn_implementation
+        config._attn_implementation = ATTENTION_NAME
+        try:
+            yield
+        finally:
+            config._attn_implementation = saved
+
+
+def _pad_tables(tables: list[BlockTable]) -> torch.Tensor:  # [num_seqs, max_blocks]
+    width = max(len(t.blocks) for t in tables)
+    return torch.tensor([t.blocks + [0] * (width - len(t.blocks)) for t in tables], dtype=torch.long)
+
+
+def _pack_tree_masks(masks: list[torch.Tensor]) -> torch.Tensor:  # [num_tokens, max_new]
+    width = max(m.shape[1] for m in masks)
+    return torch.cat([torch.nn.functional.pad(m, (0, width - m.shape[1])) for m in masks])
