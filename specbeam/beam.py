@@ -26,14 +26,16 @@ def _gather(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
 
 
 class BeamSearch:
-    def __init__(self, input_ids: torch.Tensor, params: SamplingParams, num_eos: int):  # [batch * beams, L]
+    def __init__(self, input_ids: torch.Tensor, params: SamplingParams, eos: torch.Tensor | None):
+        # input_ids: [batch * beams, L]; eos: [num_eos] or None
         beams, device = params.num_beams, input_ids.device
         self.params = params
         self.batch = input_ids.shape[0] // beams
         self.prompt_len = self.cur_len = input_ids.shape[1]
-        self.num_candidates = max(2, 1 + num_eos) * beams
+        self.num_candidates = max(2, 1 + (0 if eos is None else eos.shape[0])) * beams
         self.is_top_beam = torch.arange(self.num_candidates, device=device) < beams  # [K]
-        fill = params.pad_token_id if params.pad_token_id is not None else -1
+        # transformers fills unwritten positions with `pad or eos[0]`: a pad id of 0 falls through to eos
+        fill = (params.pad_token_id or int(eos[0])) if eos is not None else -1
         self.running = torch.full((self.batch, beams, params.max_length), fill, dtype=torch.long, device=device)
         self.running[:, :, : self.cur_len] = input_ids.view(self.batch, beams, -1)
         self.finished = self.running.clone()

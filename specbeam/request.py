@@ -92,7 +92,7 @@ def build_request(model, inputs, generation_config, logits_processor, stopping_c
         encoder_input_ids=padded,
         logits_processor=logits_processor if logits_processor is not None else LogitsProcessorList(),
         device=input_ids.device,
-        model_kwargs={},
+        model_kwargs={"attention_mask": attention_mask.repeat_interleave(rows, dim=0)},
     )
     criteria = model._get_stopping_criteria(
         generation_config=config,

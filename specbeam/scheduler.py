@@ -109,8 +109,7 @@ class Scheduler:
 
     def _decode_beams(self) -> SpecbeamBeamOutput:
         request, config = self.request, self.request.config
-        eos = config._eos_token_tensor
-        search = BeamSearch(request.input_ids, request.params, 0 if eos is None else eos.shape[0])
+        search = BeamSearch(request.input_ids, request.params, config._eos_token_tensor)
         trace, scores, raw = Trace(), [], []
         logits = self._prefill()
         uniform = torch.zeros(logits.shape[1], device=logits.device)

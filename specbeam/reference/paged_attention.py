@@ -72,6 +72,10 @@ def paged_attention(
     slots = block_tables[:, block_idx].long() * block_size + key_pos % block_size  # [S, L]
     keys = key_cache.reshape(-1, *key_cache.shape[2:])[slots]
     values = value_cache.reshape(-1, *value_cache.shape[2:])[slots]
+    # slots past a sequence's length hold whatever the pool held; a nan there would survive masking
+    # (nan + -inf = nan, 0 * nan = nan), so zero them
+    in_range = (key_pos[None, :] < seq_lens[:, None])[:, :, None, None]
+    keys, values = torch.where(in_range, keys, 0.0), torch.where(in_range, values, 0.0)
 
     # scatter the packed queries into [S, max_new, Hq, D]
     seq_of_query = torch.repeat_interleave(torch.arange(num_seqs, device=query.device), num_new)
