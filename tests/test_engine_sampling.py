@@ -1,0 +1,96 @@
+"""Sampling draws from exactly the target's processed distribution: seeded runs equal transformers',
+samples stay inside the allowed support, and frequencies fit the exact probabilities."""
+import pytest
+import torch
+from scipy.stats import chisquare
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from specbeam import Engine
+from tiny_models import PAD, left_padded_batch, tiny_model
+
+WARPERS = dict(temperature=0.7, top_k=5, top_p=0.9)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_seeded_sampling_equals_transformers(arch):
+    """Same seed, same random stream: specbeam draws the very tokens transformers draws."""
+    model = tiny_model(arch)
+    input_ids, attention_mask = left_padded_batch((6, 2, 4), seed=3)
+    kwargs = dict(attention_mask=attention_mask, do_sample=True, max_new_tokens=10, pad_token_id=PAD, **WARPERS)
+    torch.manual_seed(11)
+    reference = model.generate(input_ids, **kwargs)
+    torch.manual_seed(11)
+    assert torch.equal(Engine(model).generate(input_ids, **kwargs), reference)
+
+
+def test_generator_makes_runs_reproducible():
+    model, engine = tiny_model("llama"), Engine(tiny_model("llama"))
+    input_ids, attention_mask = left_padded_batch(seed=4)
+    kwargs = dict(attention_mask=attention_mask, do_sample=True, max_new_tokens=8, top_k=0)
+    runs = [engine.generate(input_ids, generator=torch.Generator().manual_seed(s), **kwargs) for s in (1, 1, 2)]
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+    del model
+
+
+@pytest.mark.parametrize(
+    "warpers, max_support",
+    [({"top_k": 3}, 3), ({"top_p": 0.5, "top_k": 0}, None), ({"min_p": 0.2, "top_k": 0}, None),
+     ({"typical_p": 0.5, "top_k": 0}, None)],
+    ids=["top-k", "top-p", "min-p", "typical-p"],
+)
+def test_samples_stay_inside_the_support(warpers, max_support):
+    model = tiny_model("qwen2")
+    input_ids, attention_mask = left_padded_batch((5, 8), seed=5)
+    out = Engine(model).generate(
+        input_ids, attention_mask=attention_mask, do_sample=True, max_new_tokens=15, num_return_sequences=3,
+        return_dict_in_generate=True, output_scores=True, **warpers,
+    )
+    generated = out.sequences[:, input_ids.shape[1] :]
+    for step, scores in enumerate(out.scores):
+        allowed = torch.isfinite(scores)
+        assert allowed.gather(1, generated[:, step : step + 1]).all()
+        assert (allowed.sum(dim=1) < scores.shape[1]).all()  # the warper did remove tokens
+        if max_support is not None:
+            assert (allowed.sum(dim=1) <= max_support).all()
+
+
+def _tiny_vocab_model():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, pad_token_id=None, eos_token_id=None, bos_token_id=None)
+    model = LlamaForCausalLM(config).to(torch.float64).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(6.0)
+    return model
+
+
+def _exact_probs(model, prefix: torch.Tensor) -> torch.Tensor:  # [rows, n] -> [rows, 8]
+    warp = LogitsProcessorList([TemperatureLogitsWarper(WARPERS["temperature"]), TopKLogitsWarper(WARPERS["top_k"]),
+                                TopPLogitsWarper(WARPERS["top_p"])])
+    with torch.no_grad():
+        logits = model(prefix).logits[:, -1].to(torch.float32)
+    return warp(prefix, logits).double().softmax(dim=-1)
+
+
+def test_two_token_frequencies_fit_the_exact_distribution():
+    """Joint law of two sampled tokens, p(x1) p(x2 | x1), against 20000 draws: a chi-square test."""
+    model, samples = _tiny_vocab_model(), 20000
+    prompt = torch.tensor([[3, 1, 4]])
+    out = Engine(model).generate(prompt, do_sample=True, max_new_tokens=2, num_return_sequences=samples,
+                                 generator=torch.Generator().manual_seed(0), **WARPERS)
+    pairs = out[:, 3] * 8 + out[:, 4]
+    observed = torch.bincount(pairs, minlength=64).double()
+    first = _exact_probs(model, prompt)[0]
+    continuations = torch.cat([prompt.expand(8, -1), torch.arange(8)[:, None]], dim=1)
+    joint = (first[:, None] * _exact_probs(model, continuations)).flatten()
+    assert observed[joint == 0].sum() == 0  # nothing outside the support
+    support = joint > 0
+    expected = joint[support] * samples
+    assert chisquare(observed[support], expected * observed[support].sum() / expected.sum()).pvalue > 1e-3

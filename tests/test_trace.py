@@ -1,0 +1,66 @@
+"""The beam trace is the full backpointer tree: following it reproduces the returned hypotheses, and
+`specbeam.trace.render` draws it as text or PNG."""
+import torch
+
+from specbeam import Engine
+from specbeam.trace import render
+from tiny_models import left_padded_batch, tiny_model
+
+
+def _beam_output(**kwargs):
+    input_ids, attention_mask = left_padded_batch((6, 4), seed=2)
+    out = Engine(tiny_model("llama")).generate(
+        input_ids, attention_mask=attention_mask, num_beams=3, max_new_tokens=7, return_dict_in_generate=True,
+        output_scores=True, **kwargs,
+    )
+    return out, input_ids.shape[1]
+
+
+def _walk_back(trace, prompt: int, step: int, candidate: int) -> list[tuple[int, int]]:
+    """(parent beam slot, token) of every step of the hypothesis ending at (step, candidate), found through
+    the trace's backpointers alone."""
+    path = []
+    while step >= 0:
+        s = trace.steps[step]
+        slot = int(s.parent[prompt, candidate])
+        path.append((slot, int(s.token[prompt, candidate])))
+        if step > 0:
+            candidate = int(trace.steps[step - 1].survivors[prompt, slot])
+        step -= 1
+    return path[::-1]
+
+
+def test_trace_backpointers_rebuild_the_best_running_beam_and_its_score():
+    out, _ = _beam_output()
+    trace, last, beams = out.trace, len(out.trace.steps) - 1, 3
+    for prompt in range(2):
+        best = int(trace.steps[last].survivors[prompt, 0])
+        assert trace.fates(last, prompt)[best] == "running"
+        path = _walk_back(trace, prompt, last, best)
+        # the accumulated score is the sum of the processed log-probabilities along the path
+        total = sum(out.scores[t][prompt * beams + slot, token] for t, (slot, token) in enumerate(path))
+        torch.testing.assert_close(trace.steps[last].score[prompt, best], total, rtol=1e-5, atol=1e-4)
+
+
+def test_returned_hypotheses_appear_in_the_trace():
+    out, prompt_len = _beam_output(length_penalty=0.0)
+    trace = out.trace
+    for row in range(out.sequences.shape[0]):
+        generated = out.sequences[row, prompt_len:].tolist()
+        length = int((out.beam_indices[row] >= 0).sum())
+        step = length - 1
+        finished = trace.steps[step].finished[row]
+        paths = [[t for _, t in _walk_back(trace, row, step, k)] for k in range(finished.shape[0]) if finished[k]]
+        assert generated[:length] in paths
+        # with length_penalty 0 the hypothesis score is the accumulated log-probability itself
+        index = paths.index(generated[:length])
+        candidate = [k for k in range(finished.shape[0]) if finished[k]][index]
+        torch.testing.assert_close(out.sequences_scores[row], trace.steps[step].score[row, candidate])
+
+
+def test_render_text_and_png(tmp_path):
+    out, _ = _beam_output()
+    text = render(out.trace)
+    assert text.startswith("step 0") and "running" in text
+    path = render(out.trace, path=str(tmp_path / "tree.png"), prompt=1)
+    assert (tmp_path / "tree.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.endswith("tree.png")
