@@ -52,7 +52,8 @@ class PagedKVCache:
 
     def __init__(self, num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, device):
         shape = (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim)
-        self.pool = torch.empty(shape, dtype=dtype, device=device)
+        # zeroed, so that no slot ever holds a nan: masked-out keys get weight 0, and 0 * nan would not be 0
+        self.pool = torch.zeros(shape, dtype=dtype, device=device)
         self.block_size = block_size
         self.allocator = BlockAllocator(num_blocks)
 

@@ -18,10 +18,7 @@ class StepMetadata:
 
     cache: PagedKVCache
     slot_mapping: torch.Tensor  # [num_tokens]
-    block_tables: torch.Tensor  # [num_seqs, max_blocks]
-    seq_lens: torch.Tensor  # [num_seqs]
-    query_start_loc: torch.Tensor  # [num_seqs + 1]
-    tree_mask: torch.Tensor | None  # [num_tokens, max_new] bool; None: causal
+    plan: tuple  # from `ops.plan_attention`
 
 
 def specbeam_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -29,16 +26,7 @@ def specbeam_attention(module, query, key, value, attention_mask, scaling=None, 
     step: StepMetadata = kwargs["specbeam_step"]
     key_cache, value_cache = step.cache.layer(module.layer_idx)
     ops.store_kv(key_cache, value_cache, key[0].transpose(0, 1), value[0].transpose(0, 1), step.slot_mapping)
-    out = ops.paged_attention(
-        query[0].transpose(0, 1),
-        key_cache,
-        value_cache,
-        step.block_tables,
-        step.seq_lens,
-        step.query_start_loc,
-        step.tree_mask,
-        scaling,
-    )
+    out = ops.attend(query[0].transpose(0, 1), key_cache, value_cache, step.plan, scaling)
     return out.unsqueeze(0), None
 
 
@@ -109,14 +97,14 @@ class ModelRunner:
         torch.cumsum(counts, 0, out=query_start_loc[1:])
         if logit_rows is None:
             logit_rows = query_start_loc[1:] - 1
-        step = StepMetadata(
-            cache=cache,
-            slot_mapping=torch.tensor(sum(slots, []), device=device),
-            block_tables=_pad_tables(tables).to(device),
-            seq_lens=torch.tensor([t.length for t in tables], device=device),
-            query_start_loc=query_start_loc.to(device),
-            tree_mask=None if tree_masks is None else _pack_tree_masks(tree_masks).to(device),
+        plan = ops.plan_attention(
+            _pad_tables(tables).to(device),
+            torch.tensor([t.length for t in tables], device=device),
+            query_start_loc.to(device),
+            None if tree_masks is None else _pack_tree_masks(tree_masks).to(device),
+            cache.block_size,
         )
+        step = StepMetadata(cache, torch.tensor(sum(slots, []), device=device), plan)
         with self._specbeam_attention():
             out = self.model(
                 input_ids=torch.cat(new_tokens).to(device)[None],

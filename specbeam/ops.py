@@ -20,6 +20,24 @@ def store_kv(key_cache, value_cache, key, value, slot_mapping) -> None:
     _ref_attention.store_kv(key_cache, value_cache, key, value, slot_mapping)
 
 
+def plan_attention(block_tables, seq_lens, query_start_loc, tree_mask, block_size, backend=None):
+    """The per-step part of paged attention, done once per forward and shared by every layer."""
+    backend = _pick(backend, seq_lens.device)
+    if backend == "triton":
+        return ("triton", (block_tables, seq_lens, query_start_loc, tree_mask))
+    return ("reference", _ref_attention.plan_attention(block_tables, seq_lens, query_start_loc, tree_mask, block_size))
+
+
+def attend(query, key_cache, value_cache, plan, scale=None):
+    """Per-layer paged attention over a plan from `plan_attention`."""
+    backend, data = plan
+    if backend == "triton":
+        from specbeam.kernels import paged_attention as kernel
+
+        return kernel.paged_attention(query, key_cache, value_cache, *data, scale)
+    return _ref_attention.attend(query, key_cache, value_cache, data, scale)
+
+
 def paged_attention(
     query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, tree_mask=None, scale=None, backend=None
 ):

@@ -26,6 +26,9 @@ class Scheduler:
             if self.request.params.mode == "beam":
                 return self._decode_beams()
             return self._decode_tokens()
+        except FloatingPointError:
+            self.cache.pool.zero_()  # the model wrote non-finite K/V: keep them from any later request
+            raise
         finally:
             for table in self.tables:
                 self.cache.release(table)

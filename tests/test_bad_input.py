@@ -77,6 +77,7 @@ def test_non_finite_logits_raise_and_free_every_block():
     finally:
         model.lm_head.weight.data.copy_(saved)
     assert engine.cache.allocator.num_free == engine.cache.allocator.num_blocks
+    assert torch.isfinite(engine.cache.pool).all()  # no nan K/V left behind for later requests
     assert engine.generate(input_ids, attention_mask=attention_mask, max_new_tokens=5).shape[1] == 12
 
 

@@ -8,7 +8,12 @@ its n_s newest tokens, whose K/V are already stored at positions `seq_lens[s] - 
 Visibility. Query t of sequence s sees every key of the committed prefix (j < seq_lens[s] - n_s) and the new
 tokens c with `tree_mask[row, c]` (its ancestors in the draft tree and itself). Without a tree mask the
 new tokens are a chain and the mask is causal: c <= t. Decode is the case n_s = 1.
+
+The index work depends only on the step's metadata, so `plan_attention` does it once per forward and
+`attend` runs per layer: gather each sequence's K/V in position order, one masked SDPA.
 """
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -24,10 +29,19 @@ def store_kv(
     value_cache.view(-1, *value_cache.shape[2:]).index_copy_(0, slot_mapping, value.to(value_cache.dtype))
 
 
+@dataclass
+class AttentionPlan:
+    slots: torch.Tensor  # [num_seqs, max_len] flat slot of each key position
+    visible: torch.Tensor  # [num_seqs, 1, max_new, max_len] bool
+    seq_of_query: torch.Tensor  # [num_queries]
+    local_idx: torch.Tensor  # [num_queries] index among its sequence's new tokens
+    one_query_each: bool  # decode: queries map 1:1 onto sequences, no scatter needed
+
+
 def _visible_keys(
     seq_lens: torch.Tensor,  # [num_seqs]
     num_new: torch.Tensor,  # [num_seqs]
-    tree_mask: torch.Tensor | None,  # [num_queries, max_new] bool
+    tree_mask: torch.Tensor | None,  # [num_queries, mask_width] bool
     query_start_loc: torch.Tensor,  # [num_seqs + 1]
     max_new: int,
     max_len: int,
@@ -42,13 +56,59 @@ def _visible_keys(
         new_visible = rel[:, None, :] <= query_idx[None, :, None]  # causal among the new tokens
     else:
         rows = (query_start_loc[:-1, None] + query_idx[None, :]).clamp(max=tree_mask.shape[0] - 1)  # [S, max_new]
-        padded = tree_mask[rows]  # [S, max_new, mask_width]
         cols = rel.clamp(0, tree_mask.shape[1] - 1)  # [S, L]
-        new_visible = torch.gather(padded, 2, cols[:, None, :].expand(-1, max_new, -1))
+        new_visible = torch.gather(tree_mask[rows], 2, cols[:, None, :].expand(-1, max_new, -1))
     visible = in_prefix[:, None, :] | (is_new[:, None, :] & new_visible)
     # padding rows (t >= n_s) see key 0 only, so that softmax stays finite; they are dropped afterwards
     is_pad_row = query_idx[None, :] >= num_new[:, None]  # [S, max_new]
     return visible | (is_pad_row[:, :, None] & (key_pos == 0)[None, None, :])
+
+
+def plan_attention(
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks_per_seq] int
+    seq_lens: torch.Tensor,  # [num_seqs] int: keys of each sequence, its new tokens included
+    query_start_loc: torch.Tensor,  # [num_seqs + 1] int: cumulative count of new tokens
+    tree_mask: torch.Tensor | None,  # [num_queries, max_new] bool; None: causal
+    block_size: int,
+) -> AttentionPlan:
+    num_seqs, device = seq_lens.shape[0], seq_lens.device
+    num_new = query_start_loc[1:] - query_start_loc[:-1]
+    max_len, max_new = int(seq_lens.max()), int(num_new.max())
+    key_pos = torch.arange(max_len, device=device)
+    block_idx = (key_pos // block_size).clamp(max=block_tables.shape[1] - 1)
+    seq_of_query = torch.repeat_interleave(torch.arange(num_seqs, device=device), num_new)
+    return AttentionPlan(
+        slots=block_tables[:, block_idx].long() * block_size + key_pos % block_size,
+        visible=_visible_keys(seq_lens, num_new, tree_mask, query_start_loc, max_new, max_len)[:, None],
+        seq_of_query=seq_of_query,
+        local_idx=torch.arange(seq_of_query.shape[0], device=device) - query_start_loc[seq_of_query],
+        one_query_each=max_new == 1 and seq_of_query.shape[0] == num_seqs,
+    )
+
+
+def attend(
+    query: torch.Tensor,  # [num_queries, num_q_heads, head_dim]
+    key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    value_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    plan: AttentionPlan,
+    scale: float | None = None,
+) -> torch.Tensor:  # [num_queries, num_q_heads, head_dim]
+    keys = key_cache.reshape(-1, *key_cache.shape[2:])[plan.slots]  # [S, L, Hkv, D]
+    values = value_cache.reshape(-1, *value_cache.shape[2:])[plan.slots]
+    if plan.one_query_each:
+        queries = query[:, None]  # [S, 1, Hq, D]
+    else:
+        queries = query.new_zeros(plan.visible.shape[0], plan.visible.shape[2], *query.shape[1:])
+        queries[plan.seq_of_query, plan.local_idx] = query
+    out = F.scaled_dot_product_attention(
+        queries.transpose(1, 2),
+        keys.transpose(1, 2).to(query.dtype),
+        values.transpose(1, 2).to(query.dtype),
+        attn_mask=plan.visible,
+        scale=scale,
+        enable_gqa=query.shape[1] != key_cache.shape[2],
+    ).transpose(1, 2)  # [S, max_new, Hq, D]
+    return out[:, 0] if plan.one_query_each else out[plan.seq_of_query, plan.local_idx]
 
 
 def paged_attention(
@@ -56,40 +116,10 @@ def paged_attention(
     key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     value_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     block_tables: torch.Tensor,  # [num_seqs, max_blocks_per_seq] int
-    seq_lens: torch.Tensor,  # [num_seqs] int: keys of each sequence, its new tokens included
-    query_start_loc: torch.Tensor,  # [num_seqs + 1] int: cumulative count of new tokens
+    seq_lens: torch.Tensor,  # [num_seqs] int
+    query_start_loc: torch.Tensor,  # [num_seqs + 1] int
     tree_mask: torch.Tensor | None = None,  # [num_queries, max_new] bool; None: causal
     scale: float | None = None,
 ) -> torch.Tensor:  # [num_queries, num_q_heads, head_dim]
-    num_seqs = seq_lens.shape[0]
-    block_size = key_cache.shape[1]
-    num_new = query_start_loc[1:] - query_start_loc[:-1]
-    max_len, max_new = int(seq_lens.max()), int(num_new.max())
-
-    # gather each sequence's keys and values in position order: [S, L, Hkv, D]
-    key_pos = torch.arange(max_len, device=query.device)
-    block_idx = (key_pos // block_size).clamp(max=block_tables.shape[1] - 1)
-    slots = block_tables[:, block_idx].long() * block_size + key_pos % block_size  # [S, L]
-    keys = key_cache.reshape(-1, *key_cache.shape[2:])[slots]
-    values = value_cache.reshape(-1, *value_cache.shape[2:])[slots]
-    # slots past a sequence's length hold whatever the pool held; a nan there would survive masking
-    # (nan + -inf = nan, 0 * nan = nan), so zero them
-    in_range = (key_pos[None, :] < seq_lens[:, None])[:, :, None, None]
-    keys, values = torch.where(in_range, keys, 0.0), torch.where(in_range, values, 0.0)
-
-    # scatter the packed queries into [S, max_new, Hq, D]
-    seq_of_query = torch.repeat_interleave(torch.arange(num_seqs, device=query.device), num_new)
-    local_idx = torch.arange(query.shape[0], device=query.device) - query_start_loc[seq_of_query]
-    queries = query.new_zeros(num_seqs, max_new, *query.shape[1:])
-    queries[seq_of_query, local_idx] = query
-
-    visible = _visible_keys(seq_lens, num_new, tree_mask, query_start_loc, max_new, max_len)
-    out = F.scaled_dot_product_attention(
-        queries.transpose(1, 2),
-        keys.transpose(1, 2).to(query.dtype),
-        values.transpose(1, 2).to(query.dtype),
-        attn_mask=visible[:, None],
-        scale=scale,
-        enable_gqa=query.shape[1] != key_cache.shape[2],
-    )  # [S, Hq, max_new, D]
-    return out.transpose(1, 2)[seq_of_query, local_idx]
+    plan = plan_attention(block_tables, seq_lens, query_start_loc, tree_mask, key_cache.shape[1])
+    return attend(query, key_cache, value_cache, plan, scale)
