@@ -4,6 +4,7 @@ import torch
 
 from specbeam.reference import paged_attention as _ref_attention
 from specbeam.reference import sampling as _ref_sampling
+from specbeam.reference import tree_verify as _ref_tree_verify
 
 BACKENDS = ("reference", "triton")
 
@@ -58,3 +59,25 @@ def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, noise=None
 
         return kernel.sample(logits, noise, temperature, top_k, top_p, min_p)
     return _ref_sampling.sample(logits, noise, temperature, top_k, top_p, min_p)
+
+
+def greedy_verify(parents, num_nodes, draft_tokens, target_tokens, *, backend=None):
+    """Deepest draft-tree path the target's argmax agrees with: (path, num_accepted, next_token);
+    see `specbeam.reference.tree_verify`."""
+    if _pick(backend, parents.device) == "triton":
+        from specbeam.kernels import tree_verify as kernel
+
+        return kernel.greedy_verify(parents, num_nodes, draft_tokens, target_tokens)
+    return _ref_tree_verify.greedy_verify(parents, num_nodes, draft_tokens, target_tokens)
+
+
+def stochastic_verify(parents, num_nodes, draft_tokens, target_probs, draft_probs, uniform, noise, *, backend=None):
+    """Tree speculative sampling, exact for the target's distribution: (path, num_accepted, next_token).
+    `uniform` [batch, num_nodes] decides on each node, `noise` [batch] draws the recovered or bonus token;
+    see `specbeam.reference.tree_verify`."""
+    args = (parents, num_nodes, draft_tokens, target_probs, draft_probs, uniform, noise)
+    if _pick(backend, parents.device) == "triton":
+        from specbeam.kernels import tree_verify as kernel
+
+        return kernel.stochastic_verify(*args)
+    return _ref_tree_verify.stochastic_verify(*args)
