@@ -77,16 +77,37 @@ class PagedKVCache:
         table.blocks, table.length = [], 0
 
     def reserve(self, table: BlockTable, num_tokens: int) -> list[int]:
-        """Slots for the next `num_tokens` positions of `table`, made private first: a shared block about
-        to be written is copied (copy on write), a missing one allocated. Returns flat slot indices."""
+        """Slots for the next `num_tokens` positions of `table`, made private first: a missing block is
+        allocated, a shared one about to be written copied (copy on write). Returns flat slot indices."""
         start, end = table.length, table.length + num_tokens
-        for index in range(start // self.block_size, (end - 1) // self.block_size + 1):
-            if index == len(table.blocks):
-                table.blocks.append(self.allocator.allocate())
-            elif self.allocator.refcount[table.blocks[index]] > 1:
-                table.blocks[index] = self._copy_block(table.blocks[index])
+        while len(table.blocks) * self.block_size < end:
+            table.blocks.append(self.allocator.allocate())
+        self._make_private(table, [start, end - 1])
         table.length = end
-        return [table.blocks[p // self.block_size] * self.block_size + p % self.block_size for p in range(start, end)]
+        return [self._slot(table, p) for p in range(start, end)]
+
+    def keep_path(self, table: BlockTable, start: int, nodes: list[int]) -> None:
+        """After a tree pass, keep only a root path. The tree's node i sits at position start + i; the path's
+        node at depth d moves to start + d (a node's index is at least its depth, and sources lie deeper than
+        destinations, so ascending order never overwrites a source still to be read). Then the rest goes."""
+        moves = [(start + node, start + depth) for depth, node in enumerate(nodes) if node != depth]
+        if moves:
+            self._make_private(table, [dst for _, dst in moves])
+            src = torch.tensor([self._slot(table, s) for s, _ in moves], device=self.pool.device)
+            dst = torch.tensor([self._slot(table, d) for _, d in moves], device=self.pool.device)
+            flat = self.pool.view(*self.pool.shape[:2], -1, *self.pool.shape[4:])
+            flat[:, :, dst] = flat[:, :, src]
+        self.truncate(table, start + len(nodes))
+
+    def _slot(self, table: BlockTable, position: int) -> int:
+        return table.blocks[position // self.block_size] * self.block_size + position % self.block_size
+
+    def _make_private(self, table: BlockTable, positions: list[int]) -> None:
+        """Copy every shared block holding one of `positions`, or lying between two of them."""
+        first, last = min(positions) // self.block_size, max(positions) // self.block_size
+        for index in range(first, last + 1):
+            if self.allocator.refcount[table.blocks[index]] > 1:
+                table.blocks[index] = self._copy_block(table.blocks[index])
 
     def truncate(self, table: BlockTable, length: int) -> None:
         """Forget positions >= length, releasing blocks that no longer hold any."""

@@ -57,3 +57,31 @@ class SamplingParams:
     def rows_per_prompt(self) -> int:
         """Sequences decoded per prompt: the beams, or the independent samples."""
         return self.num_beams if self.mode == BEAM else self.num_return_sequences
+
+
+@dataclass(frozen=True)
+class SpecConfig:
+    """Shape of the draft trees.
+
+    depth: drafted tokens on each root path. width: nodes kept per depth (greedy and beam search: the best by
+    cumulative draft log-probability; sampling: i.i.d. chains under the root). branch: children expanded per
+    node (top-branch by draft probability). Beam search widens both to at least num_beams, so that a draft
+    that agrees with the target covers every beam the target keeps.
+    """
+
+    depth: int = 4
+    width: int = 2
+    branch: int = 2
+
+    def __post_init__(self):
+        for name in ("depth", "width", "branch"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+    def for_beams(self, num_beams: int) -> "SpecConfig":
+        return SpecConfig(self.depth, max(self.width, num_beams), max(self.branch, num_beams))
+
+    @property
+    def max_nodes(self) -> int:
+        return 1 + self.depth * self.width

@@ -5,11 +5,13 @@ import warnings
 import torch
 from transformers import PreTrainedModel
 
-from specbeam.config import BEAM, EngineConfig
+from specbeam.config import BEAM, EngineConfig, SpecConfig
+from specbeam.drafters import DraftModelDrafter, NgramDrafter
 from specbeam.model_runner import ModelRunner
 from specbeam.outputs import DecodeStats
 from specbeam.request import Request, build_request
 from specbeam.scheduler import Scheduler
+from specbeam.speculative import SpeculativeScheduler
 from specbeam.cache import PagedKVCache
 from specbeam.validation import UnsupportedOptionError
 
@@ -17,10 +19,19 @@ from specbeam.validation import UnsupportedOptionError
 class Engine:
     """Decoding engine for one target model (and, later, a draft). `options` fill an `EngineConfig`."""
 
-    def __init__(self, model: PreTrainedModel, draft_model: PreTrainedModel | None = None, **options):
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        draft_model: PreTrainedModel | str | None = None,
+        spec: SpecConfig | None = None,
+        **options,
+    ):
+        """draft_model: a causal LM with the target's vocabulary, or "ngram" for prompt lookup."""
         self.config = EngineConfig(**options)
+        self.spec = spec or SpecConfig()
         self.runner = ModelRunner(model)
-        self.draft_model = draft_model
+        self.drafters = {}
+        self.drafter = None if draft_model is None else self._make_drafter(draft_model)
         self.cache: PagedKVCache | None = None
         self.last_stats: DecodeStats | None = None
 
@@ -41,8 +52,6 @@ class Engine:
         **kwargs,
     ):
         """Same arguments and results as `transformers.GenerationMixin.generate`; `generator=` seeds sampling."""
-        if assistant_model is not None or self.draft_model is not None:
-            raise UnsupportedOptionError("assistant_model", "(speculative decoding) is not implemented yet")
         generator = kwargs.pop("generator", None)
         extra = dict(
             prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
@@ -55,11 +64,34 @@ class Engine:
         model = self.runner.model
         request = build_request(model, inputs, generation_config, logits_processor, stopping_criteria, extra, kwargs)
         self._check_request(request, streamer, generator)
-        scheduler = Scheduler(self.runner, self._cache_for(request), request, streamer, generator)
+        drafter = self._drafter_for(assistant_model, request)
+        cache = self._cache_for(request, speculative=drafter is not None)
+        if drafter is None:
+            scheduler = Scheduler(self.runner, cache, request, streamer, generator)
+        else:
+            scheduler = SpeculativeScheduler(self.runner, cache, request, drafter, self.spec, streamer, generator)
         try:
             return scheduler.run()
         finally:
             self.last_stats = scheduler.stats
+
+    def _make_drafter(self, draft):
+        """One drafter per draft model, kept with its cache across calls."""
+        key = draft if isinstance(draft, str) else id(draft)
+        if key not in self.drafters:
+            vocab = self.runner.model.config.get_text_config().vocab_size
+            if isinstance(draft, str):
+                if draft != "ngram":
+                    raise ValueError(f'draft_model must be a model or "ngram", got {draft!r}')
+                self.drafters[key] = NgramDrafter(vocab)
+            else:
+                self.drafters[key] = DraftModelDrafter(draft, vocab, self.config.block_size)
+        return self.drafters[key]
+
+    def _drafter_for(self, assistant_model, request: Request):
+        if assistant_model is not None:
+            return self._make_drafter(assistant_model)
+        return self.drafter
 
     def _check_request(self, request: Request, streamer, generator) -> None:
         if streamer is not None and request.params.mode == BEAM:
@@ -73,16 +105,20 @@ class Engine:
                 "which specbeam's attention does not implement"
             )
 
-    def _blocks_needed(self, request: Request) -> int:
+    def _blocks_needed(self, request: Request, speculative: bool) -> int:
         """Prompt blocks once, plus per row: a private copy of the prompt's partial block and the new tokens."""
         size = self.config.block_size
         new_tokens = request.params.max_length - request.input_ids.shape[1]
         prompt_blocks = sum(-(-len(p) // size) for p in request.prompts)
-        return prompt_blocks + request.input_ids.shape[0] * (-(-new_tokens // size) + 1)
+        if not speculative:
+            return prompt_blocks + request.input_ids.shape[0] * (-(-new_tokens // size) + 1)
+        # a tree's nodes sit past the committed tokens; beams fork trees and copy the blocks they keep
+        tree = self.spec.for_beams(request.params.num_beams).max_nodes
+        return prompt_blocks + 2 * request.input_ids.shape[0] * (-(-(new_tokens + tree) // size) + 2)
 
-    def _cache_for(self, request: Request) -> PagedKVCache:
+    def _cache_for(self, request: Request, speculative: bool) -> PagedKVCache:
         """The engine's pool, grown when this request needs more blocks than it has."""
-        needed, size = self._blocks_needed(request), self.config.block_size
+        needed, size = self._blocks_needed(request, speculative), self.config.block_size
         limit = self.config.max_cache_bytes
         block_bytes = self.runner.bytes_per_token() * size
         if limit is not None and needed * block_bytes > limit:

@@ -65,7 +65,7 @@ class Scheduler:
     # --- greedy and sampling ------------------------------------------------------------------------------
 
     def _decode_tokens(self) -> SpecbeamOutput:
-        request, config = self.request, self.request.config
+        request = self.request
         pad = request.params.pad_token_id
         sequences = request.input_ids
         unfinished = torch.ones(sequences.shape[0], dtype=torch.bool, device=sequences.device)
@@ -91,6 +91,10 @@ class Scheduler:
             if not bool(unfinished.any()):
                 break
             logits = self._step_rows(unfinished.nonzero()[:, 0], tokens, finished_logits)
+        return self._token_output(sequences, scores, raw)
+
+    def _token_output(self, sequences: torch.Tensor, scores: list, raw: list):
+        config = self.request.config
         if self.streamer is not None:
             self.streamer.end()
         if not config.return_dict_in_generate:
@@ -111,24 +115,35 @@ class Scheduler:
     # --- beam search --------------------------------------------------------------------------------------
 
     def _decode_beams(self) -> SpecbeamBeamOutput:
-        request, config = self.request, self.request.config
-        search = BeamSearch(request.input_ids, request.params, config._eos_token_tensor)
+        request = self.request
+        search = BeamSearch(request.input_ids, request.params, request.config._eos_token_tensor)
         trace, scores, raw = Trace(), [], []
         logits = self._prefill()
         uniform = torch.zeros(logits.shape[1], device=logits.device)
         while True:
-            check_finite(logits, self.stats.steps)
-            log_probs = request.logits_processor(search.running_sequences(), F.log_softmax(logits, dim=-1))
-            raw.append(logits)
-            scores.append(log_probs)
-            trace.steps.append(search.step(log_probs, request.stopping_criteria, tuple(scores)))
-            self.stats.steps += 1
+            self._beam_step(search, logits, trace, scores, raw)
             if search.done:
                 break
             self._reorder(search.parents())
-            active = search.active_prompts().repeat_interleave(request.params.num_beams)
             tokens = search.running_sequences()[:, -1]
-            logits = self._step_rows(active.nonzero()[:, 0], tokens, uniform)
+            logits = self._step_rows(self._active_beams(search).nonzero()[:, 0], tokens, uniform)
+        return self._beam_output(search, trace, scores, raw)
+
+    def _beam_step(self, search: BeamSearch, logits: torch.Tensor, trace: Trace, scores: list, raw: list) -> None:
+        """One beam step from the running beams' next-token logits [rows, vocab]."""
+        check_finite(logits, self.stats.steps)
+        processors = self.request.logits_processor
+        log_probs = processors(search.running_sequences(), F.log_softmax(logits, dim=-1))
+        raw.append(logits)
+        scores.append(log_probs)
+        trace.steps.append(search.step(log_probs, self.request.stopping_criteria, tuple(scores)))
+        self.stats.steps += 1
+
+    def _active_beams(self, search: BeamSearch) -> torch.Tensor:  # [rows] bool
+        return search.active_prompts().repeat_interleave(self.request.params.num_beams)
+
+    def _beam_output(self, search: BeamSearch, trace: Trace, scores: list, raw: list):
+        config = self.request.config
         sequences, sequence_scores, beam_indices = search.results()
         if not config.return_dict_in_generate:
             return sequences

@@ -1,0 +1,163 @@
+"""Draft-tree proposers. Every proposer answers `propose(rows, ...)` with one `DraftTree` per row and then
+hears, through `commit`, which path of which tree each new row continues.
+
+The draft model keeps its own paged cache with one block table per row, covering the row's tokens except
+the newest ones (those are fed at the next `propose`). Growing a tree forks a table per node: a node's table
+is its parent's plus its own token, so each depth is one decode-style draft forward, and after verification
+a row simply keeps the table of the deepest fed node it accepted."""
+import torch
+
+from specbeam.cache import BlockTable
+from specbeam.config import SpecConfig
+from specbeam.model_runner import ModelRunner
+from specbeam.processing import process_rows
+from specbeam.tree import DraftTree
+
+
+class DraftModelDrafter:
+    def __init__(self, model, target_vocab_size: int, block_size: int):
+        vocab = model.config.get_text_config().vocab_size
+        if vocab != target_vocab_size:
+            raise ValueError(
+                f"draft_model has a vocabulary of {vocab} tokens but the target has {target_vocab_size}: "
+                "speculative decoding needs the same vocabulary"
+            )
+        self.runner, self.block_size = ModelRunner(model), block_size
+        self.cache = None
+        self.tables: list[BlockTable] = []
+        self.fed: list[dict[int, BlockTable]] = []  # per row, this round: node -> table through that node
+        self.passes = 0
+
+    def begin(self, num_rows: int, max_length: int, spec: SpecConfig) -> None:
+        needed = num_rows * (-(-max_length // self.block_size) + 3 + 2 * spec.max_nodes)
+        if self.cache is None or self.cache.allocator.num_blocks < needed:
+            self.cache = None
+            self.cache = self.runner.new_cache(needed, self.block_size)
+        self.tables = [BlockTable() for _ in range(num_rows)]
+        self.fed = [{} for _ in range(num_rows)]
+        self.passes = 0
+
+    def end(self) -> None:
+        self._release_round()
+        for table in self.tables:
+            self.cache.release(table)
+        self.tables = []
+
+    def propose(self, rows, padded, pads, processors, spec, depths, log_softmax, generator=None, sample=False,
+                exclude=None):
+        """rows: drafter row indices; padded: each row's full left-padded tokens, root last; pads: left pads
+        per row; depths: the deepest tree each row may grow; exclude: tokens never worth drafting (eos under
+        beam search: a beam that ends is a finished hypothesis, never a running beam). One tree per row."""
+        tables = [self.tables[r] for r in rows]
+        pending = [torch.tensor(p[n + t.length :]) for p, n, t in zip(padded, pads, tables)]
+        logits = self._forward(tables, pending)
+        trees = [DraftTree.root_only(p[-1]) for p in padded]
+        q = [dict() for _ in rows]  # per tree: node -> the distribution its children were drawn from
+        for i, r in enumerate(rows):
+            self.fed[r] = {0: tables[i]}
+        frontier = [(i, 0, 0.0) for i in range(len(rows)) if depths[i] > 0]  # (tree, node, cumulative log q)
+        for depth in range(1, max(depths, default=0) + 1):
+            prefixes = [padded[i] + [trees[i].tokens[n] for n in trees[i].path(node)[1:]] for i, node, _ in frontier]
+            scores = process_rows(processors, prefixes, logits.float(), log_softmax)
+            log_q = torch.log_softmax(scores, dim=-1)
+            if exclude is not None:
+                log_q[:, exclude] = float("-inf")
+            if sample:
+                for (i, node, _), row in zip(frontier, log_q.exp()):
+                    q[i][node] = row
+            children = self._expand(frontier, log_q, spec, generator, sample, root=depth == 1)
+            frontier = [(i, trees[i].add(node, token), score) for i, node, token, score in children]
+            frontier = [f for f in frontier if depths[f[0]] > depth]
+            if not frontier:
+                break
+            tables = [self.cache.fork(self.fed[rows[i]][trees[i].parents[n]]) for i, n, _ in frontier]
+            logits = self._forward(tables, [torch.tensor([trees[i].tokens[n]]) for i, n, _ in frontier])
+            for (i, node, _), table in zip(frontier, tables):
+                self.fed[rows[i]][node] = table
+        if sample:
+            for tree, probs in zip(trees, q):
+                tree.draft_probs = _stack_probs(len(tree), probs, logits.shape[-1])
+        return trees
+
+    def commit(self, origins: list[tuple[int, list[int]]]) -> None:
+        """New row i continues old row origins[i][0] along the node path origins[i][1] of its last tree."""
+        new = []
+        for old, path in origins:
+            fed = [self.fed[old][n] for n in path if n in self.fed[old]]
+            new.append(self.cache.fork(fed[-1] if fed else self.tables[old]))
+        self._release_round()
+        for table in self.tables:
+            self.cache.release(table)
+        self.tables, self.fed = new, [{} for _ in new]
+
+    def _release_round(self) -> None:
+        """Drop the node tables of the last round (a row's own table is node 0's: kept)."""
+        for r, nodes in enumerate(self.fed):
+            for node, table in nodes.items():
+                if node != 0:
+                    self.cache.release(table)
+            nodes.clear()
+
+    def _forward(self, tables, tokens) -> torch.Tensor:  # [rows, vocab]
+        self.passes += 1
+        return self.runner.forward(self.cache, tables, tokens)
+
+    @staticmethod
+    def _expand(frontier, log_q, spec: SpecConfig, generator, sample: bool, root: bool):
+        """Children of the frontier: (tree, parent node, token, cumulative log q)."""
+        if sample:  # i.i.d. draws from q: `width` chains under the root, one child per deeper node
+            draws = 1 if not root else spec.width
+            tokens = torch.multinomial(log_q.exp(), draws, replacement=True, generator=generator)
+            return [(i, node, int(t), 0.0) for (i, node, _), row in zip(frontier, tokens) for t in row]
+        top = torch.topk(log_q, min(spec.branch, log_q.shape[-1]), dim=-1)
+        candidates = {}
+        for (i, node, score), values, tokens in zip(frontier, top.values.tolist(), top.indices.tolist()):
+            candidates.setdefault(i, []).extend((i, node, t, score + v) for v, t in zip(values, tokens))
+        return [c for group in candidates.values() for c in sorted(group, key=lambda c: -c[3])[: spec.width]]
+
+
+def _stack_probs(num_nodes: int, probs: dict, vocab: int) -> torch.Tensor:  # [num_nodes, vocab]
+    out = torch.zeros(num_nodes, vocab)
+    for node, row in probs.items():
+        out[node] = row
+    return out
+
+
+class NgramDrafter:
+    """Prompt lookup: find the newest earlier occurrence of the row's last n tokens (n = max_ngram .. 1) and
+    propose what followed it, as a chain. No model, no cache."""
+
+    passes = 0
+
+    def __init__(self, vocab_size: int, max_ngram: int = 3):
+        self.vocab_size, self.max_ngram = vocab_size, max_ngram
+
+    def begin(self, num_rows, max_length, spec) -> None:
+        pass
+
+    def end(self) -> None:
+        pass
+
+    def commit(self, origins) -> None:
+        pass
+
+    def propose(self, rows, padded, pads, processors, spec, depths, log_softmax, generator=None, sample=False,
+                exclude=None):
+        trees = []
+        for tokens, pad, depth in zip(padded, pads, depths):
+            tree = DraftTree.root_only(tokens[-1])
+            for token in self._lookup(tokens[pad:], depth):
+                tree.add(len(tree) - 1, token)
+            if sample:  # each child was "drawn" from a point mass on it
+                tree.draft_probs = torch.zeros(len(tree), self.vocab_size)
+                tree.draft_probs[torch.arange(len(tree) - 1), torch.tensor(tree.tokens[1:], dtype=torch.long)] = 1.0
+            trees.append(tree)
+        return trees
+
+    def _lookup(self, tokens: list[int], depth: int) -> list[int]:
+        for n in range(min(self.max_ngram, len(tokens) - 1), 0, -1):
+            pattern = tokens[-n:]
+            for start in range(len(tokens) - n - 1, -1, -1):
+                if tokens[start : start + n] == pattern:
+                    return tokens[start + n : start + n + depth]
+        return []
