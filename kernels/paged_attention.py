@@ -72,7 +72,11 @@ def _paged_attention_kernel(
     running_max = tl.full([TOKENS * GROUP], -1e30, tl.float32)  # finite: a row that sees nothing stays 0
     running_sum = tl.zeros([TOKENS * GROUP], tl.float32)
     acc = tl.zeros([TOKENS * GROUP, HEAD], tl.float32)
-    keys_needed = tl.where(tile * TOKENS < num_new, seq_len, 0)
+    # causal: no key past the tile's last new token; a tree mask may point anywhere among the new tokens
+    keys_needed = seq_len - num_new + tl.minimum((tile + 1) * TOKENS, num_new)
+    if HAS_TREE_MASK:
+        keys_needed = seq_len
+    keys_needed = tl.where(tile * TOKENS < num_new, keys_needed, 0)
     for start in range(0, keys_needed, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
         block = tl.load(block_tables_ptr + seq * table_stride + pos // block_size, mask=pos < seq_len, other=0)
