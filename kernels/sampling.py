@@ -2,8 +2,9 @@
 
 One program per row. Each threshold is found by bisection on an integer key that orders the scaled logits,
 counting the tokens (top-k) or summing the probability mass (top-p) at or above the candidate key: one pass
-over the vocabulary per step, at most 32 steps, and an exact answer with no tolerance to tune. Semantics
-(ties included) and the noise convention are those of `specbeam.reference.sampling`.
+over the vocabulary per step, at most 32 steps (about log2(vocab) in practice, as each step also narrows the
+interval to the nearest tokens' keys), and an exact answer with no tolerance to tune. Semantics (ties
+included) and the noise convention are those of `specbeam.reference.sampling`.
 """
 import torch
 import triton

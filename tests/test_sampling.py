@@ -118,7 +118,8 @@ def test_triton_matches_reference(vocab, batch, scale, device):
     assert torch.equal(probs > 0, expected > 0)
     torch.testing.assert_close(probs, expected, atol=1e-6, rtol=1e-5)
     noise = torch.rand(batch, generator=gen).to(device)
-    assert torch.equal(ops.sample(logits, **params, noise=noise, backend="triton"), ops.sample(logits, **params, noise=noise, backend="reference"))
+    tokens = ops.sample(logits, **params, noise=noise, backend="triton")
+    assert torch.equal(tokens, ops.sample(logits, **params, noise=noise, backend="reference"))
 
 
 def draws(backend, logits, num_draws, **params):  # [num_draws] tokens, one row per draw

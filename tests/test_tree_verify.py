@@ -47,12 +47,13 @@ def test_greedy_perfect_and_hopeless_drafts(backend, device):
     draft = torch.randint(0, 50, (3, width), generator=gen)
     perfect = torch.cat([draft[:, 1:], torch.full((3, 1), 7)], dim=1)  # the target's argmax after node i = draft[i+1]
     num_nodes = torch.tensor([width, 4, 1])
-    path, accepted, bonus = ops.greedy_verify(*[t.to(device) for t in (parents, num_nodes, draft, perfect)], backend=backend)
+    tree = [t.to(device) for t in (parents, num_nodes, draft)]
+    path, accepted, bonus = ops.greedy_verify(*tree, perfect.to(device), backend=backend)
     assert accepted.tolist() == [width - 1, 3, 0]
     assert path[0].tolist() == list(range(width))
     assert bonus.tolist() == [7, draft[1, 4].item(), draft[2, 1].item()]
     hopeless = perfect + 1
-    _, accepted, bonus = ops.greedy_verify(*[t.to(device) for t in (parents, num_nodes, draft, hopeless)], backend=backend)
+    _, accepted, bonus = ops.greedy_verify(*tree, hopeless.to(device), backend=backend)
     assert accepted.tolist() == [0, 0, 0] and torch.equal(bonus, hopeless[:, 0].to(device))
 
 
@@ -97,8 +98,9 @@ def test_triton_matches_reference(batch, width, vocab, device):
     parents, num_nodes, draft = random_trees(batch, width, vocab, gen)
     tree = [t.to(device) for t in (parents, num_nodes, draft)]
     target_tokens = torch.where(torch.rand(batch, width, generator=gen) < 0.7, draft.roll(-1, 1), 0).to(device)
-    for got, want in zip(ops.greedy_verify(*tree, target_tokens, backend="triton"), ops.greedy_verify(*tree, target_tokens, backend="reference")):
-        assert torch.equal(got, want)
+    got = ops.greedy_verify(*tree, target_tokens, backend="triton")
+    for got_part, want_part in zip(got, ops.greedy_verify(*tree, target_tokens, backend="reference")):
+        assert torch.equal(got_part, want_part)
     target_probs = random_probs((batch, width, vocab), gen).to(device)
     draft_probs = random_probs((batch, width, vocab), gen).to(device)
     target_probs = (target_probs + draft_probs) / 2  # overlap, so that some children are accepted

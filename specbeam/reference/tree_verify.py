@@ -27,7 +27,8 @@ def check_tree(
     """Raise ValueError unless the three describe a batch of trees (shapes and dtypes only: no device sync)."""
     if parents.dim() != 2 or parents.shape[1] < 1:
         raise ValueError(f"parents must be [batch, num_nodes] with num_nodes >= 1, got {tuple(parents.shape)}")
-    for name, tensor, shape in (("num_nodes", num_nodes, parents.shape[:1]), ("draft_tokens", draft_tokens, parents.shape)):
+    expected = (("num_nodes", num_nodes, parents.shape[:1]), ("draft_tokens", draft_tokens, parents.shape))
+    for name, tensor, shape in expected:
         if tensor.shape != shape:
             raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(tensor.shape)}")
     for name, tensor in (("parents", parents), ("num_nodes", num_nodes), ("draft_tokens", draft_tokens)):
@@ -106,7 +107,7 @@ def stochastic_verify(
     depth = torch.zeros_like(num_nodes)
     path = torch.full_like(parents, -1)
     path[:, 0] = 0
-    p, q = target_probs[:, 0], draft_probs[:, 0]
+    p, q = target_probs[:, 0].clone(), draft_probs[:, 0].clone()
     # children come after their parent, so one scan in index order meets each node's children in order,
     # after every node on the path to it
     for node in range(1, width):
@@ -114,10 +115,9 @@ def stochastic_verify(
         token = torch.where(tried, draft_tokens[:, node], 0)[:, None]  # padding may hold anything
         accepted = tried & (uniform[:, node] * q.gather(1, token)[:, 0] < p.gather(1, token)[:, 0])
         rejected = tried & ~accepted
-        p = torch.where(rejected[:, None], _residual(p, q), p)
-        p = torch.where(accepted[:, None], target_probs[:, node], p)
-        q = torch.where(accepted[:, None], draft_probs[:, node], q)
-        current = torch.where(accepted, node, current)
-        depth = depth + accepted.long()
+        p[rejected] = _residual(p[rejected], q[rejected])
+        p[accepted], q[accepted] = target_probs[accepted, node], draft_probs[accepted, node]
+        current[accepted] = node
+        depth += accepted.long()
         path[rows[accepted], depth[accepted]] = node
     return path, depth, inverse_cdf(p, noise)
