@@ -35,7 +35,7 @@ class DraftModelDrafter:
             self.cache = self.runner.new_cache(needed, self.block_size)
         self.tables = [BlockTable() for _ in range(num_rows)]
         self.fed = [{} for _ in range(num_rows)]
-        self.passes = 0
+        self.num_rows, self.passes = num_rows, 0
 
     def end(self) -> None:
         self._release_round()
@@ -58,7 +58,8 @@ class DraftModelDrafter:
         frontier = [(i, 0, 0.0) for i in range(len(rows)) if depths[i] > 0]  # (tree, node, cumulative log q)
         for depth in range(1, max(depths, default=0) + 1):
             prefixes = [padded[i] + [trees[i].tokens[n] for n in trees[i].path(node)[1:]] for i, node, _ in frontier]
-            scores = process_rows(processors, prefixes, logits.float(), log_softmax)
+            scores = process_rows(processors, prefixes, logits.float(), [rows[i] for i, _, _ in frontier],
+                                  self.num_rows, log_softmax)
             log_q = torch.log_softmax(scores, dim=-1)
             if exclude is not None:
                 log_q[:, exclude] = float("-inf")

@@ -1,5 +1,7 @@
-"""transformers' logits processors applied at many positions at once: each row of logits with its own
-prefix. Processors take a rectangular `input_ids`, so rows are grouped by prefix length."""
+"""transformers' logits processors applied at many positions at once: each entry of logits with its own
+prefix. Processors take a rectangular `input_ids` and may keep per-row state (the repetition penalty keeps
+each row's padding length), so every call is a full batch in row order: entries are grouped by prefix length
+into layers that use each row at most once, and rows without an entry get a stand-in whose result is dropped."""
 from collections import defaultdict
 
 import torch
@@ -7,19 +9,34 @@ import torch.nn.functional as F
 from transformers import LogitsProcessorList
 
 
+def _layers(prefixes: list[list[int]], rows: list[int]) -> list[list[int]]:
+    """Entry indices grouped so that each group shares a prefix length and uses each row at most once."""
+    layers = defaultdict(list)
+    for entry, (prefix, row) in enumerate(zip(prefixes, rows)):
+        depth = 0
+        while row in {rows[e] for e in layers[(len(prefix), depth)]}:
+            depth += 1
+        layers[(len(prefix), depth)].append(entry)
+    return list(layers.values())
+
+
 def process_rows(
     processors: LogitsProcessorList,
-    prefixes: list[list[int]],  # per row: the full (left-padded) token sequence before the next token
-    logits: torch.Tensor,  # [rows, vocab] float32
+    prefixes: list[list[int]],  # per entry: the full (left-padded) token sequence before the next token
+    logits: torch.Tensor,  # [entries, vocab] float32
+    rows: list[int],  # per entry: its row of the batch (beam or sequence)
+    num_rows: int,
     log_softmax: bool,  # beam search processes log-probabilities, greedy and sampling raw logits
-) -> torch.Tensor:  # [rows, vocab]
+) -> torch.Tensor:  # [entries, vocab]
     scores = F.log_softmax(logits, dim=-1) if log_softmax else logits
     out = torch.empty_like(scores)
-    groups = defaultdict(list)
-    for row, prefix in enumerate(prefixes):
-        groups[len(prefix)].append(row)
-    for rows in groups.values():
-        input_ids = torch.tensor([prefixes[r] for r in rows], device=logits.device)
-        index = torch.tensor(rows, device=logits.device)
-        out[index] = processors(input_ids, scores[index])
+    for layer in _layers(prefixes, rows):
+        stand_in = prefixes[layer[0]]
+        batch_ids, batch_scores = [stand_in] * num_rows, scores[layer[:1]].expand(num_rows, -1).clone()
+        for entry in layer:
+            batch_ids[rows[entry]] = prefixes[entry]
+            batch_scores[rows[entry]] = scores[entry]
+        processed = processors(torch.tensor(batch_ids, device=logits.device), batch_scores)
+        index = torch.tensor(layer, device=logits.device)
+        out[index] = processed[torch.tensor([rows[e] for e in layer], device=logits.device)]
     return out

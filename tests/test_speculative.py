@@ -1,0 +1,124 @@
+"""Speculative decoding is lossless: with any draft, greedy and beam search give exactly the target's own
+output (scores, beam indices and all), and sampling draws from exactly the target's distribution. A draft
+that agrees with the target makes the target run far fewer passes."""
+import copy
+import functools
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+import specbeam
+from specbeam import Engine
+from parity import assert_same_beams, assert_same_tokens, run_both
+from test_engine_sampling import WARPERS, _exact_probs, _tiny_vocab_model
+from tiny_models import PAD, left_padded_batch, tiny_model
+
+NEW_TOKENS = 12
+
+
+@functools.cache
+def drafts():
+    target = tiny_model("llama")
+    perturbed = copy.deepcopy(target)
+    torch.manual_seed(9)
+    with torch.no_grad():
+        for param in perturbed.parameters():
+            param.add_(torch.randn_like(param) * 0.01)
+    return {"perfect": copy.deepcopy(target), "perturbed": perturbed, "unrelated": tiny_model("llama", seed=7),
+            "ngram": "ngram"}
+
+
+def _inputs(eos=None):
+    input_ids, attention_mask = left_padded_batch((7, 3, 5), seed=0)
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=NEW_TOKENS, pad_token_id=PAD)
+    return kwargs if eos is None else dict(kwargs, eos_token_id=eos)
+
+
+# tokens the target emits early in some rows (found by greedy decoding), so that eos stops rows mid-run
+EOS_ONE, EOS_LIST = 52, [52, 20]
+
+
+@pytest.mark.parametrize("draft", ["perfect", "perturbed", "unrelated", "ngram"])
+@pytest.mark.parametrize("eos", [EOS_ONE, EOS_LIST], ids=["eos-one", "eos-list"])
+def test_speculative_greedy_equals_the_target_alone(draft, eos):
+    model, inputs = tiny_model("llama"), _inputs(eos)
+    reference, ours = run_both(model, Engine(model, draft_model=drafts()[draft]), do_sample=False, **inputs)
+    assert_same_tokens(reference, ours, inputs["input_ids"].shape[1], PAD, eos)
+    assert (reference.sequences[:, -1] == PAD).any()  # eos did stop a row mid-run
+
+
+@pytest.mark.parametrize("draft", ["perfect", "perturbed", "unrelated", "ngram"])
+@pytest.mark.parametrize(
+    "beams, options",
+    [(4, dict(num_return_sequences=2, length_penalty=0.0)), (8, dict(num_return_sequences=2)),
+     (4, dict(early_stopping=True, repetition_penalty=1.2)), (4, dict(early_stopping="never", length_penalty=2.0))],
+    ids=["4-lp0", "8", "4-early-penalty", "4-never-lp2"],
+)
+def test_speculative_beam_search_equals_the_target_alone(draft, beams, options):
+    model = tiny_model("llama")
+    engine = Engine(model, draft_model=drafts()[draft])
+    reference, ours = run_both(model, engine, num_beams=beams, **_inputs(EOS_ONE), **options)
+    assert_same_beams(model, reference, ours)
+    assert engine.cache.allocator.num_free == engine.cache.allocator.num_blocks
+    assert len(ours.trace.steps) == ours.stats.steps == len(reference.scores)
+
+
+@pytest.mark.parametrize("mode", [dict(do_sample=False), dict(num_beams=4), dict(num_beams=8)],
+                         ids=["greedy", "beam4", "beam8"])
+def test_a_perfect_draft_halves_the_target_passes(mode):
+    model = tiny_model("llama")
+    out = Engine(model, draft_model=drafts()["perfect"]).generate(
+        **_inputs(), **mode, return_dict_in_generate=True)
+    assert out.stats.target_passes <= out.stats.steps / 2
+    assert out.stats.draft_passes > 0 and out.stats.accepted_by_depth[0] > 0
+
+
+def test_draft_with_another_vocabulary_is_refused():
+    other = tiny_model("qwen2")  # same vocabulary size: fine
+    Engine(tiny_model("llama"), draft_model=other)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    small = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2))
+    with pytest.raises(ValueError, match="vocabulary"):
+        Engine(tiny_model("llama"), draft_model=small)
+
+
+def test_patched_generate_takes_assistant_model_with_beams():
+    """transformers refuses assisted beam search; through specbeam it is exact."""
+    model = tiny_model("llama")
+    inputs = _inputs(EOS_ONE)
+    reference = model.generate(**inputs, num_beams=4)
+    specbeam.patch(model)
+    try:
+        out = model.generate(**inputs, num_beams=4, assistant_model=drafts()["perturbed"],
+                             return_dict_in_generate=True)
+    finally:
+        specbeam.unpatch(model)
+    assert torch.equal(out.sequences, reference) and out.stats.draft_passes > 0
+
+
+def test_speculative_sampling_with_a_disagreeing_draft_fits_the_exact_distribution():
+    """Joint law of two sampled tokens against the target's exact processed probabilities."""
+    target, samples = _tiny_vocab_model(), 6000
+    draft = _tiny_vocab_model()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for param in draft.parameters():
+            param.add_(torch.randn_like(param) * 0.5)  # a draft that disagrees often
+    prompt = torch.tensor([[3, 1, 4]])
+    out = Engine(target, draft_model=draft).generate(
+        prompt, do_sample=True, max_new_tokens=2, num_return_sequences=samples,
+        generator=torch.Generator().manual_seed(0), return_dict_in_generate=True, **WARPERS)
+    accepted = out.stats.accepted_by_depth[0]  # rows whose first drafted token was accepted
+    assert 0.1 * samples < accepted < 0.9 * samples
+    pairs = out.sequences[:, 3] * 8 + out.sequences[:, 4]
+    observed = torch.bincount(pairs, minlength=64).double()
+    first = _exact_probs(target, prompt)[0]
+    continuations = torch.cat([prompt.expand(8, -1), torch.arange(8)[:, None]], dim=1)
+    joint = (first[:, None] * _exact_probs(target, continuations)).flatten()
+    assert observed[joint == 0].sum() == 0
+    support = joint > 0
+    expected = joint[support] * samples
+    assert chisquare(observed[support], expected * observed[support].sum() / expected.sum()).pvalue > 1e-3
