@@ -32,7 +32,7 @@ def store_kv(
 @dataclass
 class AttentionPlan:
     slots: torch.Tensor  # [num_seqs, max_len] flat slot of each key position
-    visible: torch.Tensor  # [num_seqs, 1, max_new, max_len] bool
+    visible: torch.Tensor | None  # [num_seqs, 1, max_new, max_len] bool; None: every key is visible
     seq_of_query: torch.Tensor  # [num_queries]
     local_idx: torch.Tensor  # [num_queries] index among its sequence's new tokens
     one_query_each: bool  # decode: queries map 1:1 onto sequences, no scatter needed
@@ -77,9 +77,10 @@ def plan_attention(
     key_pos = torch.arange(max_len, device=device)
     block_idx = (key_pos // block_size).clamp(max=block_tables.shape[1] - 1)
     seq_of_query = torch.repeat_interleave(torch.arange(num_seqs, device=device), num_new)
+    visible = _visible_keys(seq_lens, num_new, tree_mask, query_start_loc, max_new, max_len)[:, None]
     return AttentionPlan(
         slots=block_tables[:, block_idx].long() * block_size + key_pos % block_size,
-        visible=_visible_keys(seq_lens, num_new, tree_mask, query_start_loc, max_new, max_len)[:, None],
+        visible=None if bool(visible.all()) else visible,  # e.g. decoding one sequence: no mask, faster SDPA
         seq_of_query=seq_of_query,
         local_idx=torch.arange(seq_of_query.shape[0], device=device) - query_start_loc[seq_of_query],
         one_query_each=max_new == 1 and seq_of_query.shape[0] == num_seqs,
@@ -98,7 +99,7 @@ def attend(
     if plan.one_query_each:
         queries = query[:, None]  # [S, 1, Hq, D]
     else:
-        queries = query.new_zeros(plan.visible.shape[0], plan.visible.shape[2], *query.shape[1:])
+        queries = query.new_zeros(plan.slots.shape[0], int(plan.local_idx.max()) + 1, *query.shape[1:])
         queries[plan.seq_of_query, plan.local_idx] = query
     out = F.scaled_dot_product_attention(
         queries.transpose(1, 2),
