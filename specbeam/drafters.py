@@ -56,6 +56,7 @@ class DraftModelDrafter:
         for i, r in enumerate(rows):
             self.fed[r] = {0: tables[i]}
         frontier = [(i, 0, 0.0) for i in range(len(rows)) if depths[i] > 0]  # (tree, node, cumulative log q)
+        logits = logits[[i for i, _, _ in frontier]]  # the roots that grow: logits row k is frontier entry k
         for depth in range(1, max(depths, default=0) + 1):
             prefixes = [padded[i] + [trees[i].tokens[n] for n in trees[i].path(node)[1:]] for i, node, _ in frontier]
             scores = process_rows(processors, prefixes, logits.float(), [rows[i] for i, _, _ in frontier],

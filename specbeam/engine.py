@@ -8,7 +8,7 @@ from transformers import PreTrainedModel
 from specbeam.config import BEAM, EngineConfig, SpecConfig
 from specbeam.drafters import DraftModelDrafter, NgramDrafter
 from specbeam.model_runner import ModelRunner
-from specbeam.outputs import DecodeStats
+from specbeam.stats import DecodeStats
 from specbeam.request import Request, build_request
 from specbeam.scheduler import Scheduler
 from specbeam.speculative import SpeculativeScheduler

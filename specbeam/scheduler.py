@@ -8,7 +8,8 @@ from specbeam.beam import BeamSearch
 from specbeam.cache import BlockTable, PagedKVCache
 from specbeam.config import SAMPLE
 from specbeam.model_runner import ModelRunner
-from specbeam.outputs import DecodeStats, SpecbeamBeamOutput, SpecbeamOutput
+from specbeam.outputs import SpecbeamBeamOutput, SpecbeamOutput
+from specbeam.stats import DecodeStats
 from specbeam.request import Request
 from specbeam.trace import Trace
 from specbeam.validation import check_finite

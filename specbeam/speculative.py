@@ -80,6 +80,7 @@ class SpeculativeScheduler(Scheduler):
         return trees, list(logits.split(sizes)), starts
 
     def _count_accepted(self, depth: int) -> None:
+        self.stats.rounds += 1
         while len(self.stats.accepted_by_depth) < depth:
             self.stats.accepted_by_depth.append(0)
         for d in range(depth):
@@ -132,7 +133,8 @@ class SpeculativeScheduler(Scheduler):
     def _accept(self, padded, row, tree, path, next_token, processed, logits) -> None:
         """Emit the accepted drafted tokens, then the recovered or bonus token, until the row stops."""
         emitted = [tree.tokens[n] for n in path[1:]] + [next_token]
-        self._count_accepted(len(path) - 1)
+        if len(tree) > 1:
+            self._count_accepted(len(path) - 1)
         for node, token in zip(path, emitted):
             if self.finished[row]:
                 return
@@ -190,7 +192,8 @@ class SpeculativeScheduler(Scheduler):
             origin, inside = self._follow(search, trees, tree_of, origin)
             if not inside:
                 break
-        self._count_accepted(replayed - 1)
+        if any(len(t) > 1 for t in trees):
+            self._count_accepted(replayed - 1)
         self._commit_beams(origin, starts, tree_of)
 
     def _follow(self, search: BeamSearch, trees, tree_of, origin):
