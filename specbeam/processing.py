@@ -29,6 +29,8 @@ def process_rows(
     log_softmax: bool,  # beam search processes log-probabilities, greedy and sampling raw logits
 ) -> torch.Tensor:  # [entries, vocab]
     scores = F.log_softmax(logits, dim=-1) if log_softmax else logits
+    if not processors:
+        return scores
     out = torch.empty_like(scores)
     for layer in _layers(prefixes, rows):
         stand_in = prefixes[layer[0]]

@@ -1,0 +1,68 @@
+"""The shipped pair on the CPU, specbeam against transformers on the same prompt, both in one run:
+greedy (plain, transformers' assisted generation, specbeam speculative), beam search 4 (plain, specbeam
+speculative) and sampling. `extra_info`: tokens/s, drafted tokens accepted per round, identical outputs."""
+import functools
+
+import pytest
+import torch
+
+from specbeam import Engine
+from specbeam.assets import load_default_pair
+
+PROMPT = '''import os
+import sys
+
+
+def read_lines(path):
+    """Return the lines of the file at path, without their line endings."""
+    with open(path) as f:
+'''
+NEW_TOKENS = 96
+MODES = {"greedy": dict(do_sample=False), "beam4": dict(num_beams=4), "sample": dict(do_sample=True, top_k=0)}
+
+
+@functools.cache
+def pair():
+    target, draft, tokenizer = load_default_pair()
+    return target, draft, tokenizer(PROMPT, return_tensors="pt").input_ids
+
+
+@functools.cache
+def reference(mode: str) -> torch.Tensor:
+    target, _, input_ids = pair()
+    with torch.inference_mode():
+        return target.generate(input_ids, max_new_tokens=NEW_TOKENS, **MODES[mode])
+
+
+def _generator(side: str):
+    target, draft, _ = pair()
+    return {
+        "transformers": target.generate,
+        "transformers-assisted": functools.partial(target.generate, assistant_model=draft),
+        "specbeam": Engine(target).generate,
+        "specbeam-speculative": Engine(target, draft_model=draft).generate,
+    }[side]
+
+
+CASES = [("greedy", "transformers"), ("greedy", "transformers-assisted"), ("greedy", "specbeam"),
+         ("greedy", "specbeam-speculative"), ("beam4", "transformers"), ("beam4", "specbeam"),
+         ("beam4", "specbeam-speculative"), ("sample", "transformers"), ("sample", "specbeam-speculative")]
+
+
+@pytest.mark.parametrize("mode, side", CASES, ids=[f"{m}-{s}" for m, s in CASES])
+def test_generate(benchmark, mode, side):
+    _, _, input_ids = pair()
+    generate = _generator(side)
+    torch.manual_seed(0)
+    kwargs = dict(max_new_tokens=NEW_TOKENS, return_dict_in_generate=True, **MODES[mode])
+    benchmark.group = f"pair {mode}"
+    with torch.inference_mode():
+        out = benchmark.pedantic(lambda: generate(input_ids, **kwargs), warmup_rounds=1, rounds=3)
+    new_tokens = out.sequences.shape[1] - input_ids.shape[1]
+    benchmark.extra_info.update(mode=mode, side=side, tokens_per_s=new_tokens / benchmark.stats.stats.mean)
+    if mode != "sample":
+        benchmark.extra_info["identical_to_transformers"] = bool(torch.equal(out.sequences, reference(mode)))
+    stats = getattr(out, "stats", None)
+    if stats is not None and stats.rounds:
+        benchmark.extra_info.update(accepted_per_round=stats.mean_accepted(),
+                                    acceptance_by_depth=stats.acceptance_by_depth())
