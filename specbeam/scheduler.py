@@ -38,16 +38,20 @@ class Scheduler:
 
     # --- phases -----------------------------------------------------------------------------------------
 
-    def _prefill(self) -> torch.Tensor:  # [rows, vocab] float32: each row's first next-token logits
-        """Run each prompt once, then fork its blocks to the prompt's rows (beams or samples)."""
+    def _prefill(self, with_last: bool = True) -> torch.Tensor | None:  # [rows, vocab] float32
+        """Run each prompt once, then fork its blocks to the prompt's rows (beams or samples); returns each
+        row's next-token logits. Without its last token (`with_last=False`), which then roots the first
+        draft tree so that the first new token is speculated too, nothing is returned."""
         rows = self.request.params.rows_per_prompt
         prompt_tables = [BlockTable() for _ in self.request.prompts]
         self.tables = prompt_tables
-        logits = self._forward(prompt_tables, self.request.prompts)
+        tokens = [p if with_last else p[:-1] for p in self.request.prompts]
+        run = [i for i, t in enumerate(tokens) if len(t)]
+        logits = self._forward([prompt_tables[i] for i in run], [tokens[i] for i in run]) if run else None
         self.tables = [self.cache.fork(t) for t in prompt_tables for _ in range(rows)]
         for table in prompt_tables:
             self.cache.release(table)
-        return logits.repeat_interleave(rows, dim=0)
+        return logits.repeat_interleave(rows, dim=0) if with_last else None
 
     def _forward(self, tables, tokens) -> torch.Tensor:  # [len(tables), vocab] float32
         self.stats.target_passes += 1

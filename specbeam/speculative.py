@@ -12,7 +12,6 @@ import torch
 
 from specbeam import ops
 from specbeam.beam import BeamSearch
-from specbeam.cache import BlockTable
 from specbeam.config import BEAM, SAMPLE, SpecConfig
 from specbeam.processing import process_rows
 from specbeam.scheduler import Scheduler, _one_hot_logits
@@ -36,21 +35,6 @@ class SpeculativeScheduler(Scheduler):
         finally:
             self.drafter.end()
             self.stats.draft_passes = self.drafter.passes
-
-    def _prefill_context(self) -> None:
-        """Prefill every prompt but its last token, which becomes the root of the first round's tree, so
-        that the first new token is speculated too. Rows fork their prompt's blocks."""
-        rows = self.request.params.rows_per_prompt
-        prompt_tables = [BlockTable() for _ in self.request.prompts]
-        self.tables = prompt_tables
-        long = [i for i, p in enumerate(self.request.prompts) if len(p) > 1]
-        if long:
-            self.stats.target_passes += 1
-            self.runner.forward(self.cache, [prompt_tables[i] for i in long],
-                                [self.request.prompts[i][:-1] for i in long])
-        self.tables = [self.cache.fork(t) for t in prompt_tables for _ in range(rows)]
-        for table in prompt_tables:
-            self.cache.release(table)
 
     # --- one round: propose, one target pass over every tree ------------------------------------------
 
@@ -95,7 +79,7 @@ class SpeculativeScheduler(Scheduler):
         self.finished = [False] * len(padded)
         if self.streamer is not None:
             self.streamer.put(request.input_ids.cpu())
-        self._prefill_context()
+        self._prefill(with_last=False)
         while not all(self.finished):
             rows = [r for r, done in enumerate(self.finished) if not done]
             trees, logits, starts = self._score_trees(rows, [padded[r] for r in rows])
@@ -167,7 +151,7 @@ class SpeculativeScheduler(Scheduler):
         request = self.request
         search = BeamSearch(request.input_ids, request.params, request.config._eos_token_tensor)
         trace, scores, raw = Trace(), [], []
-        self._prefill_context()
+        self._prefill(with_last=False)
         while not search.done:
             self._beam_round(search, trace, scores, raw)
         return self._beam_output(search, trace, scores, raw)
