@@ -65,23 +65,25 @@ class SpecConfig:
 
     depth: drafted tokens on each root path. width: nodes kept per depth (greedy and beam search: the best by
     cumulative draft log-probability; sampling: i.i.d. chains under the root). branch: children expanded per
-    node (top-branch by draft probability). Beam search widens both to at least num_beams, so that a draft
+    node (top-branch by draft probability). node_budget: drafted nodes per tree at most. Beam search widens both to at least num_beams, so that a draft
     that agrees with the target covers every beam the target keeps.
     """
 
     depth: int = 4
     width: int = 2
     branch: int = 2
+    node_budget: int = 64  # drafted nodes per tree at most
 
     def __post_init__(self):
-        for name in ("depth", "width", "branch"):
+        for name in ("depth", "width", "branch", "node_budget"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
 
     def for_beams(self, num_beams: int) -> "SpecConfig":
-        return SpecConfig(self.depth, max(self.width, num_beams), max(self.branch, num_beams))
+        return SpecConfig(self.depth, max(self.width, num_beams), max(self.branch, num_beams), self.node_budget)
 
     @property
     def max_nodes(self) -> int:
-        return 1 + self.depth * self.width
+        """Nodes of a tree, its root included."""
+        return 1 + min(self.depth * self.width, self.node_budget)

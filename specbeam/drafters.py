@@ -68,7 +68,8 @@ class DraftModelDrafter:
                 for (i, node, _), row in zip(frontier, log_q.exp()):
                     q[i][node] = row
             children = self._expand(frontier, log_q, spec, generator, sample, root=depth == 1)
-            frontier = [(i, trees[i].add(node, token), score) for i, node, token, score in children]
+            frontier = [(i, trees[i].add(node, token), score) for i, node, token, score in children
+                        if len(trees[i]) <= spec.node_budget]  # the root plus at most node_budget nodes
             frontier = [f for f in frontier if depths[f[0]] > depth]
             if not frontier:
                 break

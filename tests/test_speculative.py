@@ -122,3 +122,16 @@ def test_speculative_sampling_with_a_disagreeing_draft_fits_the_exact_distributi
     support = joint > 0
     expected = joint[support] * samples
     assert chisquare(observed[support], expected * observed[support].sum() / expected.sum()).pvalue > 1e-3
+
+
+def test_tree_shape_follows_spec_config():
+    from specbeam.config import SpecConfig
+
+    model = tiny_model("llama")
+    spec = SpecConfig(depth=3, width=3, branch=2, node_budget=5)
+    out = Engine(model, draft_model=drafts()["perfect"], spec=spec).generate(
+        **_inputs(), do_sample=False, return_dict_in_generate=True)
+    assert out.stats.drafted_tokens <= 5 * out.stats.rounds
+    assert len(out.stats.accepted_by_depth) <= 3
+    with pytest.raises(ValueError, match="depth"):
+        SpecConfig(depth=0)
