@@ -28,30 +28,28 @@ void check_tensors(const at::Tensor& query, const at::Tensor& key_cache, const a
           message("query heads (", query.size(1), ") must be a multiple of the pool's KV heads (", pool[2], ")"));
 }
 
-// The metadata may not point outside the query, the tables or the pool.
-void check_metadata(const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
-                    const std::optional<at::Tensor>& tree_mask, int64_t num_queries, int64_t num_blocks,
-                    int64_t block_size) {
-  check_tensor(block_tables, "block_tables", {-1, -1}, {at::kLong});
-  const int64_t num_seqs = block_tables.size(0);
-  check_tensor(seq_lens, "seq_lens", {num_seqs}, {at::kLong});
-  check_tensor(query_start_loc, "query_start_loc", {num_seqs + 1}, {at::kLong});
-  const auto num_new = query_start_loc.slice(0, 1) - query_start_loc.slice(0, 0, num_seqs);
-  require(query_start_loc[0].item<int64_t>() == 0 && query_start_loc[num_seqs].item<int64_t>() == num_queries &&
-              (num_new >= 0).all().item<bool>(),
+// The metadata may not point outside the query, the tables or the pool (plain loops: a few microseconds,
+// as this runs once per layer). Takes contiguous int64 metadata; returns the most new tokens of a sequence.
+int64_t check_metadata(const at::Tensor& tables, const at::Tensor& lens, const at::Tensor& starts,
+                       int64_t num_queries, int64_t num_blocks, int64_t block_size) {
+  const int64_t num_seqs = tables.size(0), width = tables.size(1);
+  const int64_t* start = starts.data_ptr<int64_t>();
+  require(start[0] == 0 && start[num_seqs] == num_queries,
           message("query_start_loc must rise from 0 to the number of queries (", num_queries, ")"));
-  require((seq_lens >= num_new).all().item<bool>() &&
-              (seq_lens <= block_tables.size(1) * block_size).all().item<bool>(),
-          "seq_lens must lie between each sequence's new tokens and its block table's capacity");
-  const auto used = at::arange(block_tables.size(1), seq_lens.options()).unsqueeze(0) * block_size <
-                    seq_lens.unsqueeze(1);
-  require(!(used & ((block_tables < 0) | (block_tables >= num_blocks))).any().item<bool>(),
-          message("block_tables must hold block ids in [0, ", num_blocks, ") for every position < seq_len"));
-  if (tree_mask) {
-    const int64_t max_new = num_seqs > 0 ? num_new.max().item<int64_t>() : 0;
-    check_tensor(*tree_mask, "tree_mask", {num_queries, -1}, {at::kBool});
-    require(tree_mask->size(1) >= max_new, message("tree_mask must have at least ", max_new, " columns"));
+  int64_t max_new = 0;
+  for (int64_t seq = 0; seq < num_seqs; ++seq) {
+    const int64_t num_new = start[seq + 1] - start[seq], seq_len = lens.data_ptr<int64_t>()[seq];
+    require(num_new >= 0, "query_start_loc must not decrease");
+    require(num_new <= seq_len && seq_len <= width * block_size,
+            "seq_lens must lie between each sequence's new tokens and its block table's capacity");
+    const int64_t* table = tables.data_ptr<int64_t>() + seq * width;
+    for (int64_t block = 0; block * block_size < seq_len; ++block) {
+      require(table[block] >= 0 && table[block] < num_blocks,
+              message("block_tables must hold block ids in [0, ", num_blocks, ") for every position < seq_len"));
+    }
+    max_new = std::max(max_new, num_new);
   }
+  return max_new;
 }
 
 }  // namespace
@@ -67,11 +65,18 @@ at::Tensor paged_attention(const at::Tensor& query,            // [num_queries, 
   check_tensors(query, key_cache, value_cache);
   const int64_t num_queries = query.size(0), head_dim = query.size(2), kv_heads = key_cache.size(2);
   const int64_t block_size = key_cache.size(1), group = query.size(1) / kv_heads;
-  check_metadata(block_tables, seq_lens, query_start_loc, tree_mask, num_queries, key_cache.size(0), block_size);
+  check_tensor(block_tables, "block_tables", {-1, -1}, {at::kLong});
+  check_tensor(seq_lens, "seq_lens", {block_tables.size(0)}, {at::kLong});
+  check_tensor(query_start_loc, "query_start_loc", {block_tables.size(0) + 1}, {at::kLong});
+  const auto tables = block_tables.contiguous(), lens = seq_lens.contiguous(), starts = query_start_loc.contiguous();
+  const int64_t max_new = check_metadata(tables, lens, starts, num_queries, key_cache.size(0), block_size);
+  if (tree_mask) {
+    check_tensor(*tree_mask, "tree_mask", {num_queries, -1}, {at::kBool});
+    require(tree_mask->size(1) >= max_new, message("tree_mask must have at least ", max_new, " columns"));
+  }
+  const auto mask = tree_mask ? tree_mask->contiguous() : at::Tensor();
   const auto q = unit_stride_last(query), keys = unit_stride_last(key_cache), values = unit_stride_last(value_cache);
   require(keys.strides() == values.strides(), "key_cache and value_cache must share one layout");
-  const auto tables = block_tables.contiguous(), lens = seq_lens.contiguous(), starts = query_start_loc.contiguous();
-  const auto mask = tree_mask ? tree_mask->contiguous() : at::Tensor();
   auto out = at::empty(query.sizes(), query.options().memory_format(at::MemoryFormat::Contiguous));
   const KVLayout kv{keys.stride(0), keys.stride(1), keys.stride(2), block_size};
   const int64_t* start = starts.data_ptr<int64_t>();

@@ -56,10 +56,12 @@ at::Tensor filter_probs(const at::Tensor& logits,       // [batch, vocab]
                         const at::Tensor& min_p) {      // [batch] float32; 0: off
   check_sampling(logits, temperature, top_k, top_p, min_p);
   const auto rows = logits.contiguous();
-  auto probs = at::empty(rows.sizes(), rows.options().dtype(rows.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
+  const auto dtype = rows.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto probs = at::empty(rows.sizes(), rows.options().dtype(dtype));
   const int64_t vocab = rows.size(1);
-  for_each_row(rows, temperature, top_k, top_p, min_p, [&](int64_t row, const auto* logits_row, const auto& params, auto& ws) {
-    using T = std::decay_t<decltype(params.top_p)>;
+  for_each_row(rows, temperature, top_k, top_p, min_p, [&](int64_t row, const auto* logits_row, const auto& params,
+                                                           auto& ws) {
+    using T = std::decay_t<decltype(params.top_p)>;  // the compute type
     filter_row(logits_row, vocab, params, ws, probs.data_ptr<T>() + row * vocab);
   });
   return probs;  // [batch, vocab] float32 (float64 for float64 logits)
@@ -76,8 +78,10 @@ at::Tensor sample(const at::Tensor& logits,       // [batch, vocab]
   const auto rows = logits.contiguous();
   const auto uniform = noise.to(at::kDouble).contiguous();
   auto tokens = at::empty({rows.size(0)}, rows.options().dtype(at::kLong));
-  for_each_row(rows, temperature, top_k, top_p, min_p, [&](int64_t row, const auto* logits_row, const auto& params, auto& ws) {
-    tokens.data_ptr<int64_t>()[row] = sample_row(logits_row, rows.size(1), params, uniform.data_ptr<double>()[row], ws);
+  const double* u = uniform.data_ptr<double>();
+  for_each_row(rows, temperature, top_k, top_p, min_p, [&](int64_t row, const auto* logits_row, const auto& params,
+                                                           auto& ws) {
+    tokens.data_ptr<int64_t>()[row] = sample_row(logits_row, rows.size(1), params, u[row], ws);
   });
   return tokens;  // [batch] int64
 }

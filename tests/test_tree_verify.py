@@ -172,8 +172,9 @@ def test_stochastic_emits_the_target_distribution(backend, draft_name, device, f
 @pytest.mark.parametrize("backend", ["cpp"])
 @pytest.mark.parametrize(
     "name, bad, error",
-    [("parents", torch.zeros(2, 3, dtype=torch.int32), TypeError), ("num_nodes", torch.ones(3, dtype=torch.long), ValueError),
-     ("draft_tokens", torch.full((2, 3), 7), ValueError), ("target_probs", torch.ones(2, 3, 4, dtype=torch.long), TypeError),
+    [("parents", torch.zeros(2, 3, dtype=torch.int32), TypeError),
+     ("num_nodes", torch.ones(3, dtype=torch.long), ValueError), ("draft_tokens", torch.full((2, 3), 7), ValueError),
+     ("target_probs", torch.ones(2, 3, 4, dtype=torch.long), TypeError),
      ("draft_probs", torch.ones(2, 3, 5), ValueError), ("uniform", torch.rand(2), ValueError),
      ("noise", torch.rand(2, 1), ValueError)],
 )
@@ -185,3 +186,7 @@ def test_cpp_checks_its_inputs(backend, name, bad, error):
                 uniform=torch.rand(2, 3), noise=torch.rand(2))
     with pytest.raises(error, match=name):
         ops._cpp().stochastic_verify(**(args | {name: bad}))
+    if name in ("parents", "num_nodes"):  # greedy_verify checks the tree the same way
+        tree = dict(parents=parents, num_nodes=args["num_nodes"], draft_tokens=args["draft_tokens"])
+        with pytest.raises(error, match=name):
+            ops._cpp().greedy_verify(**(tree | {name: bad}), target_tokens=args["draft_tokens"])

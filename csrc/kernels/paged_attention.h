@@ -96,7 +96,8 @@ void attend_query(const S* query, int64_t query_head_stride,  // [group, head_di
                   const QueryPosition& place, int64_t group, int64_t head_dim, A scale, AttentionWorkspace<A>& ws,
                   S* out, int64_t out_head_stride) {  // [group, head_dim]
   for (int64_t g = 0; g < group; ++g) {
-    for (int64_t d = 0; d < head_dim; ++d) ws.query[g * head_dim + d] = static_cast<A>(query[g * query_head_stride + d]);
+    const S* q = query + g * query_head_stride;
+    std::transform(q, q + head_dim, &ws.query[g * head_dim], [](S x) { return static_cast<A>(x); });
   }
   std::fill(ws.acc.begin(), ws.acc.end(), A(0));
   std::fill(ws.running_max.begin(), ws.running_max.end(), -std::numeric_limits<A>::infinity());
