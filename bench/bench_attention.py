@@ -1,4 +1,4 @@
-"""Paged attention: the Triton kernel against the torch way, SDPA over the K/V gathered from the blocks
+"""Paged attention: the Triton and C++ kernels against the torch way, SDPA over the K/V gathered from the blocks
 (which is the reference)."""
 import pytest
 import torch
@@ -6,7 +6,7 @@ import torch
 from specbeam import ops
 
 Q_HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
-SIZES = [(8, 1024, 1), (4, 1024, 16)]  # (sequences, keys each, new tokens each): decode, tree verification
+SIZES = [(8, 1024, 1), (8, 4096, 1), (4, 1024, 16)]  # (sequences, keys each, new tokens each): decode, tree
 
 
 def paged_batch(num_seqs, seq_len, num_new, device):

@@ -1,11 +1,11 @@
-"""Filtering and sampling: specbeam's ops (sorting-free on Triton) against the torch way, vLLM's sort-based
+"""Filtering and sampling: specbeam's ops (sorting-free on Triton and in C++) against the torch way, vLLM's sort-based
 top-k / top-p fallback."""
 import pytest
 import torch
 
 from specbeam import ops
 
-SIZES = [(1, 32000), (8, 128256)]  # (batch, vocab)
+SIZES = [(1, 32000), (8, 128256), (64, 128256)]  # (batch, vocab)
 PARAMS = dict(temperature=0.8, top_k=50, top_p=0.9)
 
 

@@ -1,6 +1,9 @@
-"""Shared by the benchmarks: the device, the backends (Triton on CUDA only) and a synchronising timer."""
+"""Shared by the benchmarks: the device, the backends (Triton on CUDA only, C++ on the CPU only) and a
+synchronising timer."""
 import pytest
 import torch
+
+from specbeam import ops
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -10,10 +13,14 @@ def device() -> torch.device:
     return DEVICE
 
 
-@pytest.fixture(params=["reference", "triton"])
+@pytest.fixture(params=["reference", "triton", "cpp"])
 def backend(request) -> str:
     if request.param == "triton" and DEVICE.type != "cuda":
         pytest.skip("Triton is timed on CUDA only: on the CPU it would time its interpreter")
+    if request.param == "cpp":
+        module, reason = ops._load_cpp()
+        if module is None or DEVICE.type != "cpu":
+            pytest.skip(reason if module is None else "the C++ backend is timed on the CPU only")
     return request.param
 
 

@@ -1,17 +1,48 @@
-"""One entry point per op. Each picks its backend from the tensors' device, once per call:
-Triton for CUDA tensors, otherwise the plain torch reference. `backend=` forces one."""
+"""One entry point per op. Each picks its backend from the tensors' device, once per call: Triton for CUDA
+tensors, the C++ extension `specbeam._C` for CPU tensors when it is built, otherwise the plain torch reference.
+`backend=` forces one; `backend_info()` says which one CPU calls get, and why."""
+import functools
+
 import torch
 
 from specbeam.reference import paged_attention as _ref_attention
 from specbeam.reference import sampling as _ref_sampling
 from specbeam.reference import tree_verify as _ref_tree_verify
 
-BACKENDS = ("reference", "triton")
+BACKENDS = ("reference", "triton", "cpp")
+CPP_OPS = ("filter_probs", "sample", "greedy_verify", "stochastic_verify", "paged_attention")
+
+
+@functools.cache
+def _load_cpp() -> tuple[object | None, str]:
+    """(specbeam._C, "built"), or (None, why it cannot be used); imported once, on first use."""
+    try:
+        from specbeam import _C
+    except ImportError as error:
+        return None, f"specbeam._C not built ({type(error).__name__}: {error})"
+    return _C, "built"
+
+
+def _cpp():
+    """specbeam._C, or a clear error when backend="cpp" is forced without it."""
+    module, reason = _load_cpp()
+    if module is None:
+        raise RuntimeError(f"backend='cpp' needs the C++ extension: {reason}; reinstall with a C++ compiler present")
+    return module
+
+
+def backend_info() -> dict[str, str]:
+    """Per op, the backend that CPU tensors get with backend=None, and why."""
+    module, reason = _load_cpp()
+    picked = "cpp: built" if module is not None else f"reference: {reason}"
+    return {"store_kv": "reference: torch index_copy_", **{op: picked for op in CPP_OPS}}
 
 
 def _pick(backend: str | None, device: torch.device) -> str:
     if backend is None:
-        return "triton" if device.type == "cuda" else "reference"
+        if device.type == "cuda":
+            return "triton"
+        return "cpp" if _load_cpp()[0] is not None else "reference"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
     return backend
@@ -27,6 +58,9 @@ def plan_attention(block_tables, seq_lens, query_start_loc, tree_mask, block_siz
     backend = _pick(backend, seq_lens.device)
     if backend == "triton":
         return ("triton", (block_tables, seq_lens, query_start_loc, tree_mask))
+    if backend == "cpp":  # the metadata as _C takes it: int64, contiguous
+        tables, lens, starts = (t.long().contiguous() for t in (block_tables, seq_lens, query_start_loc))
+        return ("cpp", (tables, lens, starts, None if tree_mask is None else tree_mask.contiguous()))
     return ("reference", _ref_attention.plan_attention(block_tables, seq_lens, query_start_loc, tree_mask, block_size))
 
 
@@ -37,6 +71,8 @@ def attend(query, key_cache, value_cache, plan, scale=None):
         from specbeam.kernels import paged_attention as kernel
 
         return kernel.paged_attention(query, key_cache, value_cache, *data, scale)
+    if backend == "cpp":
+        return _cpp().paged_attention(query, key_cache, value_cache, *data, scale)
     return _ref_attention.attend(query, key_cache, value_cache, data, scale)
 
 
@@ -44,24 +80,20 @@ def paged_attention(
     query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, tree_mask=None, scale=None, backend=None
 ):
     """Attention of packed queries over the paged KV cache; see `specbeam.reference.paged_attention`."""
-    if _pick(backend, query.device) == "triton":
-        from specbeam.kernels import paged_attention as kernel
-
-        return kernel.paged_attention(
-            query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, tree_mask, scale
-        )
-    return _ref_attention.paged_attention(
-        query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, tree_mask, scale
-    )
+    plan = plan_attention(block_tables, seq_lens, query_start_loc, tree_mask, key_cache.shape[1], backend)
+    return attend(query, key_cache, value_cache, plan, scale)
 
 
 def filter_probs(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, backend=None):
     """transformers' temperature, top-k, top-p, min-p warpers as renormalised probabilities [batch, vocab];
     parameters are scalars or [batch] tensors. Semantics and ties: `specbeam.reference.sampling`."""
-    if _pick(backend, logits.device) == "triton":
+    backend = _pick(backend, logits.device)
+    if backend == "triton":
         from specbeam.kernels import sampling as kernel
 
         return kernel.filter_probs(logits, temperature, top_k, top_p, min_p)
+    if backend == "cpp":
+        return _cpp().filter_probs(logits, *_ref_sampling.sampling_params(logits, temperature, top_k, top_p, min_p))
     return _ref_sampling.filter_probs(logits, temperature, top_k, top_p, min_p)
 
 
@@ -72,20 +104,26 @@ def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, noise=None
         noise = torch.rand(logits.shape[0], generator=generator, device=logits.device)
     elif noise.shape != logits.shape[:1]:
         raise ValueError(f"noise must have shape [{logits.shape[0]}] (one uniform per row), got {tuple(noise.shape)}")
-    if _pick(backend, logits.device) == "triton":
+    backend = _pick(backend, logits.device)
+    if backend == "triton":
         from specbeam.kernels import sampling as kernel
 
         return kernel.sample(logits, noise, temperature, top_k, top_p, min_p)
+    if backend == "cpp":
+        return _cpp().sample(logits, noise, *_ref_sampling.sampling_params(logits, temperature, top_k, top_p, min_p))
     return _ref_sampling.sample(logits, noise, temperature, top_k, top_p, min_p)
 
 
 def greedy_verify(parents, num_nodes, draft_tokens, target_tokens, *, backend=None):
     """Deepest draft-tree path the target's argmax agrees with: (path, num_accepted, next_token);
     see `specbeam.reference.tree_verify`."""
-    if _pick(backend, parents.device) == "triton":
+    backend = _pick(backend, parents.device)
+    if backend == "triton":
         from specbeam.kernels import tree_verify as kernel
 
         return kernel.greedy_verify(parents, num_nodes, draft_tokens, target_tokens)
+    if backend == "cpp":
+        return _cpp().greedy_verify(parents, num_nodes, draft_tokens, target_tokens)
     return _ref_tree_verify.greedy_verify(parents, num_nodes, draft_tokens, target_tokens)
 
 
@@ -94,8 +132,11 @@ def stochastic_verify(parents, num_nodes, draft_tokens, target_probs, draft_prob
     `uniform` [batch, num_nodes] decides on each node, `noise` [batch] draws the recovered or bonus token;
     see `specbeam.reference.tree_verify`."""
     args = (parents, num_nodes, draft_tokens, target_probs, draft_probs, uniform, noise)
-    if _pick(backend, parents.device) == "triton":
+    backend = _pick(backend, parents.device)
+    if backend == "triton":
         from specbeam.kernels import tree_verify as kernel
 
         return kernel.stochastic_verify(*args)
+    if backend == "cpp":
+        return _cpp().stochastic_verify(*args)
     return _ref_tree_verify.stochastic_verify(*args)

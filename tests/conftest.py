@@ -1,4 +1,5 @@
-"""Triton runs through its CPU interpreter unless TRITON_INTERPRET is set otherwise (before triton is imported)."""
+"""Triton runs through its CPU interpreter unless TRITON_INTERPRET is set otherwise (before triton is imported);
+C++ cases skip when specbeam._C is not built."""
 import os
 
 import pytest
@@ -6,6 +7,20 @@ import torch
 from scipy.stats import chisquare
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(autouse=True)
+def skip_cpp_unless_built(request):
+    """A test parametrized with backend="cpp" is skipped, saying why, when specbeam._C is not built."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and callspec.params.get("backend") == "cpp":
+        from specbeam import ops
+
+        module, reason = ops._load_cpp()
+        if module is None:
+            pytest.skip(reason)
+        if os.environ["TRITON_INTERPRET"] != "1":
+            pytest.skip("the C++ backend takes CPU tensors, and this run puts them on the GPU")
 
 
 @pytest.fixture

@@ -1,11 +1,11 @@
-"""paged_attention, both backends, against the reference run in float64: decode, causal and tree-masked new
+"""paged_attention, every backend, against the reference run in float64: decode, causal and tree-masked new
 tokens, grouped-query heads, awkward head and block sizes, shuffled block tables, non-contiguous pools."""
 import pytest
 import torch
 
 from specbeam import ops
 
-BACKENDS = ("reference", "triton")
+BACKENDS = ("reference", "triton", "cpp")
 TOLERANCES = [  # (dtype, atol, rtol) against the float64 oracle
     (torch.float32, 2e-5, 1e-5),
     (torch.float16, 2e-3, 2e-3),
@@ -100,3 +100,36 @@ def test_a_query_sees_only_its_visible_keys(backend, device):
     unaffected = [0, 2, 3]
     assert torch.equal(after[unaffected], before[unaffected])
     assert not torch.equal(after[1], before[1])
+
+
+@pytest.mark.parametrize("backend", ["cpp"])
+@pytest.mark.parametrize("case", CASES)
+def test_cpp_float64_agrees_with_the_reference(backend, case):
+    """The engine's float64 parity tests run on the C++ attention: it must agree to rounding."""
+    *shape, tree = CASES[case]
+    batch = make_batch(*shape, dtype=torch.float64, tree=tree, contiguous=True, gen=torch.Generator().manual_seed(1))
+    expected = ops.paged_attention(*batch, backend="reference")
+    torch.testing.assert_close(ops.paged_attention(*batch, backend="cpp"), expected, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["cpp"])
+@pytest.mark.parametrize(
+    "name, change, error",
+    [("query", lambda a: a.update(query=a["query"].long()), TypeError),
+     ("key_cache", lambda a: a.update(key_cache=a["key_cache"][..., :8]), ValueError),
+     ("value_cache", lambda a: a.update(value_cache=a["value_cache"].double()), TypeError),
+     ("block_tables", lambda a: a.update(block_tables=a["block_tables"].int()), TypeError),
+     ("block_tables", lambda a: a["block_tables"].fill_(10**6), ValueError),
+     ("seq_lens", lambda a: a["seq_lens"].fill_(10**6), ValueError),
+     ("query_start_loc", lambda a: a["query_start_loc"].fill_(0), ValueError),
+     ("tree_mask", lambda a: a.update(tree_mask=a["tree_mask"][:, :2]), ValueError)],
+)
+def test_cpp_checks_its_inputs(backend, name, change, error):
+    """Bad shapes and dtypes, and metadata that would read outside the pool, raise an error naming the
+    argument before any work: never a crash."""
+    names = ("query", "key_cache", "value_cache", "block_tables", "seq_lens", "query_start_loc", "tree_mask")
+    batch = make_batch([12, 9], [4, 3], 2, 1, 16, 4, torch.float32, True, True, torch.Generator().manual_seed(2))
+    args = dict(zip(names, (t.long() if t.dtype == torch.int32 else t for t in batch)))
+    change(args)
+    with pytest.raises(error, match=name):
+        ops._cpp().paged_attention(**args, scale=None)

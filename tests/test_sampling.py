@@ -1,4 +1,4 @@
-"""filter_probs and sample: transformers' warpers, ties, exact / support / distribution checks, both backends."""
+"""filter_probs and sample: transformers' warpers, ties, exact / support / distribution checks, every backend."""
 import pytest
 import torch
 from transformers.generation.logits_process import (
@@ -10,7 +10,8 @@ from transformers.generation.logits_process import (
 
 from specbeam import ops
 
-BACKENDS = ("reference", "triton")
+BACKENDS = ("reference", "triton", "cpp")
+KERNELS = ("triton", "cpp")  # checked against the reference
 FILTERS = [
     dict(),
     dict(temperature=0.6),
@@ -99,10 +100,11 @@ def test_temperature_zero_is_first_argmax(backend, device):
     assert tokens.tolist() == [1, 0]
 
 
+@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize(
     "vocab, batch, scale", [(111, 99, 3.0), (32000, 2, 2.0), (128256, 1, 1.0)], ids=["v111", "v32000", "v128256"]
 )
-def test_triton_matches_reference(vocab, batch, scale, device):
+def test_kernel_matches_reference(backend, vocab, batch, scale, device):
     gen = torch.Generator().manual_seed(vocab)
     logits = (torch.randn(batch, vocab, generator=gen) * scale).to(device, torch.bfloat16)
     params = dict(  # one value per row, each filter on in some rows and off in others
@@ -114,11 +116,11 @@ def test_triton_matches_reference(vocab, batch, scale, device):
     if vocab > 10_000:  # keep the interpreter quick: one filter per large row
         params = dict(top_p=torch.full((batch,), 0.9, device=device))
     expected = ops.filter_probs(logits, **params, backend="reference")
-    probs = ops.filter_probs(logits, **params, backend="triton")
+    probs = ops.filter_probs(logits, **params, backend=backend)
     assert torch.equal(probs > 0, expected > 0)
     torch.testing.assert_close(probs, expected, atol=1e-6, rtol=1e-5)
     noise = torch.rand(batch, generator=gen).to(device)
-    tokens = ops.sample(logits, **params, noise=noise, backend="triton")
+    tokens = ops.sample(logits, **params, noise=noise, backend=backend)
     assert torch.equal(tokens, ops.sample(logits, **params, noise=noise, backend="reference"))
 
 
@@ -152,3 +154,26 @@ def test_sample_frequencies_fit_the_filtered_distribution(backend, params, devic
 def test_bad_parameters_name_the_argument(params, name):
     with pytest.raises(ValueError, match=name):
         ops.sample(torch.zeros(2, 5), **params)
+
+
+def cpp_sampling_args(batch=2, vocab=5):  # logits [batch, vocab] and four [batch] parameters, all valid
+    return dict(
+        logits=torch.zeros(batch, vocab), temperature=torch.ones(batch), top_k=torch.zeros(batch, dtype=torch.long),
+        top_p=torch.ones(batch), min_p=torch.zeros(batch),
+    )
+
+
+@pytest.mark.parametrize("backend", ["cpp"])
+@pytest.mark.parametrize(
+    "name, bad, error",
+    [("logits", torch.zeros(2, 5, dtype=torch.long), TypeError), ("logits", torch.zeros(2, 0), ValueError),
+     ("logits", torch.zeros(10), ValueError), ("top_k", torch.zeros(2), TypeError),
+     ("top_p", torch.ones(3), ValueError), ("temperature", torch.ones(2, 1), ValueError)],
+)
+def test_cpp_checks_its_inputs(backend, name, bad, error):
+    """The extension's own checks, past the Python ones: an error naming the argument, never a crash."""
+    args = cpp_sampling_args() | {name: bad}
+    with pytest.raises(error, match=name):
+        ops._cpp().filter_probs(**args)
+    with pytest.raises(error, match=name):
+        ops._cpp().sample(noise=torch.rand(2), **args)

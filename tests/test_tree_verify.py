@@ -5,7 +5,8 @@ import torch
 
 from specbeam import ops
 
-BACKENDS = ("reference", "triton")
+BACKENDS = ("reference", "triton", "cpp")
+KERNELS = ("triton", "cpp")  # checked against the reference
 
 
 def as_tensors(device, parents, num_nodes, draft, *rest):
@@ -90,22 +91,23 @@ def test_stochastic_empty_residual_keeps_p(backend, device):
     assert path.tolist() == [[0, 2, -1]] and accepted.tolist() == [1] and bonus.tolist() == [0]
 
 
+@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize(
     "batch, width, vocab", [(99, 12, 111), (2, 8, 32000), (1, 5, 128256)], ids=["b99", "v32000", "v128256"]
 )
-def test_triton_matches_reference(batch, width, vocab, device):
+def test_kernel_matches_reference(backend, batch, width, vocab, device):
     gen = torch.Generator().manual_seed(vocab)
     parents, num_nodes, draft = random_trees(batch, width, vocab, gen)
     tree = [t.to(device) for t in (parents, num_nodes, draft)]
     target_tokens = torch.where(torch.rand(batch, width, generator=gen) < 0.7, draft.roll(-1, 1), 0).to(device)
-    got = ops.greedy_verify(*tree, target_tokens, backend="triton")
+    got = ops.greedy_verify(*tree, target_tokens, backend=backend)
     for got_part, want_part in zip(got, ops.greedy_verify(*tree, target_tokens, backend="reference")):
         assert torch.equal(got_part, want_part)
     target_probs = random_probs((batch, width, vocab), gen).to(device)
     draft_probs = random_probs((batch, width, vocab), gen).to(device)
     target_probs = (target_probs + draft_probs) / 2  # overlap, so that some children are accepted
     noise = [torch.rand(batch, width, generator=gen).to(device), torch.rand(batch, generator=gen).to(device)]
-    got = ops.stochastic_verify(*tree, target_probs, draft_probs, *noise, backend="triton")
+    got = ops.stochastic_verify(*tree, target_probs, draft_probs, *noise, backend=backend)
     want = ops.stochastic_verify(*tree, target_probs, draft_probs, *noise, backend="reference")
     for got_part, want_part in zip(got, want):
         assert torch.equal(got_part, want_part)
@@ -165,3 +167,26 @@ def test_stochastic_emits_the_target_distribution(backend, draft_name, device, f
     counts = torch.bincount(pairs, minlength=9)
     assert fit_pvalue(counts.view(3, 3).sum(dim=1), P0) > 1e-3  # the first token
     assert fit_pvalue(counts, (P0[:, None] * P1).flatten()) > 1e-3  # the first two
+
+
+@pytest.mark.parametrize("backend", ["cpp"])
+@pytest.mark.parametrize(
+    "name, bad, error",
+    [("parents", torch.zeros(2, 3, dtype=torch.int32), TypeError),
+     ("num_nodes", torch.ones(3, dtype=torch.long), ValueError), ("draft_tokens", torch.full((2, 3), 7), ValueError),
+     ("target_probs", torch.ones(2, 3, 4, dtype=torch.long), TypeError),
+     ("draft_probs", torch.ones(2, 3, 5), ValueError), ("uniform", torch.rand(2), ValueError),
+     ("noise", torch.rand(2, 1), ValueError)],
+)
+def test_cpp_checks_its_inputs(backend, name, bad, error):
+    """Bad shapes, dtypes and out-of-vocabulary tokens raise an error naming the argument, never crash."""
+    parents = torch.tensor([[-1, 0, 0]] * 2)
+    args = dict(parents=parents, num_nodes=torch.full((2,), 3), draft_tokens=torch.zeros(2, 3, dtype=torch.long),
+                target_probs=torch.full((2, 3, 4), 0.25), draft_probs=torch.full((2, 3, 4), 0.25),
+                uniform=torch.rand(2, 3), noise=torch.rand(2))
+    with pytest.raises(error, match=name):
+        ops._cpp().stochastic_verify(**(args | {name: bad}))
+    if name in ("parents", "num_nodes"):  # greedy_verify checks the tree the same way
+        tree = dict(parents=parents, num_nodes=args["num_nodes"], draft_tokens=args["draft_tokens"])
+        with pytest.raises(error, match=name):
+            ops._cpp().greedy_verify(**(tree | {name: bad}), target_tokens=args["draft_tokens"])

@@ -1,0 +1,21 @@
+// specbeam._C: the one binding file. Shapes and semantics: specbeam/reference/ and csrc/ops.h.
+#include <torch/extension.h>
+
+#include "ops.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "specbeam's C++ CPU kernels: sampling, tree verification, paged attention";
+  m.def("filter_probs", &specbeam::filter_probs, "transformers' warpers as renormalised probabilities",
+        py::arg("logits"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"), py::arg("min_p"));
+  m.def("sample", &specbeam::sample, "one token per row from filter_probs, by inverse CDF on noise",
+        py::arg("logits"), py::arg("noise"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"),
+        py::arg("min_p"));
+  m.def("greedy_verify", &specbeam::greedy_verify, "greedy draft-tree verification", py::arg("parents"),
+        py::arg("num_nodes"), py::arg("draft_tokens"), py::arg("target_tokens"));
+  m.def("stochastic_verify", &specbeam::stochastic_verify, "tree speculative sampling", py::arg("parents"),
+        py::arg("num_nodes"), py::arg("draft_tokens"), py::arg("target_probs"), py::arg("draft_probs"),
+        py::arg("uniform"), py::arg("noise"));
+  m.def("paged_attention", &specbeam::paged_attention, "attention of packed queries over a paged KV cache",
+        py::arg("query"), py::arg("key_cache"), py::arg("value_cache"), py::arg("block_tables"),
+        py::arg("seq_lens"), py::arg("query_start_loc"), py::arg("tree_mask"), py::arg("scale"));
+}

@@ -1,0 +1,166 @@
+// transformers' temperature, top-k, top-p and min-p warpers on one row, without a sort.
+// Semantics and ties: specbeam/reference/sampling.py. Plain C++: no torch headers.
+//
+// Top-k and top-p share one rule: token x is kept iff the measure of the tokens with a strictly larger
+// score is < a budget, where the measure counts tokens (top-k: budget k) or sums their probability
+// mass (top-p: budget top_p * kept mass). The kept set is then {x : score(x) >= the lowest kept score},
+// whole tie groups included, found by a three-way quickselect in expected linear time.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "inverse_cdf.h"
+
+namespace specbeam {
+
+template <typename T>
+struct SamplingParams {
+  T temperature;  // 0: greedy (the first argmax)
+  int64_t top_k;  // 0 or >= vocab: off
+  T top_p;        // 1: off
+  T min_p;        // 0: off
+};
+
+template <typename T>
+struct Scored {
+  T score;
+  T weight;  // what the selection measures: 1 (top-k) or exp(score - max) (top-p)
+};
+
+// Per-thread buffers, reused across rows.
+template <typename T>
+struct SamplingWorkspace {
+  std::vector<T> scores;              // [vocab] scaled logits
+  std::vector<T> weights;             // [vocab] kept weights (sample_row)
+  std::vector<Scored<T>> candidates;  // [<= vocab]
+};
+
+// Three-way partition of [first, last) by score around pivot: > pivot | == pivot | < pivot.
+// Returns the two boundaries and adds the weights of the first two parts to greater and equal.
+template <typename T>
+std::pair<Scored<T>*, Scored<T>*> partition3(Scored<T>* first, Scored<T>* last, T pivot, double& greater,
+                                              double& equal) {
+  Scored<T>* lt = first;  // [first, lt): greater
+  Scored<T>* gt = last;   // [gt, last): less
+  for (Scored<T>* it = first; it < gt;) {
+    if (it->score > pivot) {
+      greater += it->weight;
+      std::swap(*it++, *lt++);
+    } else if (it->score == pivot) {
+      equal += it->weight;
+      ++it;
+    } else {
+      std::swap(*it, *--gt);
+    }
+  }
+  return {lt, gt};
+}
+
+// The lowest score s among [first, last) with measure(score > s) < budget, measures summed in double;
+// `top` (the highest score) when no score qualifies (budget <= 0), so that the top tie group always stays.
+template <typename T>
+T lowest_kept(Scored<T>* first, Scored<T>* last, double budget, T top) {
+  double above = 0;  // measure of what ranks above [first, last)
+  T answer = top;
+  while (first < last) {
+    const T a = first->score, b = first[(last - first) / 2].score, c = last[-1].score;
+    const T pivot = std::max(std::min(a, b), std::min(std::max(a, b), c));  // median of three
+    double greater = 0, equal = 0;
+    auto [mid_lo, mid_hi] = partition3(first, last, pivot, greater, equal);
+    if (mid_lo == mid_hi) break;  // a NaN pivot: no order to select by
+    if (above + greater >= budget) {  // the pivot's group is cut: the lowest kept score is above it
+      last = mid_lo;
+    } else {  // the pivot's group is kept: look below it
+      answer = pivot;
+      above += greater + equal;
+      first = mid_hi;
+    }
+  }
+  return answer;
+}
+
+// Scale the row by the temperature; returns the max scaled score and writes its first index.
+template <typename L, typename T>
+T scale_row(const L* logits, int64_t vocab, T temperature, T* scores, int64_t& first_max) {
+  T top = -std::numeric_limits<T>::infinity();
+  first_max = 0;
+  for (int64_t i = 0; i < vocab; ++i) {
+    scores[i] = static_cast<T>(logits[i]) / temperature;
+    if (scores[i] > top) top = scores[i], first_max = i;
+  }
+  return top;
+}
+
+// The lowest score that top-k and then top-p keep (-inf: everything).
+template <typename T>
+T keep_floor(const T* scores, int64_t vocab, T top, const SamplingParams<T>& params, SamplingWorkspace<T>& ws) {
+  T floor = -std::numeric_limits<T>::infinity();
+  auto& cand = ws.candidates;
+  if (params.top_k > 0 && params.top_k < vocab) {
+    cand.resize(vocab);
+    for (int64_t i = 0; i < vocab; ++i) cand[i] = {scores[i], T(1)};
+    floor = lowest_kept(cand.data(), cand.data() + vocab, static_cast<double>(params.top_k), top);
+  }
+  if (params.top_p < 1) {
+    cand.clear();
+    double mass = 0;  // of what top-k kept, in units of p(top)
+    for (int64_t i = 0; i < vocab; ++i) {
+      if (scores[i] >= floor) {
+        cand.push_back({scores[i], std::exp(scores[i] - top)});
+        mass += cand.back().weight;
+      }
+    }
+    floor = lowest_kept(cand.data(), cand.data() + cand.size(), params.top_p * mass, top);
+  }
+  return floor;
+}
+
+// exp(score - max) of every token the warpers keep, 0 elsewhere; returns their sum.
+template <typename L, typename T>
+double kept_weights(const L* logits,  // [vocab]
+               int64_t vocab, const SamplingParams<T>& params, SamplingWorkspace<T>& ws,
+               T* weights) {  // [vocab] out
+  ws.scores.resize(vocab);
+  T* scores = ws.scores.data();
+  const bool greedy = params.temperature == 0;
+  int64_t first_max;
+  const T top = scale_row(logits, vocab, greedy ? T(1) : params.temperature, scores, first_max);
+  if (greedy) {
+    std::fill(weights, weights + vocab, T(0));
+    weights[first_max] = 1;
+    return 1;
+  }
+  const T floor = keep_floor(scores, vocab, top, params, ws);
+  double total = 0;
+  for (int64_t i = 0; i < vocab; ++i) {
+    const T w = scores[i] >= floor ? std::exp(scores[i] - top) : T(0);
+    // min-p: p(x) >= min_p * p(top)  <=>  exp(score - max) >= min_p
+    weights[i] = w >= params.min_p ? w : T(0);
+    total += weights[i];
+  }
+  return total;
+}
+
+// The renormalised distribution the warpers leave.
+template <typename L, typename T>
+void filter_row(const L* logits,  // [vocab]
+                int64_t vocab, const SamplingParams<T>& params, SamplingWorkspace<T>& ws,
+                T* probs) {  // [vocab] out
+  const T total = static_cast<T>(kept_weights(logits, vocab, params, ws, probs));
+  for (int64_t i = 0; i < vocab; ++i) probs[i] /= total;
+}
+
+// One token drawn from filter_row's distribution by inverse CDF on u in [0, 1).
+template <typename L, typename T>
+int64_t sample_row(const L* logits,  // [vocab]
+                   int64_t vocab, const SamplingParams<T>& params, double u, SamplingWorkspace<T>& ws) {
+  ws.weights.resize(vocab);
+  kept_weights(logits, vocab, params, ws, ws.weights.data());
+  return inverse_cdf(ws.weights.data(), vocab, u);
+}
+
+}  // namespace specbeam

@@ -1,0 +1,48 @@
+// The torch-facing entry points of specbeam._C, for CPU tensors; bound in bindings.cpp. Each checks its
+// inputs first (ValueError / TypeError naming the argument). Semantics: specbeam/reference/.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace specbeam {
+
+// path [batch, width] (-1 padded), num_accepted [batch], next_token [batch]: all int64
+using Verified = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+at::Tensor filter_probs(const at::Tensor& logits,       // [batch, vocab] float32 / float64 / bfloat16 / float16
+                        const at::Tensor& temperature,  // [batch] float32
+                        const at::Tensor& top_k,        // [batch] int64
+                        const at::Tensor& top_p,        // [batch] float32
+                        const at::Tensor& min_p);       // [batch] float32
+
+at::Tensor sample(const at::Tensor& logits,  // [batch, vocab]
+                  const at::Tensor& noise,   // [batch] float32 / float64
+                  const at::Tensor& temperature, const at::Tensor& top_k, const at::Tensor& top_p,
+                  const at::Tensor& min_p);  // each [batch], as in filter_probs
+
+Verified greedy_verify(const at::Tensor& parents,        // [batch, width] int64
+                       const at::Tensor& num_nodes,      // [batch] int64
+                       const at::Tensor& draft_tokens,   // [batch, width] int64
+                       const at::Tensor& target_tokens);  // [batch, width] int64
+
+Verified stochastic_verify(const at::Tensor& parents,       // [batch, width] int64
+                           const at::Tensor& num_nodes,     // [batch] int64
+                           const at::Tensor& draft_tokens,  // [batch, width] int64
+                           const at::Tensor& target_probs,  // [batch, width, vocab] float32 / float64
+                           const at::Tensor& draft_probs,   // [batch, width, vocab] as target_probs
+                           const at::Tensor& uniform,       // [batch, width]
+                           const at::Tensor& noise);        // [batch]
+
+at::Tensor paged_attention(const at::Tensor& query,            // [num_queries, num_q_heads, head_dim]
+                           const at::Tensor& key_cache,        // [num_blocks, block_size, num_kv_heads, head_dim]
+                           const at::Tensor& value_cache,      // [num_blocks, block_size, num_kv_heads, head_dim]
+                           const at::Tensor& block_tables,     // [num_seqs, max_blocks_per_seq] int64
+                           const at::Tensor& seq_lens,         // [num_seqs] int64
+                           const at::Tensor& query_start_loc,  // [num_seqs + 1] int64
+                           const std::optional<at::Tensor>& tree_mask,  // [num_queries, >= max_new] bool
+                           std::optional<double> scale);
+
+}  // namespace specbeam
