@@ -22,12 +22,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs one subcommand; returns its exit status (1, with the message on stderr, for a CliError)."""
+    """Runs one subcommand; returns its exit status: 1, with the message on stderr, for a CliError or for a
+    ValueError, which is how specbeam and transformers refuse bad generation arguments before any work."""
     args = build_parser().parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
         return args.run(args)
-    except CliError as error:
+    except (CliError, ValueError) as error:
         print(f"specbeam {args.command}: error: {error}", file=sys.stderr)
         return 1
