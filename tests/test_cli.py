@@ -1,0 +1,82 @@
+"""The `specbeam` console script, run in-process on the shipped pair at small sizes."""
+import json
+
+import pytest
+import torch
+
+from specbeam.assets import PAIR_DIR, load_default_pair
+from specbeam.cli import main
+
+TARGET, DRAFT = str(PAIR_DIR / "target"), str(PAIR_DIR / "draft")  # the tokenizer is their sibling directory
+PROMPTS = PAIR_DIR.parent / "prompts.jsonl"
+PROMPT = "import os\n\n\ndef main():\n"
+
+
+@pytest.fixture(autouse=True)
+def offline_and_threads_restored(monkeypatch):
+    """No network; `--threads` changes torch's process-wide setting, so put it back."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        yield load_default_pair()
+
+
+def table_rows(text: str, labels: list[str]) -> dict[str, str]:
+    return {label: line for line in text.splitlines() for label in labels if line.startswith(label + "  ")}
+
+
+def test_the_pair_loads_offline(pair):
+    target, draft, tokenizer = pair
+    assert target.config.vocab_size == draft.config.vocab_size == len(tokenizer)
+
+
+def test_shipped_prompts_end_at_a_line_break_and_give_the_next_line():
+    cases = [json.loads(line) for line in PROMPTS.read_text().splitlines()]
+    assert len(cases) == 20
+    assert all(c["prompt"].endswith("\n") and c["answer"].strip() and "\n" not in c["answer"] for c in cases)
+
+
+def test_demo_writes_both_pictures_and_matches_transformers(tmp_path, capsys):
+    assert main(["demo", "--max-new-tokens", "8", "--out", str(tmp_path)]) == 0
+    rows = table_rows(capsys.readouterr().out, ["greedy", "beam 4", "sample"])
+    assert rows["greedy"].endswith("identical") and rows["beam 4"].endswith("identical")
+    assert rows["sample"].endswith("same distribution")
+    for name in ("beam_tree.png", "acceptance.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_generate_with_the_draft_prints_what_transformers_generates(pair, num_beams, capsys):
+    target, _, tokenizer = pair
+    args = ["--prompt", PROMPT, "--num-beams", str(num_beams), "--max-new-tokens", "8", "--threads", "1"]
+    assert main(["generate", "--model", TARGET, "--draft", DRAFT, *args]) == 0
+    captured = capsys.readouterr()
+    inputs = tokenizer(PROMPT, return_tensors="pt")
+    expected = target.generate(**inputs, num_beams=num_beams, do_sample=False, max_new_tokens=8)
+    assert captured.out == tokenizer.decode(expected[0, inputs.input_ids.shape[1]:], skip_special_tokens=True) + "\n"
+    assert "tokens/s" in captured.err and "accepted" in captured.err
+
+
+def test_eval_on_two_prompts(tmp_path, capsys):
+    prompts, results = tmp_path / "two.jsonl", tmp_path / "results.json"
+    prompts.write_text("".join(PROMPTS.read_text().splitlines(keepends=True)[:2]))
+    assert main(["eval", "--model", TARGET, "--draft", DRAFT, "--prompts", str(prompts), "--max-new-tokens", "8",
+                 "--threads", "1", "--json", str(results)]) == 0
+    rows = table_rows(capsys.readouterr().out, ["greedy", "beam 4", "sample"])
+    assert rows["greedy"].endswith("2/2") and rows["beam 4"].endswith("2/2") and rows["sample"].endswith("n/a")
+    by_mode = {r["mode"]: r for r in json.loads(results.read_text())}
+    assert by_mode["greedy"]["equal_to_transformers"] == by_mode["beam 4"]["equal_to_transformers"] == 2
+    assert all(r["answered"] == 2 and r["latency_seconds"]["p50"] > 0 for r in by_mode.values())
+
+
+def test_chat_without_a_template_fails_clearly(capsys):
+    assert main(["generate", "--model", TARGET, "--prompt", "hello", "--chat"]) == 1
+    error = capsys.readouterr().err
+    assert "tokenizer" in error and str(PAIR_DIR / "tokenizer") in error and "has no chat template" in error
