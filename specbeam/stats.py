@@ -40,6 +40,7 @@ def plot_acceptance(stats: dict[str, DecodeStats], path: str) -> str:
         rates = s.acceptance_by_depth()
         ax.bar([d + 1 + i * width for d in range(len(rates))], rates, width=width,
                label=f"{label} ({s.mean_accepted():.2f} accepted/round)")
+    ax.set_xticks(range(1, 1 + max((len(s.accepted_by_depth) for s in stats.values()), default=0)))
     ax.set_xlabel("draft depth d")
     ax.set_ylabel("P(accepted to depth >= d)")
     ax.set_ylim(0, 1)

@@ -63,7 +63,8 @@ def render_png(trace: Trace, path: str, tokenizer=None, prompt: int = 0) -> str:
     import matplotlib.pyplot as plt
 
     num_candidates = trace.steps[0].token.shape[1]
-    fig, ax = plt.subplots(figsize=(2 + 1.3 * len(trace.steps), 1 + 0.45 * num_candidates))
+    width = min(2 + 1.3 * len(trace.steps), 40)  # inches; a long search is drawn denser, not wider
+    fig, ax = plt.subplots(figsize=(width, 1 + 0.45 * num_candidates))
     for t, k, parent in _node_positions(trace, prompt):
         fate = trace.fates(t, prompt)[k]
         if parent >= 0:
