@@ -24,8 +24,9 @@ class StepMetadata:
 def specbeam_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """`AttentionInterface` entry. query: [1, Hq, T, D]; key, value: [1, Hkv, T, D] -> ([1, T, Hq, D], None)."""
     step: StepMetadata = kwargs["specbeam_step"]
-    key_cache, value_cache = step.cache.layer(module.layer_idx)
-    ops.store_kv(key_cache, value_cache, key[0].transpose(0, 1), value[0].transpose(0, 1), step.slot_mapping)
+    key_cache, value_cache = step.cache.layers[module.layer_idx]
+    ops.store_kv(*step.cache.slots[module.layer_idx], key[0].transpose(0, 1), value[0].transpose(0, 1),
+                 step.slot_mapping)
     out = ops.attend(query[0].transpose(0, 1), key_cache, value_cache, step.plan, scaling)
     return out.unsqueeze(0), None
 

@@ -48,9 +48,9 @@ def _pick(backend: str | None, device: torch.device) -> str:
     return backend
 
 
-def store_kv(key_cache, value_cache, key, value, slot_mapping) -> None:
-    """Write new K/V rows into their slots of the paged pools (shapes: `specbeam.reference.paged_attention`)."""
-    _ref_attention.store_kv(key_cache, value_cache, key, value, slot_mapping)
+def store_kv(key_slots, value_slots, key, value, slot_mapping) -> None:
+    """Write new K/V rows into their slots of the pools (shapes: `specbeam.reference.paged_attention`)."""
+    _ref_attention.store_kv(key_slots, value_slots, key, value, slot_mapping)
 
 
 def plan_attention(block_tables, seq_lens, query_start_loc, tree_mask, block_size, backend=None):

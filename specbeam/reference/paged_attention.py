@@ -19,14 +19,14 @@ import torch.nn.functional as F
 
 
 def store_kv(
-    key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
-    value_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    key_slots: torch.Tensor,  # [num_blocks * block_size, num_kv_heads, head_dim]: the K pool seen as slots
+    value_slots: torch.Tensor,  # [num_blocks * block_size, num_kv_heads, head_dim]
     key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
     value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
     slot_mapping: torch.Tensor,  # [num_tokens] int: block * block_size + offset
 ) -> None:
-    key_cache.view(-1, *key_cache.shape[2:]).index_copy_(0, slot_mapping, key.to(key_cache.dtype))
-    value_cache.view(-1, *value_cache.shape[2:]).index_copy_(0, slot_mapping, value.to(value_cache.dtype))
+    key_slots.index_copy_(0, slot_mapping, key.to(key_slots.dtype))
+    value_slots.index_copy_(0, slot_mapping, value.to(value_slots.dtype))
 
 
 @dataclass
