@@ -55,10 +55,13 @@ def store_kv(key_slots, value_slots, key, value, slot_mapping) -> None:
 
 def plan_attention(block_tables, seq_lens, query_start_loc, tree_mask, block_size, backend=None):
     """The per-step part of paged attention, done once per forward and shared by every layer."""
-    backend = _pick(backend, seq_lens.device)
-    if backend == "triton":
+    chosen = _pick(backend, seq_lens.device)
+    if chosen == "triton":
         return ("triton", (block_tables, seq_lens, query_start_loc, tree_mask))
-    if backend == "cpp":  # the metadata as _C takes it: int64, contiguous
+    # several new tokens per sequence (prefill, draft trees): the reference's batched SDPA beats the C++
+    # kernel's query-by-query walk (3x at 16 new tokens over 1024 keys), so the CPU's own choice takes it
+    decode = query_start_loc.shape[0] - 1 == int(query_start_loc[-1])  # one new token per sequence
+    if chosen == "cpp" and (decode or backend == "cpp"):  # the metadata as _C takes it: int64, contiguous
         tables, lens, starts = (t.long().contiguous() for t in (block_tables, seq_lens, query_start_loc))
         return ("cpp", (tables, lens, starts, None if tree_mask is None else tree_mask.contiguous()))
     return ("reference", _ref_attention.plan_attention(block_tables, seq_lens, query_start_loc, tree_mask, block_size))
