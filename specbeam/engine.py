@@ -65,6 +65,8 @@ class Engine:
         request = build_request(model, inputs, generation_config, logits_processor, stopping_criteria, extra, kwargs)
         self._check_request(request, streamer, generator)
         drafter = self._drafter_for(assistant_model, request)
+        if drafter is not None and streamer is not None and request.input_ids.shape[0] > 1:
+            raise ValueError("streamer with speculative decoding needs one sequence: rows advance out of step")
         cache = self._cache_for(request, speculative=drafter is not None)
         if drafter is None:
             scheduler = Scheduler(self.runner, cache, request, streamer, generator)

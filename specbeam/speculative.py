@@ -90,10 +90,12 @@ class SpeculativeScheduler(Scheduler):
                                      len(padded), log_softmax=False)
             processed = list(processed.split([len(t) for t in trees]))
             paths, next_tokens = self._verify(trees, processed)
+            accepted = {}
             for i, r in enumerate(rows):
                 self._accept(padded, r, trees[i], paths[i], next_tokens[i], processed[i], logits[i])
                 self.cache.keep_path(self.tables[r], starts[i], paths[i])
-            self.drafter.commit([(r, paths[rows.index(r)] if r in rows else [0]) for r in range(len(padded))])
+                accepted[r] = paths[i]
+            self.drafter.commit([(r, accepted.get(r, [0])) for r in range(len(padded))])
         return self._token_output(*self._assemble(padded))
 
     def _verify(self, trees, processed) -> tuple[list[list[int]], list[int]]:

@@ -135,3 +135,25 @@ def test_tree_shape_follows_spec_config():
     assert len(out.stats.accepted_by_depth) <= 3
     with pytest.raises(ValueError, match="depth"):
         SpecConfig(depth=0)
+
+
+def test_speculative_streamer_sees_the_same_tokens():
+    from transformers.generation.streamers import BaseStreamer
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.chunks = []
+
+        def put(self, value):
+            self.chunks.append(value.flatten())
+
+        def end(self):
+            pass
+
+    model, prompt, stream = tiny_model("llama"), torch.tensor([[5, 9, 11, 3]]), Collect()
+    engine = Engine(model, draft_model=drafts()["perturbed"])
+    out = engine.generate(prompt, max_new_tokens=8, streamer=stream)
+    assert torch.equal(out, model.generate(prompt, max_new_tokens=8))
+    assert torch.equal(torch.cat(stream.chunks), out.flatten())
+    with pytest.raises(ValueError, match="streamer"):
+        engine.generate(**_inputs(), streamer=Collect())
