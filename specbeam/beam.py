@@ -104,9 +104,10 @@ class BeamSearch:
         self.finished_scores = _gather(merged_scores, best)
         self.finished_origin = _gather(torch.cat((self.finished_origin, cand_origin), dim=1), best)
         self.is_finished = _gather(torch.cat((self.is_finished, just_finished), dim=1), best)
-        # which candidates entered: merged index beams + k is candidate k; older hypotheses go to a dummy column
+        # which candidates entered: merged index beams + k is candidate k; older hypotheses go to a dummy
+        # column, and so do the placeholders that pad the set while fewer than B hypotheses have finished
         entered = torch.zeros((self.batch, self.num_candidates + 1), dtype=torch.bool, device=best.device)
-        entered.scatter_(1, (best - beams + 1).clamp(min=0), best >= beams)
+        entered.scatter_(1, (best - beams + 1).clamp(min=0), (best >= beams) & self.is_finished)
         return entered[:, 1:]
 
     def _update_done(self) -> None:

@@ -38,7 +38,8 @@ def plot_acceptance(stats: dict[str, DecodeStats], path: str) -> str:
     width = 0.8 / max(len(stats), 1)
     for i, (label, s) in enumerate(stats.items()):
         rates = s.acceptance_by_depth()
-        ax.bar([d + 1 + i * width for d in range(len(rates))], rates, width=width,
+        offset = (i - (len(stats) - 1) / 2) * width  # the series of one depth sit side by side around it
+        ax.bar([d + 1 + offset for d in range(len(rates))], rates, width=width,
                label=f"{label} ({s.mean_accepted():.2f} accepted/round)")
     ax.set_xticks(range(1, 1 + max((len(s.accepted_by_depth) for s in stats.values()), default=0)))
     ax.set_xlabel("draft depth d")

@@ -58,6 +58,15 @@ def test_returned_hypotheses_appear_in_the_trace():
         torch.testing.assert_close(out.sequences_scores[row], trace.steps[step].score[row, candidate])
 
 
+def test_only_stopped_candidates_are_marked_finished():
+    """A candidate enters the finished hypotheses only by emitting eos or reaching the length limit."""
+    out, prompt_len = _beam_output(eos_token_id=[7, 11, 23, 42], early_stopping="never")
+    last = len(out.trace.steps) - 1
+    for t, step in enumerate(out.trace.steps):
+        ends = torch.isin(step.token, torch.tensor([7, 11, 23, 42]))
+        assert (ends | (t == last))[step.finished].all()
+
+
 def test_render_text_and_png(tmp_path):
     out, _ = _beam_output()
     text = render(out.trace)
