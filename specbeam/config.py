@@ -11,17 +11,22 @@ class EngineConfig:
     """How the engine lays out its KV cache.
 
     block_size: KV slots per block. max_cache_bytes: a request whose KV cache would need more is refused
-    before any work (None: no limit beyond the machine's memory).
+    before any work (None: no limit beyond the machine's memory). attention_backend: "reference", "cpp" or
+    "triton" forces one (None: Triton on CUDA, else the C++ extension when built, else the reference).
     """
 
     block_size: int = 16
     max_cache_bytes: int | None = None
+    attention_backend: str | None = None
 
     def __post_init__(self):
         if not isinstance(self.block_size, int) or self.block_size < 1:
             raise ValueError(f"block_size must be a positive int, got {self.block_size!r}")
         if self.max_cache_bytes is not None and self.max_cache_bytes <= 0:
             raise ValueError(f"max_cache_bytes must be positive or None, got {self.max_cache_bytes!r}")
+        if self.attention_backend not in (None, "reference", "cpp", "triton"):
+            raise ValueError(f'attention_backend must be "reference", "cpp", "triton" or None, '
+                             f"got {self.attention_backend!r}")
 
 
 @dataclass(frozen=True)

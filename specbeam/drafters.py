@@ -15,14 +15,14 @@ from specbeam.tree import DraftTree
 
 
 class DraftModelDrafter:
-    def __init__(self, model, target_vocab_size: int, block_size: int):
+    def __init__(self, model, target_vocab_size: int, block_size: int, attention_backend: str | None = None):
         vocab = model.config.get_text_config().vocab_size
         if vocab != target_vocab_size:
             raise ValueError(
                 f"draft_model has a vocabulary of {vocab} tokens but the target has {target_vocab_size}: "
                 "speculative decoding needs the same vocabulary"
             )
-        self.runner, self.block_size = ModelRunner(model), block_size
+        self.runner, self.block_size = ModelRunner(model, attention_backend), block_size
         self.cache = None
         self.tables: list[BlockTable] = []
         self.fed: list[dict[int, BlockTable]] = []  # per row, this round: node -> table through that node

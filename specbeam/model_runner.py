@@ -52,9 +52,9 @@ def check_model(model: PreTrainedModel) -> None:
 class ModelRunner:
     """Owns one model's cache geometry and runs packed forwards through the attention hook."""
 
-    def __init__(self, model: PreTrainedModel):
+    def __init__(self, model: PreTrainedModel, attention_backend: str | None = None):
         check_model(model)
-        self.model = model
+        self.model, self.attention_backend = model, attention_backend
         config = model.config.get_text_config()
         self.num_layers = config.num_hidden_layers
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -104,6 +104,7 @@ class ModelRunner:
             query_start_loc.to(device),
             None if tree_masks is None else _pack_tree_masks(tree_masks).to(device),
             cache.block_size,
+            backend=self.attention_backend,
         )
         step = StepMetadata(cache, torch.tensor(sum(slots, []), device=device), plan)
         with self._specbeam_attention():
