@@ -1,6 +1,6 @@
 """The shipped pair on the CPU, specbeam against transformers on the same prompt, both in one run:
-greedy (plain, transformers' assisted generation, specbeam speculative), beam search 4 (plain, specbeam
-speculative) and sampling. `extra_info`: tokens/s, drafted tokens accepted per round, identical outputs."""
+greedy (plain, transformers' assisted generation, specbeam speculative with the draft model or n-gram
+prompt lookup), beam search 4 (plain, speculative) and sampling. `extra_info`: tokens/s, drafted tokens accepted per round, identical outputs."""
 import functools
 
 import pytest
@@ -41,12 +41,14 @@ def _generator(side: str):
         "transformers-assisted": functools.partial(target.generate, assistant_model=draft),
         "specbeam": Engine(target).generate,
         "specbeam-speculative": Engine(target, draft_model=draft).generate,
+        "specbeam-ngram": Engine(target, draft_model="ngram").generate,
     }[side]
 
 
 CASES = [("greedy", "transformers"), ("greedy", "transformers-assisted"), ("greedy", "specbeam"),
-         ("greedy", "specbeam-speculative"), ("beam4", "transformers"), ("beam4", "specbeam"),
-         ("beam4", "specbeam-speculative"), ("sample", "transformers"), ("sample", "specbeam-speculative")]
+         ("greedy", "specbeam-speculative"), ("greedy", "specbeam-ngram"), ("beam4", "transformers"),
+         ("beam4", "specbeam"), ("beam4", "specbeam-speculative"), ("beam4", "specbeam-ngram"),
+         ("sample", "transformers"), ("sample", "specbeam-speculative"), ("sample", "specbeam-ngram")]
 
 
 @pytest.mark.parametrize("mode, side", CASES, ids=[f"{m}-{s}" for m, s in CASES])
