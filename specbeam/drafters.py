@@ -38,9 +38,7 @@ class DraftModelDrafter:
         self.num_rows, self.passes = num_rows, 0
 
     def end(self) -> None:
-        self._release_round()
-        for table in self.tables:
-            self.cache.release(table)
+        self._release_all()
         self.tables = []
 
     def propose(self, rows, padded, pads, processors, spec, depths, log_softmax, generator=None, sample=False,
@@ -88,10 +86,13 @@ class DraftModelDrafter:
         for old, path in origins:
             fed = [self.fed[old][n] for n in path if n in self.fed[old]]
             new.append(self.cache.fork(fed[-1] if fed else self.tables[old]))
+        self._release_all()
+        self.tables, self.fed = new, [{} for _ in new]
+
+    def _release_all(self) -> None:
         self._release_round()
         for table in self.tables:
             self.cache.release(table)
-        self.tables, self.fed = new, [{} for _ in new]
 
     def _release_round(self) -> None:
         """Drop the node tables of the last round (a row's own table is node 0's: kept)."""

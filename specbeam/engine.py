@@ -63,10 +63,8 @@ class Engine:
         )
         model = self.runner.model
         request = build_request(model, inputs, generation_config, logits_processor, stopping_criteria, extra, kwargs)
-        self._check_request(request, streamer, generator)
-        drafter = self._drafter_for(assistant_model, request)
-        if drafter is not None and streamer is not None and request.input_ids.shape[0] > 1:
-            raise ValueError("streamer with speculative decoding needs one sequence: rows advance out of step")
+        drafter = self._make_drafter(assistant_model) if assistant_model is not None else self.drafter
+        self._check_request(request, streamer, generator, speculative=drafter is not None)
         cache = self._cache_for(request, speculative=drafter is not None)
         if drafter is None:
             scheduler = Scheduler(self.runner, cache, request, streamer, generator)
@@ -91,14 +89,11 @@ class Engine:
                                                        self.config.attention_backend)
         return self.drafters[key]
 
-    def _drafter_for(self, assistant_model, request: Request):
-        if assistant_model is not None:
-            return self._make_drafter(assistant_model)
-        return self.drafter
-
-    def _check_request(self, request: Request, streamer, generator) -> None:
+    def _check_request(self, request: Request, streamer, generator, speculative: bool) -> None:
         if streamer is not None and request.params.mode == BEAM:
             raise ValueError("streamer cannot be used with beam search (num_beams > 1), as in transformers")
+        if streamer is not None and speculative and request.input_ids.shape[0] > 1:
+            raise ValueError("streamer with speculative decoding needs one sequence: rows advance out of step")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         window = self.runner.sliding_window

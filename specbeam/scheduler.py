@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from specbeam.beam import BeamSearch
 from specbeam.cache import BlockTable, PagedKVCache
-from specbeam.config import SAMPLE
+from specbeam.config import BEAM, SAMPLE
 from specbeam.model_runner import ModelRunner
 from specbeam.outputs import SpecbeamBeamOutput, SpecbeamOutput
 from specbeam.stats import DecodeStats
@@ -24,7 +24,7 @@ class Scheduler:
 
     def run(self):
         try:
-            if self.request.params.mode == "beam":
+            if self.request.params.mode == BEAM:
                 return self._decode_beams()
             return self._decode_tokens()
         except FloatingPointError:
@@ -52,6 +52,11 @@ class Scheduler:
         for table in prompt_tables:
             self.cache.release(table)
         return logits.repeat_interleave(rows, dim=0) if with_last else None
+
+    def _history(self, scores: list):
+        """What stopping criteria get as `scores`: the processed scores so far when the caller keeps them
+        (output_scores), else None, as transformers passes them."""
+        return tuple(scores) if self.request.config.output_scores else None
 
     def _forward(self, tables, tokens) -> torch.Tensor:  # [len(tables), vocab] float32
         self.stats.target_passes += 1
@@ -92,7 +97,7 @@ class Scheduler:
             self.stats.steps += 1
             if self.streamer is not None:
                 self.streamer.put(tokens.cpu())
-            unfinished = unfinished & ~request.stopping_criteria(sequences, tuple(scores))
+            unfinished = unfinished & ~request.stopping_criteria(sequences, self._history(scores))
             if not bool(unfinished.any()):
                 break
             logits = self._step_rows(unfinished.nonzero()[:, 0], tokens, finished_logits)
@@ -141,7 +146,7 @@ class Scheduler:
         log_probs = processors(search.running_sequences(), F.log_softmax(logits, dim=-1))
         raw.append(logits)
         scores.append(log_probs)
-        trace.steps.append(search.step(log_probs, self.request.stopping_criteria, tuple(scores)))
+        trace.steps.append(search.step(log_probs, self.request.stopping_criteria, self._history(scores)))
         self.stats.steps += 1
 
     def _active_beams(self, search: BeamSearch) -> torch.Tensor:  # [rows] bool

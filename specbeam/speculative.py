@@ -128,12 +128,11 @@ class SpeculativeScheduler(Scheduler):
 
     def _emit(self, padded, row: int, token: int, scores: torch.Tensor, logits: torch.Tensor) -> None:
         padded[row].append(token)
-        self.scores[row].append(scores)
-        self.raw[row].append(logits)
+        self.scores[row].append(scores[None])  # [1, vocab], as a one-row batch's score history holds them
+        self.raw[row].append(logits[None])
         if self.streamer is not None:
             self.streamer.put(torch.tensor([token]))
-        history = tuple(s[None] for s in self.scores[row])
-        stop = self.request.stopping_criteria(torch.tensor([padded[row]]), history)
+        stop = self.request.stopping_criteria(torch.tensor([padded[row]]), self._history(self.scores[row]))
         self.finished[row] = bool(stop[0])
         self.stats.steps = max(self.stats.steps, len(self.scores[row]))
 
@@ -141,10 +140,10 @@ class SpeculativeScheduler(Scheduler):
         """Rows of different lengths, padded after their end, as transformers pads finished rows."""
         pad = self.request.params.pad_token_id
         steps = max(len(s) for s in self.scores)
-        fill = _one_hot_logits(pad, self.scores[0][0].shape[-1], self.scores[0][0].device)
+        fill = _one_hot_logits(pad, self.scores[0][0].shape[-1], self.scores[0][0].device)[None]
         rows = [p + [pad] * (steps - len(s)) for p, s in zip(padded, self.scores)]
-        scores = [torch.stack([s[t] if t < len(s) else fill for s in self.scores]) for t in range(steps)]
-        raw = [torch.stack([s[t] if t < len(s) else fill for s in self.raw]) for t in range(steps)]
+        scores = [torch.cat([s[t] if t < len(s) else fill for s in self.scores]) for t in range(steps)]
+        raw = [torch.cat([s[t] if t < len(s) else fill for s in self.raw]) for t in range(steps)]
         return torch.tensor(rows, device=self.request.input_ids.device), scores, raw
 
     # --- beam search ----------------------------------------------------------------------------------------
