@@ -1,4 +1,4 @@
-"""The shipped pair on the CPU, specbeam against transformers on the same prompt, both in one run:
+"""The shipped pair (on the GPU where there is one), specbeam against transformers on the same prompt, both in one run:
 greedy (plain, transformers' assisted generation, specbeam speculative with the draft model or n-gram
 prompt lookup), beam search 4 (plain, speculative) and sampling. `extra_info`: tokens/s, drafted tokens accepted per round, identical outputs."""
 import functools
@@ -6,6 +6,7 @@ import functools
 import pytest
 import torch
 
+from models import DEVICE
 from specbeam import Engine
 from specbeam.assets import load_default_pair
 
@@ -24,7 +25,7 @@ MODES = {"greedy": dict(do_sample=False), "beam4": dict(num_beams=4), "sample": 
 @functools.cache
 def pair():
     target, draft, tokenizer = load_default_pair()
-    return target, draft, tokenizer(PROMPT, return_tensors="pt").input_ids
+    return target.to(DEVICE), draft.to(DEVICE), tokenizer(PROMPT, return_tensors="pt").input_ids.to(DEVICE)
 
 
 @functools.cache

@@ -3,9 +3,8 @@ synchronising timer."""
 import pytest
 import torch
 
+from models import DEVICE
 from specbeam import ops
-
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @pytest.fixture

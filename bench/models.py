@@ -4,6 +4,8 @@ import functools
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
 
 @functools.cache
 def random_llama_20m() -> LlamaForCausalLM:
@@ -12,8 +14,8 @@ def random_llama_20m() -> LlamaForCausalLM:
     config = LlamaConfig(vocab_size=16000, hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
                          num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=2048,
                          eos_token_id=None, pad_token_id=0, bos_token_id=1)
-    return LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(config).eval().to(DEVICE)
 
 
 def prompt(length: int, batch: int = 1, seed: int = 0) -> torch.Tensor:  # [batch, length]
-    return torch.randint(2, 16000, (batch, length), generator=torch.Generator().manual_seed(seed))
+    return torch.randint(2, 16000, (batch, length), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
