@@ -101,20 +101,25 @@ class SpeculativeScheduler(Scheduler):
     def _verify(self, trees, processed) -> tuple[list[list[int]], list[int]]:
         """Batched tree verification: each tree's accepted path (node indices) and the token after it."""
         width = max(len(t) for t in trees)
-        parents = torch.tensor([t.parents + [-1] * (width - len(t)) for t in trees])
-        tokens = torch.tensor([t.tokens + [0] * (width - len(t)) for t in trees])
-        num_nodes = torch.tensor([len(t) for t in trees])
         scores = torch.stack([torch.nn.functional.pad(s, (0, 0, 0, width - s.shape[0])) for s in processed])
+        device = scores.device  # the verify kernel runs where the target's scores are
+        parents = torch.tensor([t.parents + [-1] * (width - len(t)) for t in trees], device=device)
+        tokens = torch.tensor([t.tokens + [0] * (width - len(t)) for t in trees], device=device)
+        num_nodes = torch.tensor([len(t) for t in trees], device=device)
         if self.request.params.mode == SAMPLE:
             q = torch.stack([torch.nn.functional.pad(t.draft_probs, (0, 0, 0, width - len(t))) for t in trees])
-            uniform = torch.rand(parents.shape, generator=self.generator)
-            noise = torch.rand(parents.shape[0], generator=self.generator)
+            uniform, noise = self._uniforms(parents.shape), self._uniforms(parents.shape[:1])
             path, accepted, next_token = ops.stochastic_verify(
-                parents, num_nodes, tokens, scores.softmax(dim=-1), q.to(scores.device), uniform, noise)
+                parents, num_nodes, tokens, scores.softmax(dim=-1), q.to(device), uniform.to(device), noise.to(device))
         else:
             path, accepted, next_token = ops.greedy_verify(parents, num_nodes, tokens, scores.argmax(dim=-1))
         paths = [p[: a + 1] for p, a in zip(path.tolist(), accepted.tolist())]
         return paths, next_token.tolist()
+
+    def _uniforms(self, shape: torch.Size) -> torch.Tensor:
+        """U(0, 1) draws from the request's generator, on the generator's device (the CPU's without one)."""
+        device = self.generator.device if self.generator is not None else "cpu"
+        return torch.rand(shape, generator=self.generator, device=device)
 
     def _accept(self, padded, row, tree, path, next_token, processed, logits) -> None:
         """Emit the accepted drafted tokens, then the recovered or bonus token, until the row stops."""

@@ -68,17 +68,18 @@ def test_stochastic_perfect_and_hopeless_drafts(backend, device):
     uniform, noise = torch.rand(batch, width, generator=gen), torch.rand(batch, generator=gen)
     probs = random_probs((batch, width, vocab), gen)
     probs.scatter_(2, draft.roll(-1, dims=1)[:, :, None], 0.5)  # every drafted token is possible
-    probs = probs / probs.sum(dim=-1, keepdim=True)
+    probs = (probs / probs.sum(dim=-1, keepdim=True)).to(device)
+    uniform, noise = uniform.to(device), noise.to(device)
     args = [t.to(device) for t in (parents, num_nodes, draft)]
     # q == p: accepted with probability min(1, p/q) = 1
     path, accepted, _ = ops.stochastic_verify(*args, probs, probs, uniform, noise, backend=backend)
     assert accepted.tolist() == [width - 1] * batch and path[:, -1].tolist() == [width - 1] * batch
     # p(x) = 0 for every drafted x: rejected; the recovered token comes from max(p - q, 0)
-    hopeless = probs.scatter(2, draft.roll(-1, dims=1)[:, :, None], 0.0)
+    hopeless = probs.scatter(2, args[2].roll(-1, dims=1)[:, :, None], 0.0)
     hopeless = hopeless / hopeless.sum(dim=-1, keepdim=True)
     _, accepted, recovered = ops.stochastic_verify(*args, hopeless, probs, uniform, noise, backend=backend)
     assert accepted.tolist() == [0] * batch
-    assert ((hopeless[:, 0] - probs[:, 0]).clamp(min=0).gather(1, recovered.cpu()[:, None]) > 0).all()
+    assert ((hopeless[:, 0] - probs[:, 0]).clamp(min=0).gather(1, recovered[:, None]) > 0).all()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
