@@ -13,11 +13,14 @@ class EngineConfig:
     block_size: KV slots per block. max_cache_bytes: a request whose KV cache would need more is refused
     before any work (None: no limit beyond the machine's memory). attention_backend: "reference", "cpp" or
     "triton" forces one (None: Triton on CUDA, else the C++ extension when built, else the reference).
+    lean_decoder: run Llama, Mistral and Qwen2 through `specbeam.lean_decoder` (the same maths without
+    transformers' module machinery); False runs every model's own forward.
     """
 
     block_size: int = 16
     max_cache_bytes: int | None = None
     attention_backend: str | None = None
+    lean_decoder: bool = True
 
     def __post_init__(self):
         if not isinstance(self.block_size, int) or self.block_size < 1:
@@ -27,6 +30,8 @@ class EngineConfig:
         if self.attention_backend not in (None, "reference", "cpp", "triton"):
             raise ValueError(f'attention_backend must be "reference", "cpp", "triton" or None, '
                              f"got {self.attention_backend!r}")
+        if not isinstance(self.lean_decoder, bool):
+            raise TypeError(f"lean_decoder must be a bool, got {self.lean_decoder!r}")
 
 
 @dataclass(frozen=True)

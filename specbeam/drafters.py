@@ -8,21 +8,21 @@ a row simply keeps the table of the deepest fed node it accepted."""
 import torch
 
 from specbeam.cache import BlockTable
-from specbeam.config import SpecConfig
+from specbeam.config import EngineConfig, SpecConfig
 from specbeam.model_runner import ModelRunner
 from specbeam.processing import process_rows
 from specbeam.tree import DraftTree
 
 
 class DraftModelDrafter:
-    def __init__(self, model, target_vocab_size: int, block_size: int, attention_backend: str | None = None):
+    def __init__(self, model, target_vocab_size: int, config: EngineConfig):
         vocab = model.config.get_text_config().vocab_size
         if vocab != target_vocab_size:
             raise ValueError(
                 f"draft_model has a vocabulary of {vocab} tokens but the target has {target_vocab_size}: "
                 "speculative decoding needs the same vocabulary"
             )
-        self.runner, self.block_size = ModelRunner(model, attention_backend), block_size
+        self.runner, self.block_size = ModelRunner(model, config), config.block_size
         self.cache = None
         self.tables: list[BlockTable] = []
         self.fed: list[dict[int, BlockTable]] = []  # per row, this round: node -> table through that node

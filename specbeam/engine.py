@@ -29,7 +29,7 @@ class Engine:
         """draft_model: a causal LM with the target's vocabulary, or "ngram" for prompt lookup."""
         self.config = EngineConfig(**options)
         self.spec = spec or SpecConfig()
-        self.runner = ModelRunner(model, self.config.attention_backend)
+        self.runner = ModelRunner(model, self.config)
         self.drafters = {}
         self.drafter = None if draft_model is None else self._make_drafter(draft_model)
         self.cache: PagedKVCache | None = None
@@ -85,8 +85,7 @@ class Engine:
                     raise ValueError(f'draft_model must be a model or "ngram", got {draft!r}')
                 self.drafters[key] = NgramDrafter(vocab)
             else:
-                self.drafters[key] = DraftModelDrafter(draft, vocab, self.config.block_size,
-                                                       self.config.attention_backend)
+                self.drafters[key] = DraftModelDrafter(draft, vocab, self.config)
         return self.drafters[key]
 
     def _check_request(self, request: Request, streamer, generator, speculative: bool) -> None:

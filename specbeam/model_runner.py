@@ -8,6 +8,8 @@ from transformers import AttentionInterface, PreTrainedModel
 
 from specbeam import ops
 from specbeam.cache import BlockTable, PagedKVCache
+from specbeam.config import EngineConfig
+from specbeam.lean_decoder import LeanDecoder, unsupported_reason
 
 ATTENTION_NAME = "specbeam"
 
@@ -21,13 +23,17 @@ class StepMetadata:
     plan: tuple  # from `ops.plan_attention`
 
 
+    def attend(self, layer: int, query, key, value, scale: float | None = None) -> torch.Tensor:
+        """Store this forward's K/V in the paged cache, then attend over it.
+        query: [T, Hq, D]; key, value: [T, Hkv, D] -> [T, Hq, D]."""
+        ops.store_kv(*self.cache.slots[layer], key, value, self.slot_mapping)
+        return ops.attend(query, *self.cache.layers[layer], self.plan, scale)
+
+
 def specbeam_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """`AttentionInterface` entry. query: [1, Hq, T, D]; key, value: [1, Hkv, T, D] -> ([1, T, Hq, D], None)."""
     step: StepMetadata = kwargs["specbeam_step"]
-    key_cache, value_cache = step.cache.layers[module.layer_idx]
-    ops.store_kv(*step.cache.slots[module.layer_idx], key[0].transpose(0, 1), value[0].transpose(0, 1),
-                 step.slot_mapping)
-    out = ops.attend(query[0].transpose(0, 1), key_cache, value_cache, step.plan, scaling)
+    out = step.attend(module.layer_idx, *(x[0].transpose(0, 1) for x in (query, key, value)), scaling)
     return out.unsqueeze(0), None
 
 
@@ -52,9 +58,11 @@ def check_model(model: PreTrainedModel) -> None:
 class ModelRunner:
     """Owns one model's cache geometry and runs packed forwards through the attention hook."""
 
-    def __init__(self, model: PreTrainedModel, attention_backend: str | None = None):
+    def __init__(self, model: PreTrainedModel, config: EngineConfig):
         check_model(model)
-        self.model, self.attention_backend = model, attention_backend
+        self.model, self.attention_backend = model, config.attention_backend
+        use_lean = config.lean_decoder and unsupported_reason(model) is None
+        self.lean = LeanDecoder(model) if use_lean else None
         config = model.config.get_text_config()
         self.num_layers = config.num_hidden_layers
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -107,14 +115,12 @@ class ModelRunner:
             backend=self.attention_backend,
         )
         step = StepMetadata(cache, torch.tensor(sum(slots, []), device=device), plan)
+        input_ids, positions, logit_rows = (t.to(device) for t in (torch.cat(new_tokens), positions, logit_rows))
+        if self.lean is not None:
+            return self.lean(input_ids, positions, logit_rows, step.attend)
         with self._specbeam_attention():
-            out = self.model(
-                input_ids=torch.cat(new_tokens).to(device)[None],
-                position_ids=positions.to(device)[None],
-                logits_to_keep=logit_rows.to(device),
-                use_cache=False,
-                specbeam_step=step,
-            )
+            out = self.model(input_ids=input_ids[None], position_ids=positions[None], logits_to_keep=logit_rows,
+                             use_cache=False, specbeam_step=step)
         return out.logits[0]
 
     @contextmanager
