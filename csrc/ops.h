@@ -45,4 +45,25 @@ at::Tensor paged_attention(const at::Tensor& query,            // [num_queries, 
                            const std::optional<at::Tensor>& tree_mask,  // [num_queries, >= max_new] bool
                            std::optional<double> scale);
 
+// Llama-family decoder layer halves around attention (semantics: specbeam/reference/decoder.py).
+// query [T, Hq, D], key and value [T, Hkv, D]
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_inputs(
+    const at::Tensor& hidden,       // [T, H]
+    const at::Tensor& norm_weight,  // [H]
+    double eps,
+    const at::Tensor& q_weight, const std::optional<at::Tensor>& q_bias,  // [Hq * D, H], [Hq * D]
+    const at::Tensor& k_weight, const std::optional<at::Tensor>& k_bias,  // [Hkv * D, H], [Hkv * D]
+    const at::Tensor& v_weight, const std::optional<at::Tensor>& v_bias,  // [Hkv * D, H], [Hkv * D]
+    const at::Tensor& cos, const at::Tensor& sin,                         // [T, D]
+    int64_t head_dim);
+
+at::Tensor mlp_block(const at::Tensor& hidden,     // [T, H]: the layer's input
+                     const at::Tensor& attention,  // [T, Hq * D]
+                     const at::Tensor& o_weight, const std::optional<at::Tensor>& o_bias,  // [H, Hq * D], [H]
+                     const at::Tensor& norm_weight,                                        // [H]
+                     double eps,
+                     const at::Tensor& gate_weight, const std::optional<at::Tensor>& gate_bias,  // [I, H], [I]
+                     const at::Tensor& up_weight, const std::optional<at::Tensor>& up_bias,      // [I, H], [I]
+                     const at::Tensor& down_weight, const std::optional<at::Tensor>& down_bias);  // [H, I], [H]
+
 }  // namespace specbeam

@@ -1,12 +1,14 @@
 """A lean forward for Llama-family decoders (Llama, Mistral, Qwen2): transformers' maths op for op, on the
 model's own weights, without the module machinery (hooks, mask building, output records, kwargs plumbing)
-that costs a small model more than its arithmetic. A model it does not recognise runs its own forward."""
-from dataclasses import dataclass
+that costs a small model more than its arithmetic. Each layer is two ops around its attention
+(`ops.attention_inputs`, `ops.mlp_block`: one C++ call each on the CPU). Other models run their own forward."""
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from transformers import PreTrainedModel
+
+from specbeam import ops
+from specbeam.reference.decoder import rms_norm
 
 LEAN_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
@@ -26,62 +28,18 @@ def unsupported_reason(model: PreTrainedModel) -> str | None:
     return None
 
 
-@dataclass
-class Linear:
-    weight: torch.Tensor  # [out, in]
-    bias: torch.Tensor | None  # [out]
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
-        return F.linear(x, self.weight, self.bias)
-
-    @classmethod
-    def of(cls, module: torch.nn.Linear) -> "Linear":
-        return cls(module.weight, module.bias)
+def _linear(module: torch.nn.Linear) -> tuple:
+    return module.weight, module.bias
 
 
-@dataclass
-class RMSNorm:
-    """y = w * (x / sqrt(mean(x^2) + eps)), the mean and the scaling in float32, as transformers does."""
-
-    weight: torch.Tensor  # [hidden]
-    eps: float
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden]
-        dtype = x.dtype
-        x = x.to(torch.float32)
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
-
-    @classmethod
-    def of(cls, module) -> "RMSNorm":
-        return cls(module.weight, module.variance_epsilon)
-
-
-@dataclass
-class Layer:
-    input_norm: RMSNorm
-    q: Linear
-    k: Linear
-    v: Linear
-    o: Linear
-    post_norm: RMSNorm
-    gate: Linear
-    up: Linear
-    down: Linear
-
-    @classmethod
-    def of(cls, layer) -> "Layer":
-        attn, mlp = layer.self_attn, layer.mlp
-        return cls(RMSNorm.of(layer.input_layernorm), *map(Linear.of, (attn.q_proj, attn.k_proj, attn.v_proj,
-                   attn.o_proj)), RMSNorm.of(layer.post_attention_layernorm),
-                   *map(Linear.of, (mlp.gate_proj, mlp.up_proj, mlp.down_proj)))
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding: x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1). x: [T, H, D]; cos, sin: [T, D]."""
-    cos, sin = cos[:, None], sin[:, None]
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+def _layer_weights(layer) -> tuple[tuple, tuple]:
+    """The arguments of `ops.attention_inputs` and `ops.mlp_block` that are the layer's own."""
+    attn, mlp, norm1, norm2 = layer.self_attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm
+    before = (norm1.weight, norm1.variance_epsilon, *_linear(attn.q_proj), *_linear(attn.k_proj),
+              *_linear(attn.v_proj))
+    after = (*_linear(attn.o_proj), norm2.weight, norm2.variance_epsilon, *_linear(mlp.gate_proj),
+             *_linear(mlp.up_proj), *_linear(mlp.down_proj))
+    return before, after
 
 
 class LeanDecoder:
@@ -90,10 +48,9 @@ class LeanDecoder:
     def __init__(self, model: PreTrainedModel):
         decoder = model.model
         self.embed, self.rotary = decoder.embed_tokens, decoder.rotary_emb
-        self.layers = [Layer.of(layer) for layer in decoder.layers]
-        self.norm, self.head = RMSNorm.of(decoder.norm), Linear.of(model.lm_head)
+        self.layers = [_layer_weights(layer) for layer in decoder.layers]
+        self.norm, self.head = decoder.norm, model.lm_head
         config = model.config
-        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.scale = decoder.layers[0].self_attn.scaling
 
@@ -106,15 +63,9 @@ class LeanDecoder:
     ) -> torch.Tensor:  # [R, vocab]
         hidden = self.embed(input_ids)
         cos, sin = (t[0] for t in self.rotary(hidden[None], positions[None]))
-        for index, layer in enumerate(self.layers):
-            hidden = hidden + self._attention(index, layer, layer.input_norm(hidden), cos, sin, attend)
-            x = layer.post_norm(hidden)
-            hidden = hidden + layer.down(F.silu(layer.gate(x)) * layer.up(x))
-        return self.head(self.norm(hidden[logit_rows]))
-
-    def _attention(self, index: int, layer: Layer, x: torch.Tensor, cos, sin, attend: Attend) -> torch.Tensor:
-        tokens = x.shape[0]
-        query = _rotate(layer.q(x).view(tokens, self.num_heads, self.head_dim), cos, sin)
-        key = _rotate(layer.k(x).view(tokens, self.num_kv_heads, self.head_dim), cos, sin)
-        value = layer.v(x).view(tokens, self.num_kv_heads, self.head_dim)
-        return layer.o(attend(index, query, key, value, self.scale).reshape(tokens, -1))
+        for index, (before, after) in enumerate(self.layers):
+            query, key, value = ops.attention_inputs(hidden, *before, cos, sin, self.head_dim)
+            attention = attend(index, query, key, value, self.scale).reshape(hidden.shape[0], -1)
+            hidden = ops.mlp_block(hidden, attention, *after)
+        last = rms_norm(hidden[logit_rows], self.norm.weight, self.norm.variance_epsilon)
+        return torch.nn.functional.linear(last, self.head.weight, self.head.bias)

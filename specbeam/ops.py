@@ -5,12 +5,14 @@ import functools
 
 import torch
 
+from specbeam.reference import decoder as _ref_decoder
 from specbeam.reference import paged_attention as _ref_attention
 from specbeam.reference import sampling as _ref_sampling
 from specbeam.reference import tree_verify as _ref_tree_verify
 
 BACKENDS = ("reference", "triton", "cpp")
-CPP_OPS = ("filter_probs", "sample", "greedy_verify", "stochastic_verify", "paged_attention")
+CPP_OPS = ("filter_probs", "sample", "greedy_verify", "stochastic_verify", "paged_attention", "attention_inputs",
+           "mlp_block")
 
 
 @functools.cache
@@ -143,3 +145,24 @@ def stochastic_verify(parents, num_nodes, draft_tokens, target_probs, draft_prob
     if backend == "cpp":
         return _cpp().stochastic_verify(*args)
     return _ref_tree_verify.stochastic_verify(*args)
+
+
+def attention_inputs(hidden, norm_weight, eps, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, cos, sin,
+                     head_dim, *, backend=None):
+    """A decoder layer up to its attention: rmsnorm, q/k/v projections, rope -> (query, key, value);
+    see `specbeam.reference.decoder`. No Triton kernel: CUDA runs the reference's torch ops."""
+    args = (hidden, norm_weight, eps, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, cos, sin, head_dim)
+    if _pick(backend, hidden.device) == "cpp":
+        return _cpp().attention_inputs(*args)
+    return _ref_decoder.attention_inputs(*args)
+
+
+def mlp_block(hidden, attention, o_weight, o_bias, norm_weight, eps, gate_weight, gate_bias, up_weight, up_bias,
+              down_weight, down_bias, *, backend=None):
+    """A decoder layer after its attention: o projection, residual, rmsnorm, SwiGLU MLP, residual;
+    see `specbeam.reference.decoder`. No Triton kernel: CUDA runs the reference's torch ops."""
+    args = (hidden, attention, o_weight, o_bias, norm_weight, eps, gate_weight, gate_bias, up_weight, up_bias,
+            down_weight, down_bias)
+    if _pick(backend, hidden.device) == "cpp":
+        return _cpp().mlp_block(*args)
+    return _ref_decoder.mlp_block(*args)

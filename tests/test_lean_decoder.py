@@ -4,7 +4,7 @@ models, and `lean_decoder=False`, run their own forward."""
 import pytest
 import torch
 
-from specbeam import Engine
+from specbeam import Engine, ops
 from specbeam.cache import BlockTable
 from specbeam.lean_decoder import unsupported_reason
 from tiny_models import tiny_model
@@ -42,3 +42,47 @@ def test_other_models_run_their_own_forward():
 def test_lean_decoder_option_is_checked():
     with pytest.raises(TypeError, match="lean_decoder"):
         Engine(tiny_model("llama"), lean_decoder="yes")
+
+
+def _layer_args(dtype, bias: bool, tokens=5, hidden=24, heads=4, kv_heads=2, head_dim=6, inter=40):
+    gen = torch.Generator().manual_seed(3)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=dtype)
+
+    def proj(out, inp):
+        return rand(out, inp), rand(out) if bias else None
+
+    angles = rand(tokens, head_dim)
+    before = (rand(hidden), 1e-5, *proj(heads * head_dim, hidden), *proj(kv_heads * head_dim, hidden),
+              *proj(kv_heads * head_dim, hidden), angles.cos(), angles.sin(), head_dim)
+    after = (*proj(hidden, heads * head_dim), rand(hidden), 1e-5, *proj(inter, hidden), *proj(inter, hidden),
+             *proj(hidden, inter))
+    return rand(tokens, hidden), rand(tokens, heads * head_dim), before, after
+
+
+needs_cpp = pytest.mark.skipif(ops._load_cpp()[0] is None, reason="specbeam._C is not built")
+
+
+@needs_cpp
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpp_layer_halves_give_the_references_bits(dtype, bias):
+    hidden, attention, before, after = _layer_args(dtype, bias)
+    ours = ops.attention_inputs(hidden, *before, backend="cpp")
+    reference = ops.attention_inputs(hidden, *before, backend="reference")
+    assert [t.shape for t in ours] == [(5, 4, 6), (5, 2, 6), (5, 2, 6)]
+    assert all(torch.equal(a, b) for a, b in zip(ours, reference))
+    assert torch.equal(ops.mlp_block(hidden, attention, *after, backend="cpp"),
+                       ops.mlp_block(hidden, attention, *after, backend="reference"))
+
+
+@needs_cpp
+def test_cpp_layer_halves_name_bad_arguments():
+    hidden, attention, before, after = _layer_args(torch.float32, False)
+    with pytest.raises(ValueError, match="q_weight"):
+        ops.attention_inputs(hidden[:, :7], *before, backend="cpp")
+    with pytest.raises(ValueError, match="cos and sin"):
+        ops.attention_inputs(hidden, *before[:-3], before[-3][:2], before[-2], before[-1], backend="cpp")
+    with pytest.raises(TypeError, match="hidden"):
+        ops.mlp_block(hidden.int(), attention, *after, backend="cpp")
