@@ -4,7 +4,7 @@
 #include "ops.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "specbeam's C++ CPU kernels: sampling, tree verification, paged attention, decoder layers";
+  m.doc() = "specbeam's C++ CPU kernels: sampling, tree verification, paged attention, linear, decoder layers";
   m.def("filter_probs", &specbeam::filter_probs, "transformers' warpers as renormalised probabilities",
         py::arg("logits"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"), py::arg("min_p"));
   m.def("sample", &specbeam::sample, "one token per row from filter_probs, by inverse CDF on noise",
@@ -18,6 +18,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &specbeam::paged_attention, "attention of packed queries over a paged KV cache",
         py::arg("query"), py::arg("key_cache"), py::arg("value_cache"), py::arg("block_tables"),
         py::arg("seq_lens"), py::arg("query_start_loc"), py::arg("tree_mask"), py::arg("scale"));
+  m.def("linear", &specbeam::linear, "x @ weight.T + bias, batch invariant, for a few rows of x", py::arg("x"),
+        py::arg("weight"), py::arg("bias"));
   m.def("attention_inputs", &specbeam::attention_inputs, "decoder layer: rmsnorm, q/k/v projections, rope",
         py::arg("hidden"), py::arg("norm_weight"), py::arg("eps"), py::arg("q_weight"), py::arg("q_bias"),
         py::arg("k_weight"), py::arg("k_bias"), py::arg("v_weight"), py::arg("v_bias"), py::arg("cos"),

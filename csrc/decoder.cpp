@@ -8,8 +8,12 @@
 namespace specbeam {
 namespace {
 
-// y = x W^T + b
+// y = x W^T + b: the batch-invariant kernel where it applies (float32 / float64), else ATen's
 at::Tensor dense(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  const at::ScalarType dtype = x.scalar_type();
+  if ((dtype == at::kFloat || dtype == at::kDouble) && weight.scalar_type() == dtype) {
+    return specbeam::linear(x.contiguous(), weight.contiguous(), bias);
+  }
   return at::linear(x, weight, bias);
 }
 

@@ -45,6 +45,11 @@ at::Tensor paged_attention(const at::Tensor& query,            // [num_queries, 
                            const std::optional<at::Tensor>& tree_mask,  // [num_queries, >= max_new] bool
                            std::optional<double> scale);
 
+// out [M, N] = x @ weight.T + bias, bitwise the same for a row of x whatever the other rows (kernels/linear.h)
+at::Tensor linear(const at::Tensor& x,                      // [M, K] float32 / float64, contiguous
+                  const at::Tensor& weight,                 // [N, K] as x, contiguous (nn.Linear's layout)
+                  const std::optional<at::Tensor>& bias);   // [N] as x
+
 // Llama-family decoder layer halves around attention (semantics: specbeam/reference/decoder.py).
 // query [T, Hq, D], key and value [T, Hkv, D]
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_inputs(

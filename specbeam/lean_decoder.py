@@ -68,4 +68,4 @@ class LeanDecoder:
             attention = attend(index, query, key, value, self.scale).reshape(hidden.shape[0], -1)
             hidden = ops.mlp_block(hidden, attention, *after)
         last = rms_norm(hidden[logit_rows], self.norm.weight, self.norm.variance_epsilon)
-        return torch.nn.functional.linear(last, self.head.weight, self.head.bias)
+        return ops.linear(last, self.head.weight, self.head.bias)

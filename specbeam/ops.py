@@ -4,6 +4,7 @@ tensors, the C++ extension `specbeam._C` for CPU tensors when it is built, other
 import functools
 
 import torch
+import torch.nn.functional as F
 
 from specbeam.reference import decoder as _ref_decoder
 from specbeam.reference import paged_attention as _ref_attention
@@ -11,8 +12,8 @@ from specbeam.reference import sampling as _ref_sampling
 from specbeam.reference import tree_verify as _ref_tree_verify
 
 BACKENDS = ("reference", "triton", "cpp")
-CPP_OPS = ("filter_probs", "sample", "greedy_verify", "stochastic_verify", "paged_attention", "attention_inputs",
-           "mlp_block")
+CPP_OPS = ("filter_probs", "sample", "greedy_verify", "stochastic_verify", "paged_attention", "linear",
+           "attention_inputs", "mlp_block")
 
 
 @functools.cache
@@ -87,6 +88,18 @@ def paged_attention(
     """Attention of packed queries over the paged KV cache; see `specbeam.reference.paged_attention`."""
     plan = plan_attention(block_tables, seq_lens, query_start_loc, tree_mask, key_cache.shape[1], backend)
     return attend(query, key_cache, value_cache, plan, scale)
+
+
+def linear(x, weight, bias=None, backend=None):
+    """x [M, K] @ weight.T + bias -> [M, N], weight [N, K] in nn.Linear's layout. The C++ kernel streams each
+    weight row once for all M rows and is batch invariant: a row's result is bitwise the same whatever the
+    other rows and the thread count (csrc/kernels/linear.h); it takes contiguous float32 / float64 (other
+    dtypes get F.linear unless backend="cpp" is forced).
+    There is no Triton kernel: CUDA tensors (and backend="triton") get torch's F.linear, without that promise."""
+    chosen = _pick(backend, x.device)
+    if chosen == "cpp" and (backend == "cpp" or x.dtype in (torch.float32, torch.float64)):
+        return _cpp().linear(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def filter_probs(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, backend=None):

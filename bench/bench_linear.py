@@ -1,0 +1,42 @@
+"""linear for the few rows of a decode step or a draft tree, over every matrix of a 5-layer model (hidden 384,
+K/V projections 128 wide, intermediate 896, vocab 4096): 35 MB of float32 weights, more than the caches hold,
+so each round streams them from memory as a decode forward does."""
+import functools
+
+import pytest
+import torch
+
+from models import DEVICE
+from specbeam import ops
+
+ROWS = [1, 4, 9, 16]  # one token, and draft trees
+LAYER = [(384, 384), (128, 384), (128, 384), (384, 384), (896, 384), (896, 384), (384, 896)]  # q k v o gate up down
+
+
+@functools.cache
+def weights() -> list[torch.Tensor]:  # [out, in] each, as nn.Linear holds them
+    gen = torch.Generator().manual_seed(0)
+    shapes = LAYER * 5 + [(4096, 384)]  # + lm_head
+    return [torch.randn(*shape, generator=gen).div(shape[1] ** 0.5).to(DEVICE) for shape in shapes]
+
+
+def inputs(rows: int) -> dict[int, torch.Tensor]:  # x [rows, in] per input width
+    return {k: torch.randn(rows, k, device=DEVICE) for k in (384, 896)}
+
+
+def every_matrix(x, mats, **kwargs):
+    for w in mats:
+        ops.linear(x[w.shape[1]], w, **kwargs)
+
+
+@pytest.mark.parametrize("rows", ROWS)
+def test_linear(timed, backend, rows):
+    timed(f"linear m{rows}", every_matrix, inputs(rows), weights(), backend=backend)
+
+
+@pytest.mark.parametrize("rows", ROWS)
+def test_pretransposed_matmul(timed, rows):
+    """torch's best on the CPU, x @ W.T with W.T made contiguous once: a copy of every weight."""
+    transposed = [w.T.contiguous() for w in weights()]
+    x = inputs(rows)
+    timed(f"linear m{rows}", lambda: [x[t.shape[0]] @ t for t in transposed])

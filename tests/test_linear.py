@@ -1,0 +1,97 @@
+"""linear: x @ weight.T + bias against float64 torch, batch invariance (bitwise, any M, any row position, any
+thread count) and input checks naming the argument."""
+import pytest
+import torch
+
+from specbeam import ops
+
+BACKENDS = ("reference", "triton", "cpp")  # "triton" is torch's F.linear: there is no Triton kernel
+SHAPES = [(m, 37, 5) for m in range(1, 21)] + [(1, 1, 3), (4, 8, 4), (9, 384, 896), (16, 896, 384), (7, 19, 131)]
+
+
+def operands(m, k, n, dtype, seed=0):  # x [m, k], weight [n, k], bias [n]
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(*shape, generator=gen, dtype=dtype) for shape in ((m, k), (n, k), (n,)))
+
+
+@pytest.fixture
+def threads():
+    """Sets torch's intra-op thread count for the test, then puts it back."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-6), (torch.float64, 1e-14)])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("m, k, n", SHAPES)
+def test_matches_float64_torch(backend, device, dtype, rtol, with_bias, m, k, n):
+    x, weight, bias = (t.to(device) for t in operands(m, k, n, dtype))
+    bias = bias if with_bias else None
+    out = ops.linear(x, weight, bias, backend=backend)
+    expected = torch.nn.functional.linear(x.double(), weight.double(), None if bias is None else bias.double())
+    assert out.dtype == dtype and out.shape == (m, n)
+    # relative to the size of the terms, as cancellation can leave a sum far smaller than them
+    scale = (x.double().abs() @ weight.double().abs().T).clamp(min=1)
+    assert ((out.double() - expected).abs() / scale).max() < rtol
+
+
+@pytest.mark.parametrize("backend", ["cpp"])
+@pytest.mark.parametrize("num_threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k, n", [(37, 5), (384, 131), (61, 64)])
+def test_each_row_is_bitwise_the_same_in_any_batch(backend, threads, num_threads, dtype, k, n):
+    """Row i of linear(x) == linear(x[a:b])[i - a] bitwise, for every window [a, b) around i: the row alone,
+    at every position of a batch of M = 1 ... 33 rows, whatever the thread count."""
+    threads(num_threads)
+    x, weight, bias = operands(33, k, n, dtype, seed=k)
+    alone = torch.stack([ops.linear(x[i : i + 1], weight, bias, backend=backend)[0] for i in range(33)])
+    for m in range(1, 34):
+        for start in range(34 - m):
+            batch = ops.linear(x[start : start + m], weight, bias, backend=backend)
+            assert torch.equal(batch, alone[start : start + m]), (m, start)
+
+
+@pytest.mark.parametrize("backend", ["cpp"])
+def test_one_thread_and_two_give_the_same_bits(backend, threads):
+    x, weight, bias = operands(9, 384, 896, torch.float32)
+    threads(1)
+    one = ops.linear(x, weight, bias, backend=backend)
+    threads(2)
+    assert torch.equal(ops.linear(x, weight, bias, backend=backend), one)
+
+
+@pytest.mark.parametrize("backend", ["cpp"])
+def test_empty_sizes(backend):
+    x, weight, bias = operands(3, 0, 4, torch.float32)
+    assert torch.equal(ops.linear(x, weight, bias, backend=backend), bias.expand(3, 4))
+    assert ops.linear(x[:0], weight, bias, backend=backend).shape == (0, 4)
+    assert ops.linear(x, weight[:0], bias[:0], backend=backend).shape == (3, 0)
+
+
+def bad_inputs():
+    """(name, x, weight, bias, error): one bad argument each, the others valid."""
+    x, weight, bias = operands(4, 8, 6, torch.float32)
+    return [
+        ("x", x.long(), weight, bias, TypeError),
+        ("x", x.half(), weight.half(), bias.half(), TypeError),
+        ("x", x[:, ::2], weight[:, :4].contiguous(), bias, ValueError),  # not contiguous
+        ("x", x[0], weight, bias, ValueError),
+        ("x", x[None], weight, bias, ValueError),
+        ("weight", x, weight.double(), bias, TypeError),
+        ("weight", x, weight[:, :7], bias, ValueError),  # K does not match x
+        ("weight", x, weight.T.contiguous().T, bias, ValueError),  # not contiguous
+        ("weight", x, weight[None], bias, ValueError),
+        ("bias", x, weight, bias[:5], ValueError),
+        ("bias", x, weight, bias.double(), TypeError),
+        ("bias", x, weight, torch.zeros(12)[::2], ValueError),  # not contiguous
+    ]
+
+
+@pytest.mark.parametrize("backend", ["cpp"])
+@pytest.mark.parametrize("case", range(len(bad_inputs())))
+def test_bad_input_names_the_argument(backend, case):
+    name, x, weight, bias, error = bad_inputs()[case]
+    with pytest.raises(error, match=name):
+        ops.linear(x, weight, bias, backend=backend)
