@@ -75,23 +75,29 @@ class SpecConfig:
 
     depth: drafted tokens on each root path. width: nodes kept per depth (greedy and beam search: the best by
     cumulative draft log-probability; sampling: i.i.d. chains under the root). branch: children expanded per
-    node (top-branch by draft probability). node_budget: drafted nodes per tree at most. Beam search widens both to at least num_beams, so that a draft
-    that agrees with the target covers every beam the target keeps.
+    node (top-branch by draft probability). node_budget: drafted nodes per tree at most. Beam search widens both
+    to at least num_beams, so that a draft that agrees with the target covers every beam the target keeps.
+    adaptive: each round drafts 0..depth deep, whichever has advanced fastest on this machine so far
+    (`specbeam.depth_policy`); False: always `depth`.
     """
 
     depth: int = 4
     width: int = 2
     branch: int = 2
     node_budget: int = 64  # drafted nodes per tree at most
+    adaptive: bool = True
 
     def __post_init__(self):
         for name in ("depth", "width", "branch", "node_budget"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(self.adaptive, bool):
+            raise TypeError(f"adaptive must be a bool, got {self.adaptive!r}")
 
     def for_beams(self, num_beams: int) -> "SpecConfig":
-        return SpecConfig(self.depth, max(self.width, num_beams), max(self.branch, num_beams), self.node_budget)
+        return SpecConfig(self.depth, max(self.width, num_beams), max(self.branch, num_beams), self.node_budget,
+                          self.adaptive)
 
     @property
     def max_nodes(self) -> int:

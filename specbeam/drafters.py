@@ -22,7 +22,7 @@ class DraftModelDrafter:
                 f"draft_model has a vocabulary of {vocab} tokens but the target has {target_vocab_size}: "
                 "speculative decoding needs the same vocabulary"
             )
-        self.runner, self.block_size = ModelRunner(model, config), config.block_size
+        self.runner, self.block_size, self.vocab_size = ModelRunner(model, config), config.block_size, vocab
         self.cache = None
         self.tables: list[BlockTable] = []
         self.fed: list[dict[int, BlockTable]] = []  # per row, this round: node -> table through that node
@@ -46,15 +46,26 @@ class DraftModelDrafter:
         """rows: drafter row indices; padded: each row's full left-padded tokens, root last; pads: left pads
         per row; depths: the deepest tree each row may grow; exclude: tokens never worth drafting (eos under
         beam search: a beam that ends is a finished hypothesis, never a running beam). One tree per row."""
-        tables = [self.tables[r] for r in rows]
-        pending = [torch.tensor(p[n + t.length :]) for p, n, t in zip(padded, pads, tables)]
-        logits = self._forward(tables, pending)
         trees = [DraftTree.root_only(p[-1]) for p in padded]
         q = [dict() for _ in rows]  # per tree: node -> the distribution its children were drawn from
-        for i, r in enumerate(rows):
-            self.fed[r] = {0: tables[i]}
+        for r in rows:
+            self.fed[r] = {0: self.tables[r]}
         frontier = [(i, 0, 0.0) for i in range(len(rows)) if depths[i] > 0]  # (tree, node, cumulative log q)
-        logits = logits[[i for i, _, _ in frontier]]  # the roots that grow: logits row k is frontier entry k
+        if frontier:  # else nothing grows: the tokens not fed yet wait for a round that drafts
+            self._grow(trees, q, frontier, rows, padded, pads, processors, spec, depths, log_softmax, generator,
+                       sample, exclude)
+        if sample:
+            for tree, probs in zip(trees, q):
+                tree.draft_probs = _stack_probs(len(tree), probs, self.vocab_size)
+        return trees
+
+    def _grow(self, trees, q, frontier, rows, padded, pads, processors, spec, depths, log_softmax, generator,
+              sample, exclude) -> None:
+        """One draft forward per depth over the frontier of every tree; q gets each expanded node's q."""
+        # the roots that grow get their tokens not fed yet, root last: logits row k is frontier entry k
+        tables = [self.tables[rows[i]] for i, _, _ in frontier]
+        logits = self._forward(tables, [torch.tensor(padded[i][pads[i] + t.length:]) for (i, _, _), t in
+                                        zip(frontier, tables)])
         for depth in range(1, max(depths, default=0) + 1):
             prefixes = [padded[i] + [trees[i].tokens[n] for n in trees[i].path(node)[1:]] for i, node, _ in frontier]
             scores = process_rows(processors, prefixes, logits.float(), [rows[i] for i, _, _ in frontier],
@@ -75,10 +86,6 @@ class DraftModelDrafter:
             logits = self._forward(tables, [torch.tensor([trees[i].tokens[n]]) for i, n, _ in frontier])
             for (i, node, _), table in zip(frontier, tables):
                 self.fed[rows[i]][node] = table
-        if sample:
-            for tree, probs in zip(trees, q):
-                tree.draft_probs = _stack_probs(len(tree), probs, logits.shape[-1])
-        return trees
 
     def commit(self, origins: list[tuple[int, list[int]]]) -> None:
         """New row i continues old row origins[i][0] along the node path origins[i][1] of its last tree."""

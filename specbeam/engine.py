@@ -11,6 +11,7 @@ from specbeam.model_runner import ModelRunner
 from specbeam.stats import DecodeStats
 from specbeam.request import Request, build_request
 from specbeam.scheduler import Scheduler
+from specbeam.depth_policy import DepthPolicy
 from specbeam.speculative import SpeculativeScheduler
 from specbeam.cache import PagedKVCache
 from specbeam.validation import UnsupportedOptionError
@@ -31,6 +32,7 @@ class Engine:
         self.spec = spec or SpecConfig()
         self.runner = ModelRunner(model, self.config)
         self.drafters = {}
+        self.depth_policies: dict[tuple, DepthPolicy] = {}
         self.drafter = None if draft_model is None else self._make_drafter(draft_model)
         self.cache: PagedKVCache | None = None
         self.last_stats: DecodeStats | None = None
@@ -69,11 +71,19 @@ class Engine:
         if drafter is None:
             scheduler = Scheduler(self.runner, cache, request, streamer, generator)
         else:
-            scheduler = SpeculativeScheduler(self.runner, cache, request, drafter, self.spec, streamer, generator)
+            scheduler = SpeculativeScheduler(self.runner, cache, request, drafter, self.spec, streamer, generator,
+                                             self._depth_policy(drafter, request))
         try:
             return scheduler.run()
         finally:
             self.last_stats = scheduler.stats
+
+    def _depth_policy(self, drafter, request: Request) -> DepthPolicy | None:
+        """One policy per drafter, decoding mode and batch size (costs differ between them), kept across calls."""
+        if not self.spec.adaptive:
+            return None
+        key = (id(drafter), request.params.mode, len(request.prompts))
+        return self.depth_policies.setdefault(key, DepthPolicy(self.spec.depth))
 
     def _make_drafter(self, draft):
         """One drafter per draft model, kept with its cache across calls."""

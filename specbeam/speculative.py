@@ -8,11 +8,15 @@ sequence, ONE target forward scores every node of every tree, and then:
   distribution is then known); the first step that leaves the trees ends the round (strict top-B verification).
 
 The K/V of each accepted path move to their committed positions; the rest of the tree is freed."""
+import time
+from contextlib import contextmanager
+
 import torch
 
 from specbeam import ops
 from specbeam.beam import BeamSearch
 from specbeam.config import BEAM, SAMPLE, SpecConfig
+from specbeam.depth_policy import DepthPolicy
 from specbeam.processing import process_rows
 from specbeam.scheduler import Scheduler, _one_hot_logits
 from specbeam.trace import Trace
@@ -20,11 +24,14 @@ from specbeam.validation import check_finite
 
 
 class SpeculativeScheduler(Scheduler):
-    def __init__(self, runner, cache, request, drafter, spec: SpecConfig, streamer=None, generator=None):
+    def __init__(self, runner, cache, request, drafter, spec: SpecConfig, streamer=None, generator=None,
+                 policy: DepthPolicy | None = None):
+        """policy: picks each round's draft depth (None: always `spec.depth`)."""
         super().__init__(runner, cache, request, streamer, generator)
-        self.drafter = drafter
+        self.drafter, self.policy = drafter, policy
         beams = request.params.num_beams
         self.spec = spec.for_beams(beams) if request.params.mode == BEAM else spec
+        self.depth = self.spec.depth
         self.pads = [request.input_ids.shape[1] - len(p) for p in request.prompts for _ in range(
             request.params.rows_per_prompt)]
 
@@ -42,7 +49,7 @@ class SpeculativeScheduler(Scheduler):
         """Trees under `rows` and the target's logits at each of their nodes: (trees, logits per tree
         [num_nodes, vocab] float32, each row's committed length before the pass)."""
         max_length = self.request.params.max_length
-        depths = [min(self.spec.depth, max_length - len(p) - 1) for p in padded]
+        depths = [min(self.depth, max_length - len(p) - 1) for p in padded]
         trees = self.drafter.propose(
             rows, padded, [self.pads[r] for r in rows], self.request.logits_processor, self.spec, depths,
             log_softmax=self.request.params.mode == BEAM, generator=self.generator,
@@ -63,6 +70,17 @@ class SpeculativeScheduler(Scheduler):
         check_finite(logits, self.stats.steps)
         return trees, list(logits.split(sizes)), starts
 
+    @contextmanager
+    def _round(self):
+        """One round at the depth the policy picks; its steps advanced per second go back to the policy."""
+        if self.policy is None:
+            yield
+            return
+        self.depth = self.policy.choose()
+        steps, start = self.stats.steps, time.perf_counter()
+        yield
+        self.policy.record(self.depth, self.stats.steps - steps, time.perf_counter() - start)
+
     def _count_accepted(self, depth: int) -> None:
         self.stats.rounds += 1
         while len(self.stats.accepted_by_depth) < depth:
@@ -81,22 +99,28 @@ class SpeculativeScheduler(Scheduler):
             self.streamer.put(request.input_ids.cpu())
         self._prefill(with_last=False)
         while not all(self.finished):
-            rows = [r for r, done in enumerate(self.finished) if not done]
-            trees, logits, starts = self._score_trees(rows, [padded[r] for r in rows])
-            prefixes = [padded[r] + [t.tokens[n] for n in t.path(node)[1:]] for r, t in zip(rows, trees)
-                        for node in range(len(t))]
-            entry_rows = [r for r, t in zip(rows, trees) for _ in range(len(t))]
-            processed = process_rows(request.logits_processor, prefixes, torch.cat(logits), entry_rows,
-                                     len(padded), log_softmax=False)
-            processed = list(processed.split([len(t) for t in trees]))
-            paths, next_tokens = self._verify(trees, processed)
-            accepted = {}
-            for i, r in enumerate(rows):
-                self._accept(padded, r, trees[i], paths[i], next_tokens[i], processed[i], logits[i])
-                self.cache.keep_path(self.tables[r], starts[i], paths[i])
-                accepted[r] = paths[i]
-            self.drafter.commit([(r, accepted.get(r, [0])) for r in range(len(padded))])
+            with self._round():
+                self._token_round(padded)
         return self._token_output(*self._assemble(padded))
+
+    def _token_round(self, padded: list[list[int]]) -> None:
+        """Draft under every unfinished row, score every tree in one target pass, keep the verified paths."""
+        request = self.request
+        rows = [r for r, done in enumerate(self.finished) if not done]
+        trees, logits, starts = self._score_trees(rows, [padded[r] for r in rows])
+        prefixes = [padded[r] + [t.tokens[n] for n in t.path(node)[1:]] for r, t in zip(rows, trees)
+                    for node in range(len(t))]
+        entry_rows = [r for r, t in zip(rows, trees) for _ in range(len(t))]
+        processed = process_rows(request.logits_processor, prefixes, torch.cat(logits), entry_rows,
+                                 len(padded), log_softmax=False)
+        processed = list(processed.split([len(t) for t in trees]))
+        paths, next_tokens = self._verify(trees, processed)
+        accepted = {}
+        for i, r in enumerate(rows):
+            self._accept(padded, r, trees[i], paths[i], next_tokens[i], processed[i], logits[i])
+            self.cache.keep_path(self.tables[r], starts[i], paths[i])
+            accepted[r] = paths[i]
+        self.drafter.commit([(r, accepted.get(r, [0])) for r in range(len(padded))])
 
     def _verify(self, trees, processed) -> tuple[list[list[int]], list[int]]:
         """Batched tree verification: each tree's accepted path (node indices) and the token after it."""
@@ -159,7 +183,8 @@ class SpeculativeScheduler(Scheduler):
         trace, scores, raw = Trace(), [], []
         self._prefill(with_last=False)
         while not search.done:
-            self._beam_round(search, trace, scores, raw)
+            with self._round():
+                self._beam_round(search, trace, scores, raw)
         return self._beam_output(search, trace, scores, raw)
 
     def _beam_round(self, search: BeamSearch, trace: Trace, scores: list, raw: list) -> None:

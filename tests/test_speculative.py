@@ -10,6 +10,7 @@ from scipy.stats import chisquare
 
 import specbeam
 from specbeam import Engine
+from specbeam.config import SpecConfig
 from parity import assert_same_beams, assert_same_tokens, run_both
 from test_engine_sampling import WARPERS, _exact_probs, _tiny_vocab_model
 from tiny_models import PAD, left_padded_batch, tiny_model
@@ -68,7 +69,7 @@ def test_speculative_beam_search_equals_the_target_alone(draft, beams, options):
                          ids=["greedy", "beam4", "beam8"])
 def test_a_perfect_draft_halves_the_target_passes(mode):
     model = tiny_model("llama")
-    out = Engine(model, draft_model=drafts()["perfect"]).generate(
+    out = Engine(model, draft_model=drafts()["perfect"], spec=SpecConfig(adaptive=False)).generate(
         **_inputs(), **mode, return_dict_in_generate=True)
     assert out.stats.target_passes <= out.stats.steps / 2
     assert out.stats.draft_passes > 0 and out.stats.accepted_by_depth[0] > 0
@@ -108,7 +109,7 @@ def test_speculative_sampling_with_a_disagreeing_draft_fits_the_exact_distributi
         for param in draft.parameters():
             param.add_(torch.randn_like(param) * 0.5)  # a draft that disagrees often
     prompt = torch.tensor([[3, 1, 4]])
-    out = Engine(target, draft_model=draft).generate(
+    out = Engine(target, draft_model=draft, spec=SpecConfig(adaptive=False)).generate(
         prompt, do_sample=True, max_new_tokens=2, num_return_sequences=samples,
         generator=torch.Generator().manual_seed(0), return_dict_in_generate=True, **WARPERS)
     accepted = out.stats.accepted_by_depth[0]  # rows whose first drafted token was accepted
@@ -125,10 +126,8 @@ def test_speculative_sampling_with_a_disagreeing_draft_fits_the_exact_distributi
 
 
 def test_tree_shape_follows_spec_config():
-    from specbeam.config import SpecConfig
-
     model = tiny_model("llama")
-    spec = SpecConfig(depth=3, width=3, branch=2, node_budget=5)
+    spec = SpecConfig(depth=3, width=3, branch=2, node_budget=5, adaptive=False)
     out = Engine(model, draft_model=drafts()["perfect"], spec=spec).generate(
         **_inputs(), do_sample=False, return_dict_in_generate=True)
     assert out.stats.drafted_tokens <= 5 * out.stats.rounds
