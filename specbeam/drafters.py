@@ -51,17 +51,8 @@ class DraftModelDrafter:
         for r in rows:
             self.fed[r] = {0: self.tables[r]}
         frontier = [(i, 0, 0.0) for i in range(len(rows)) if depths[i] > 0]  # (tree, node, cumulative log q)
-        if frontier:  # else nothing grows: the tokens not fed yet wait for a round that drafts
-            self._grow(trees, q, frontier, rows, padded, pads, processors, spec, depths, log_softmax, generator,
-                       sample, exclude)
-        if sample:
-            for tree, probs in zip(trees, q):
-                tree.draft_probs = _stack_probs(len(tree), probs, self.vocab_size)
-        return trees
-
-    def _grow(self, trees, q, frontier, rows, padded, pads, processors, spec, depths, log_softmax, generator,
-              sample, exclude) -> None:
-        """One draft forward per depth over the frontier of every tree; q gets each expanded node's q."""
+        if not frontier:  # nothing grows: the tokens not fed yet wait for a round that drafts
+            return self._with_draft_probs(trees, q, sample)
         # the roots that grow get their tokens not fed yet, root last: logits row k is frontier entry k
         tables = [self.tables[rows[i]] for i, _, _ in frontier]
         logits = self._forward(tables, [torch.tensor(padded[i][pads[i] + t.length:]) for (i, _, _), t in
@@ -86,6 +77,14 @@ class DraftModelDrafter:
             logits = self._forward(tables, [torch.tensor([trees[i].tokens[n]]) for i, n, _ in frontier])
             for (i, node, _), table in zip(frontier, tables):
                 self.fed[rows[i]][node] = table
+        return self._with_draft_probs(trees, q, sample)
+
+    def _with_draft_probs(self, trees: list[DraftTree], q: list[dict], sample: bool) -> list[DraftTree]:
+        """Under sampling, each tree carries the q its children were drawn from ([num_nodes, vocab])."""
+        if sample:
+            for tree, probs in zip(trees, q):
+                tree.draft_probs = _stack_probs(len(tree), probs, self.vocab_size)
+        return trees
 
     def commit(self, origins: list[tuple[int, list[int]]]) -> None:
         """New row i continues old row origins[i][0] along the node path origins[i][1] of its last tree."""
