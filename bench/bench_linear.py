@@ -31,6 +31,8 @@ def every_matrix(x, mats, **kwargs):
 
 @pytest.mark.parametrize("rows", ROWS)
 def test_linear(timed, backend, rows):
+    if backend == "triton":
+        pytest.skip("linear has no Triton kernel: CUDA tensors get torch's F.linear, the reference")
     timed(f"linear m{rows}", every_matrix, inputs(rows), weights(), backend=backend)
 
 
