@@ -1,6 +1,7 @@
 """linear for the few rows of a decode step or a draft tree, over every matrix of a 5-layer model (hidden 384,
 K/V projections 128 wide, intermediate 896, vocab 4096): 35 MB of float32 weights, more than the caches hold,
-so each round streams them from memory as a decode forward does."""
+so each round streams them from memory as a decode forward does. The C++ kernel is also timed on bfloat16 copies
+of the weights (widened exactly as loaded: half the bytes to stream)."""
 import functools
 
 import pytest
@@ -34,6 +35,18 @@ def test_linear(timed, backend, rows):
     if backend == "triton":
         pytest.skip("linear has no Triton kernel: CUDA tensors get torch's F.linear, the reference")
     timed(f"linear m{rows}", every_matrix, inputs(rows), weights(), backend=backend)
+
+
+@functools.cache
+def bfloat16_weights() -> list[torch.Tensor]:
+    return [w.to(torch.bfloat16) for w in weights()]
+
+
+@pytest.mark.parametrize("rows", ROWS)
+def test_linear_bfloat16_weights(timed, backend, rows):
+    if backend != "cpp":
+        pytest.skip("only the C++ kernel reads bfloat16 weights as they are")
+    timed(f"linear m{rows}", every_matrix, inputs(rows), bfloat16_weights(), backend=backend)
 
 
 @pytest.mark.parametrize("rows", ROWS)

@@ -47,7 +47,7 @@ at::Tensor paged_attention(const at::Tensor& query,            // [num_queries, 
 
 // out [M, N] = x @ weight.T + bias, bitwise the same for a row of x whatever the other rows (kernels/linear.h)
 at::Tensor linear(const at::Tensor& x,                      // [M, K] float32 / float64, contiguous
-                  const at::Tensor& weight,                 // [N, K] as x, contiguous (nn.Linear's layout)
+                  const at::Tensor& weight,                 // [N, K] as x or bfloat16 under float32 x, contiguous
                   const std::optional<at::Tensor>& bias);   // [N] as x
 
 // Llama-family decoder layer halves around attention (semantics: specbeam/reference/decoder.py).

@@ -28,8 +28,22 @@ def unsupported_reason(model: PreTrainedModel) -> str | None:
     return None
 
 
+def bfloat16_if_exact(weight: torch.Tensor) -> torch.Tensor:
+    """The weight's bfloat16 copy where that changes no result, else the weight itself.
+
+    Lossless: the copy is taken only for a float32 CPU weight whose every element survives the round trip
+    through bfloat16 bit for bit (as in a model stored in bfloat16 and upcast at load), and only when the C++
+    linear is built, which widens each bfloat16 element back to exactly that float32 and runs the same fused
+    multiply-adds: the same bits out, from half the bytes read."""
+    if weight.dtype != torch.float32 or weight.device.type != "cpu" or ops._load_cpp()[0] is None:
+        return weight
+    compact = weight.detach().to(torch.bfloat16)
+    same_bits = torch.equal(compact.float().view(torch.int32), weight.detach().view(torch.int32))
+    return compact if same_bits else weight
+
+
 def _linear(module: torch.nn.Linear) -> tuple:
-    return module.weight, module.bias
+    return bfloat16_if_exact(module.weight), module.bias
 
 
 def _layer_weights(layer) -> tuple[tuple, tuple]:
@@ -49,7 +63,7 @@ class LeanDecoder:
         decoder = model.model
         self.embed, self.rotary = decoder.embed_tokens, decoder.rotary_emb
         self.layers = [_layer_weights(layer) for layer in decoder.layers]
-        self.norm, self.head = decoder.norm, model.lm_head
+        self.norm, (self.head_weight, self.head_bias) = decoder.norm, _linear(model.lm_head)
         config = model.config
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.scale = decoder.layers[0].self_attn.scaling
@@ -68,4 +82,4 @@ class LeanDecoder:
             attention = attend(index, query, key, value, self.scale).reshape(hidden.shape[0], -1)
             hidden = ops.mlp_block(hidden, attention, *after)
         last = rms_norm(hidden[logit_rows], self.norm.weight, self.norm.variance_epsilon)
-        return ops.linear(last, self.head.weight, self.head.bias)
+        return ops.linear(last, self.head_weight, self.head_bias)

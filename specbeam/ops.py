@@ -94,11 +94,14 @@ def linear(x, weight, bias=None, backend=None):
     """x [M, K] @ weight.T + bias -> [M, N], weight [N, K] in nn.Linear's layout. The C++ kernel streams each
     weight row once for all M rows and is batch invariant: a row's result is bitwise the same whatever the
     other rows and the thread count (csrc/kernels/linear.h); it takes contiguous float32 / float64 (other
-    dtypes get F.linear unless backend="cpp" is forced).
+    dtypes get F.linear unless backend="cpp" is forced). Under float32 x the weight may be bfloat16: each element
+    is widened exactly, so a bfloat16-exact float32 weight gives the same bits from half the bytes.
     There is no Triton kernel: CUDA tensors (and backend="triton") get torch's F.linear, without that promise."""
     chosen = _pick(backend, x.device)
     if chosen == "cpp" and (backend == "cpp" or x.dtype in (torch.float32, torch.float64)):
         return _cpp().linear(x, weight, bias)
+    if weight.dtype == torch.bfloat16 and x.dtype == torch.float32:
+        weight = weight.float()  # exact
     return F.linear(x, weight, bias)
 
 

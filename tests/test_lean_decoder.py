@@ -1,13 +1,16 @@
 """The lean decoder stands in for the forward of Llama, Mistral and Qwen2: the same logits as the model's own
 forward through specbeam's attention (float64), so every parity test of the engine runs through it. Other
-models, and `lean_decoder=False`, run their own forward."""
+models, and `lean_decoder=False`, run their own forward. A float32 model whose weights bfloat16 holds exactly
+runs on their bfloat16 copies, with the same bits."""
+import copy
+
 import pytest
 import torch
 
-from specbeam import Engine, ops
+from specbeam import Engine, lean_decoder, ops
 from specbeam.cache import BlockTable
 from specbeam.lean_decoder import unsupported_reason
-from tiny_models import tiny_model
+from tiny_models import left_padded_batch, tiny_model
 
 
 @torch.no_grad()
@@ -101,3 +104,57 @@ def test_cpp_layer_halves_name_bad_arguments():
         ops.attention_inputs(hidden, *before[:-3], before[-3][:2], before[-2], before[-1], backend="cpp")
     with pytest.raises(TypeError, match="hidden"):
         ops.mlp_block(hidden.int(), attention, *after, backend="cpp")
+
+
+def _float32_llama(bfloat16_exact: bool):
+    """tiny_model("llama") in float32, every weight rounded through bfloat16 when bfloat16_exact."""
+    model = copy.deepcopy(tiny_model("llama")).float()
+    if bfloat16_exact:
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.copy_(parameter.to(torch.bfloat16).float())
+    return model
+
+
+def _linear_weights(engine: Engine) -> list[torch.Tensor]:
+    lean = engine.runner.lean
+    layers = [(before[2], before[4], before[6], after[0], after[4], after[6], after[8]) for before, after in lean.layers]
+    return [w for layer in layers for w in layer] + [lean.head_weight]
+
+
+@needs_cpp
+def test_bfloat16_exact_weights_are_read_as_bfloat16(monkeypatch):
+    model = _float32_llama(bfloat16_exact=True)
+    assert {w.dtype for w in _linear_weights(Engine(model))} == {torch.bfloat16}
+    monkeypatch.setattr(lean_decoder, "bfloat16_if_exact", lambda weight: weight)
+    assert {w.dtype for w in _linear_weights(Engine(model))} == {torch.float32}
+
+
+def test_bfloat16_if_exact_only_when_lossless(monkeypatch):
+    exact = torch.randn(6, 5).to(torch.bfloat16).float()
+    if ops._load_cpp()[0] is not None:
+        compact = lean_decoder.bfloat16_if_exact(exact)
+        assert compact.dtype == torch.bfloat16 and torch.equal(compact.float(), exact)
+    inexact = exact.clone()
+    inexact[3, 2] = torch.nextafter(inexact[3, 2], torch.tensor(2.0))  # one element off the bfloat16 grid
+    for weight in (inexact, exact.double(), _float32_llama(bfloat16_exact=False).lm_head.weight):
+        assert lean_decoder.bfloat16_if_exact(weight) is weight
+    monkeypatch.setattr(ops, "_load_cpp", lambda: (None, "not built"))  # the reference path takes no bfloat16
+    assert lean_decoder.bfloat16_if_exact(exact) is exact
+
+
+@needs_cpp
+@pytest.mark.parametrize("draft", [None, "ngram"])
+def test_bfloat16_weights_give_the_same_tokens_and_logits(monkeypatch, draft):
+    """Greedy tokens and every logit bitwise the same with the weights read as bfloat16 as with float32."""
+    model = _float32_llama(bfloat16_exact=True)
+    input_ids, attention_mask = left_padded_batch()
+    kwargs = dict(attention_mask=attention_mask, max_new_tokens=12, do_sample=False, output_logits=True,
+                  return_dict_in_generate=True)
+    compact = Engine(model, draft).generate(input_ids, **kwargs)
+    monkeypatch.setattr(lean_decoder, "bfloat16_if_exact", lambda weight: weight)
+    full = Engine(model, draft).generate(input_ids, **kwargs)
+    assert torch.equal(compact.sequences, full.sequences)
+    assert len(compact.logits) == len(full.logits) == 12
+    for ours, theirs in zip(compact.logits, full.logits):
+        assert ours.dtype == torch.float32 and torch.equal(ours, theirs)

@@ -1,5 +1,6 @@
 """linear: x @ weight.T + bias against float64 torch, batch invariance (bitwise, any M, any row position, any
-thread count) and input checks naming the argument."""
+thread count), bfloat16 weights under float32 x (bitwise the float32 weight's result when it is bfloat16-exact)
+and input checks naming the argument."""
 import pytest
 import torch
 
@@ -39,18 +40,47 @@ def test_matches_float64_torch(backend, device, dtype, rtol, with_bias, m, k, n)
 
 @pytest.mark.parametrize("backend", ["cpp"])
 @pytest.mark.parametrize("num_threads", [1, 2])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype, weight_dtype", [(torch.float32,) * 2, (torch.float64,) * 2,
+                                                  (torch.float32, torch.bfloat16)])
 @pytest.mark.parametrize("k, n", [(37, 5), (384, 131), (61, 64)])
-def test_each_row_is_bitwise_the_same_in_any_batch(backend, threads, num_threads, dtype, k, n):
+def test_each_row_is_bitwise_the_same_in_any_batch(backend, threads, num_threads, dtype, weight_dtype, k, n):
     """Row i of linear(x) == linear(x[a:b])[i - a] bitwise, for every window [a, b) around i: the row alone,
     at every position of a batch of M = 1 ... 33 rows, whatever the thread count."""
     threads(num_threads)
     x, weight, bias = operands(33, k, n, dtype, seed=k)
+    weight = weight.to(weight_dtype)
     alone = torch.stack([ops.linear(x[i : i + 1], weight, bias, backend=backend)[0] for i in range(33)])
     for m in range(1, 34):
         for start in range(34 - m):
             batch = ops.linear(x[start : start + m], weight, bias, backend=backend)
             assert torch.equal(batch, alone[start : start + m]), (m, start)
+
+
+@pytest.mark.parametrize("backend", ["cpp"])
+@pytest.mark.parametrize("num_threads", [1, 2])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("k, n", [(37, 5), (384, 131), (61, 64), (896, 9)])
+def test_bfloat16_weight_gives_the_bits_of_its_exact_float32(backend, threads, num_threads, with_bias, k, n):
+    """A float32 weight that bfloat16 holds exactly: its bfloat16 copy gives bitwise the same out, any M."""
+    threads(num_threads)
+    x, weight, bias = operands(33, k, n, torch.float32, seed=k + 1)
+    compact = weight.to(torch.bfloat16)
+    exact = compact.float()
+    assert not torch.equal(exact, weight)  # the rounding did something: the operands differ from the test above
+    bias = bias if with_bias else None
+    for m in range(1, 34):
+        out = ops.linear(x[:m], compact, bias, backend=backend)
+        assert out.dtype == torch.float32
+        assert torch.equal(out, ops.linear(x[:m], exact, bias, backend=backend)), m
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_bfloat16_weight_without_the_cpp_kernel(backend):
+    """The torch backends take a bfloat16 weight under float32 x too: as its exact float32."""
+    x, weight, bias = operands(5, 37, 7, torch.float32)
+    compact = weight.to(torch.bfloat16)
+    assert torch.equal(ops.linear(x, compact, bias, backend=backend),
+                       torch.nn.functional.linear(x, compact.float(), bias))
 
 
 @pytest.mark.parametrize("backend", ["cpp"])
@@ -86,6 +116,10 @@ def bad_inputs():
         ("bias", x, weight, bias[:5], ValueError),
         ("bias", x, weight, bias.double(), TypeError),
         ("bias", x, weight, torch.zeros(12)[::2], ValueError),  # not contiguous
+        ("weight", x.double(), weight.bfloat16(), bias.double(), TypeError),  # bfloat16 only under float32
+        ("x", x.bfloat16(), weight.bfloat16(), bias, TypeError),
+        ("weight", x, weight.bfloat16().T.contiguous().T, bias, ValueError),  # not contiguous
+        ("bias", x, weight.bfloat16(), bias.bfloat16(), TypeError),  # float32 as x, not as the weight
     ]
 
 
