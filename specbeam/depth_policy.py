@@ -1,7 +1,8 @@
 """Adaptive draft depth: each round drafts as deep as pays on this machine. Every depth d in 0..max_depth is
 an arm (d = 0 is a plain step, a tree of the root alone) whose worth is the decoding steps it advanced per
-second of wall time, an exponential moving average over the rounds that ran it. Each untried depth runs once,
-deepest first; then the best one runs, and another at random one round in `1 / explore`.
+second of wall time: discounted sums of steps and of seconds over the rounds that ran it, divided. Each untried
+depth runs once, deepest first; then the best one runs, and one round in `1 / explore` a neighbour of it (one
+deeper or shallower: costs drift slowly, and a far depth is an expensive try).
 
 Which depth runs never changes the output (every depth is lossless), only the speed; the policy draws from its
 own `random.Random`, never from torch's generators, so seeded sampling stays reproducible."""
@@ -25,10 +26,11 @@ class DepthPolicy:
         untried = [d for d in range(self.max_depth, -1, -1) if d not in self.totals]
         if untried:
             return untried[0]
-        if self.rng.random() < self.explore:
-            return self.rng.randrange(self.max_depth + 1)
         rates = self.steps_per_second
-        return max(rates, key=rates.get)
+        best = max(rates, key=rates.get)
+        if self.rng.random() < self.explore:
+            return min(max(best + self.rng.choice((-1, 1)), 0), self.max_depth)
+        return best
 
     def record(self, depth: int, steps: int, seconds: float) -> None:
         past_steps, past_seconds = self.totals.get(depth, (0.0, 0.0))

@@ -21,10 +21,12 @@ def test_policy_tries_each_depth_deepest_first_then_runs_the_fastest():
     assert policy.choose() == 3
 
 
-def test_policy_explores_at_its_rate():
-    policy = DepthPolicy(max_depth=4, explore=0.5, totals={d: (float(d), 1.0) for d in range(5)})
+def test_policy_explores_the_neighbours_of_the_best_at_its_rate():
+    policy = DepthPolicy(max_depth=4, explore=0.5, totals={d: (float(d == 2), 1.0) for d in range(5)})
     picks = [policy.choose() for _ in range(400)]
-    assert 0.5 < picks.count(4) / 400 < 0.75 and len(set(picks)) == 5
+    assert 0.4 < picks.count(2) / 400 < 0.6 and set(picks) == {1, 2, 3}
+    policy.totals[0] = (5.0, 1.0)  # at depth 0 the only neighbour is depth 1
+    assert set(policy.choose() for _ in range(100)) == {0, 1}
 
 
 def test_a_policy_that_prefers_plain_steps_drafts_nothing_and_changes_nothing():
