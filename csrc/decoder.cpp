@@ -11,9 +11,7 @@ namespace {
 // y = x W^T + b: the batch-invariant kernel where it applies (float32 / float64, or a bfloat16 weight under
 // float32 x, widened exactly), else ATen's
 at::Tensor dense(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
-  const at::ScalarType dtype = x.scalar_type(), wtype = weight.scalar_type();
-  if ((dtype == at::kFloat || dtype == at::kDouble) &&
-      (wtype == dtype || (dtype == at::kFloat && wtype == at::kBFloat16))) {
+  if (linear_takes(x.scalar_type(), weight.scalar_type())) {
     return specbeam::linear(x.contiguous(), weight.contiguous(), bias);
   }
   return at::linear(x, weight, bias);

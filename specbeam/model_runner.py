@@ -22,7 +22,6 @@ class StepMetadata:
     slot_mapping: torch.Tensor  # [num_tokens]
     plan: tuple  # from `ops.plan_attention`
 
-
     def attend(self, layer: int, query, key, value, scale: float | None = None) -> torch.Tensor:
         """Store this forward's K/V in the paged cache, then attend over it.
         query: [T, Hq, D]; key, value: [T, Hkv, D] -> [T, Hq, D]."""
@@ -58,10 +57,10 @@ def check_model(model: PreTrainedModel) -> None:
 class ModelRunner:
     """Owns one model's cache geometry and runs packed forwards through the attention hook."""
 
-    def __init__(self, model: PreTrainedModel, config: EngineConfig):
+    def __init__(self, model: PreTrainedModel, engine_config: EngineConfig):
         check_model(model)
-        self.model, self.attention_backend = model, config.attention_backend
-        use_lean = config.lean_decoder and unsupported_reason(model) is None
+        self.model, self.attention_backend = model, engine_config.attention_backend
+        use_lean = engine_config.lean_decoder and unsupported_reason(model) is None
         self.lean = LeanDecoder(model) if use_lean else None
         config = model.config.get_text_config()
         self.num_layers = config.num_hidden_layers
