@@ -1,4 +1,4 @@
-// Torch glue of the small-M linear kernel: checks, dtype dispatch, blocks of weight rows in parallel.
+// Torch glue of the small-M linear kernel: checks, dtype dispatch, groups of panels in parallel.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -10,39 +10,36 @@
 namespace specbeam {
 namespace {
 
-// out = x @ weight.T + bias over whole blocks of weight rows per thread; the split cannot change a sum
+// out = x @ weight.T + bias over whole panels per thread; the split cannot change a sum
 template <typename T, typename WT>
-void run_linear(const at::Tensor& x, const WT* weight, const std::optional<at::Tensor>& bias, int64_t N,
-                at::Tensor& out) {
-  const LinearArgs<T, WT> args{x.data_ptr<T>(), weight, bias ? bias->data_ptr<T>() : nullptr, out.data_ptr<T>(),
-                               x.size(0), x.size(1), N};
-  const int64_t blocks = (N + kWeightRows - 1) / kWeightRows;
-  at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
-    linear_columns(args, begin * kWeightRows, std::min(end * kWeightRows, N));
-  });
+void run_linear(const at::Tensor& x, const WT* packed, const std::optional<at::Tensor>& bias, at::Tensor& out) {
+  const LinearArgs<T, WT> args{x.data_ptr<T>(), packed, bias ? bias->data_ptr<T>() : nullptr, out.data_ptr<T>(),
+                               x.size(0), x.size(1), out.size(1)};
+  at::parallel_for(0, linear_unit_count<T>(args.N), 4,
+                   [&](int64_t begin, int64_t end) { linear_units(args, begin, end); });
 }
 
 }  // namespace
 
-at::Tensor linear(const at::Tensor& x,                    // [M, K] float32 / float64, contiguous
-                  const at::Tensor& weight,               // [N, K] as x, or bfloat16 under float32 x
+at::Tensor linear(const at::Tensor& x,                      // [M, K] float32 / float64, contiguous
+                  const at::Tensor& packed,                 // [N, K] elements, packed (kernels/linear.h)
                   const std::optional<at::Tensor>& bias) {  // [N] as x
   check_tensor(x, "x", {-1, -1}, {at::kFloat, at::kDouble});
   if (x.scalar_type() == at::kFloat) {
-    check_tensor(weight, "weight", {-1, x.size(1)}, {at::kFloat, at::kBFloat16});
+    check_tensor(packed, "weight", {-1, x.size(1)}, {at::kFloat, at::kBFloat16});
   } else {
-    check_tensor(weight, "weight", {-1, x.size(1)}, {x.scalar_type()});
+    check_tensor(packed, "weight", {-1, x.size(1)}, {x.scalar_type()});
   }
-  if (bias) check_tensor(*bias, "bias", {weight.size(0)}, {x.scalar_type()});
+  if (bias) check_tensor(*bias, "bias", {packed.size(0)}, {x.scalar_type()});
   require(x.is_contiguous(), "x must be contiguous");
-  require(weight.is_contiguous(), "weight must be contiguous");
+  require(packed.is_contiguous(), "weight must be contiguous");
   require(!bias || bias->is_contiguous(), "bias must be contiguous");
-  auto out = at::empty({x.size(0), weight.size(0)}, x.options());
-  if (weight.scalar_type() == at::kBFloat16) {  // widened exactly to float32 in the kernel
-    run_linear<float>(x, reinterpret_cast<const BFloat16Bits*>(weight.data_ptr()), bias, weight.size(0), out);
+  auto out = at::empty({x.size(0), packed.size(0)}, x.options());
+  if (packed.scalar_type() == at::kBFloat16) {  // widened exactly to float32 in the kernel
+    run_linear<float>(x, reinterpret_cast<const BFloat16Bits*>(packed.data_ptr()), bias, out);
   } else {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "specbeam_linear", [&] {
-      run_linear<scalar_t>(x, weight.data_ptr<scalar_t>(), bias, weight.size(0), out);
+      run_linear<scalar_t>(x, packed.data_ptr<scalar_t>(), bias, out);
     });
   }
   return out;  // [M, N]

@@ -15,8 +15,8 @@ class EngineConfig:
     "triton" forces one (None: Triton on CUDA, else the C++ extension when built, else the reference).
     lean_decoder: run Llama, Mistral and Qwen2 through `specbeam.lean_decoder` (the same maths without
     transformers' module machinery); False runs every model's own forward. It takes the weights when the
-    engine is made (on the CPU, a bfloat16 copy of those that are bfloat16-exact): make a new engine after
-    changing a model's weights in place.
+    engine is made (with the C++ extension, a copy packed for its linear kernel, in bfloat16 where that is
+    exact): make a new engine after changing a model's weights in place.
     """
 
     block_size: int = 16

@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 from transformers import PreTrainedModel
 
-from specbeam import ops
+from specbeam import linear_weight, ops
 from specbeam.reference.decoder import rms_norm
 
 LEAN_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -28,22 +28,8 @@ def unsupported_reason(model: PreTrainedModel) -> str | None:
     return None
 
 
-def bfloat16_if_exact(weight: torch.Tensor) -> torch.Tensor:
-    """The weight's bfloat16 copy where that changes no result, else the weight itself.
-
-    Lossless: the copy is taken only for a float32 CPU weight whose every element survives the round trip
-    through bfloat16 bit for bit (as in a model stored in bfloat16 and upcast at load), and only when the C++
-    linear is built, which widens each bfloat16 element back to exactly that float32 and runs the same fused
-    multiply-adds: the same bits out, from half the bytes read."""
-    if weight.dtype != torch.float32 or weight.device.type != "cpu" or ops._load_cpp()[0] is None:
-        return weight
-    compact = weight.detach().to(torch.bfloat16)
-    same_bits = torch.equal(compact.float().view(torch.int32), weight.detach().view(torch.int32))
-    return compact if same_bits else weight
-
-
 def _linear(module: torch.nn.Linear) -> tuple:
-    return bfloat16_if_exact(module.weight), module.bias
+    return linear_weight.prepare(module.weight, ops._load_cpp()[0] is not None), module.bias
 
 
 def _layer_weights(layer) -> tuple[tuple, tuple]:

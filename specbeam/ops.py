@@ -6,6 +6,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from specbeam import linear_weight
 from specbeam.reference import decoder as _ref_decoder
 from specbeam.reference import paged_attention as _ref_attention
 from specbeam.reference import sampling as _ref_sampling
@@ -91,15 +92,17 @@ def paged_attention(
 
 
 def linear(x, weight, bias=None, backend=None):
-    """x [M, K] @ weight.T + bias -> [M, N], weight [N, K] in nn.Linear's layout. The C++ kernel streams each
-    weight row once for all M rows and is batch invariant: a row's result is bitwise the same whatever the
-    other rows and the thread count (csrc/kernels/linear.h); it takes contiguous float32 / float64 (other
+    """x [M, K] @ weight.T + bias -> [M, N]; weight [N, K] in nn.Linear's layout, or a `LinearWeight` prepared
+    once (`specbeam.linear_weight.prepare`). The C++ kernel reads the weight packed into column panels (packing
+    an unprepared one on every call) and is batch invariant: a row's result is bitwise the same whatever the
+    other rows and the thread count (csrc/kernels/linear.h); it takes contiguous float32 / float64 x (other
     dtypes get F.linear unless backend="cpp" is forced). Under float32 x the weight may be bfloat16: each element
     is widened exactly, so a bfloat16-exact float32 weight gives the same bits from half the bytes.
     There is no Triton kernel: CUDA tensors (and backend="triton") get torch's F.linear, without that promise."""
     chosen = _pick(backend, x.device)
     if chosen == "cpp" and (backend == "cpp" or x.dtype in (torch.float32, torch.float64)):
-        return _cpp().linear(x, weight, bias)
+        return _cpp().linear(x, linear_weight.for_kernel(weight, x.dtype), bias)
+    weight = linear_weight.for_torch(weight)
     if weight.dtype == torch.bfloat16 and x.dtype == torch.float32:
         weight = weight.float()  # exact
     return F.linear(x, weight, bias)
@@ -166,19 +169,22 @@ def stochastic_verify(parents, num_nodes, draft_tokens, target_probs, draft_prob
 def attention_inputs(hidden, norm_weight, eps, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, cos, sin,
                      head_dim, *, backend=None):
     """A decoder layer up to its attention: rmsnorm, q/k/v projections, rope -> (query, key, value);
-    see `specbeam.reference.decoder`. No Triton kernel: CUDA runs the reference's torch ops."""
-    args = (hidden, norm_weight, eps, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, cos, sin, head_dim)
-    if _pick(backend, hidden.device) == "cpp":
-        return _cpp().attention_inputs(*args)
-    return _ref_decoder.attention_inputs(*args)
+    see `specbeam.reference.decoder`. Weights as `linear` takes them. No Triton kernel: CUDA runs the reference's torch ops."""
+    cpp = _pick(backend, hidden.device) == "cpp"
+    q, k, v = (_layer_weight(w, hidden.dtype, cpp) for w in (q_weight, k_weight, v_weight))
+    args = (hidden, norm_weight, eps, q, q_bias, k, k_bias, v, v_bias, cos, sin, head_dim)
+    return _cpp().attention_inputs(*args) if cpp else _ref_decoder.attention_inputs(*args)
 
 
 def mlp_block(hidden, attention, o_weight, o_bias, norm_weight, eps, gate_weight, gate_bias, up_weight, up_bias,
               down_weight, down_bias, *, backend=None):
     """A decoder layer after its attention: o projection, residual, rmsnorm, SwiGLU MLP, residual;
     see `specbeam.reference.decoder`. No Triton kernel: CUDA runs the reference's torch ops."""
-    args = (hidden, attention, o_weight, o_bias, norm_weight, eps, gate_weight, gate_bias, up_weight, up_bias,
-            down_weight, down_bias)
-    if _pick(backend, hidden.device) == "cpp":
-        return _cpp().mlp_block(*args)
-    return _ref_decoder.mlp_block(*args)
+    cpp = _pick(backend, hidden.device) == "cpp"
+    o, gate, up, down = (_layer_weight(w, hidden.dtype, cpp) for w in (o_weight, gate_weight, up_weight, down_weight))
+    args = (hidden, attention, o, o_bias, norm_weight, eps, gate, gate_bias, up, up_bias, down, down_bias)
+    return _cpp().mlp_block(*args) if cpp else _ref_decoder.mlp_block(*args)
+
+
+def _layer_weight(weight, x_dtype: torch.dtype, cpp: bool) -> torch.Tensor:  # [N, K]
+    return linear_weight.for_kernel(weight, x_dtype) if cpp else linear_weight.for_torch(weight)

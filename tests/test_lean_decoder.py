@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from specbeam import Engine, lean_decoder, ops
+from specbeam import Engine, linear_weight, ops
 from specbeam.cache import BlockTable
 from specbeam.config import SpecConfig
 from specbeam.lean_decoder import unsupported_reason
@@ -120,31 +120,33 @@ def _float32_llama(bfloat16_exact: bool):
     return model
 
 
-def _linear_weights(engine: Engine) -> list[torch.Tensor]:
+def _packed_weights(engine: Engine) -> list[torch.Tensor | None]:
     lean = engine.runner.lean
     layers = [(before[2], before[4], before[6], after[0], after[4], after[6], after[8]) for before, after in lean.layers]
-    return [w for layer in layers for w in layer] + [lean.head_weight]
+    return [w.packed for layer in layers for w in layer] + [lean.head_weight.packed]
 
 
 @needs_cpp
 def test_bfloat16_exact_weights_are_read_as_bfloat16(monkeypatch):
     model = _float32_llama(bfloat16_exact=True)
-    assert {w.dtype for w in _linear_weights(Engine(model))} == {torch.bfloat16}
-    monkeypatch.setattr(lean_decoder, "bfloat16_if_exact", lambda weight: weight)
-    assert {w.dtype for w in _linear_weights(Engine(model))} == {torch.float32}
+    assert {w.dtype for w in _packed_weights(Engine(model))} == {torch.bfloat16}
+    monkeypatch.setattr(linear_weight, "bfloat16_if_exact", lambda weight: weight)
+    assert {w.dtype for w in _packed_weights(Engine(model))} == {torch.float32}
 
 
-def test_bfloat16_if_exact_only_when_lossless(monkeypatch):
+def test_the_torch_backends_read_the_model_weights_as_they_are(monkeypatch):
+    monkeypatch.setattr(ops, "_load_cpp", lambda: (None, "not built"))
+    assert set(_packed_weights(Engine(_float32_llama(bfloat16_exact=True)))) == {None}
+
+
+def test_bfloat16_if_exact_only_when_lossless():
     exact = torch.randn(6, 5).to(torch.bfloat16).float()
-    if ops._load_cpp()[0] is not None:
-        compact = lean_decoder.bfloat16_if_exact(exact)
-        assert compact.dtype == torch.bfloat16 and torch.equal(compact.float(), exact)
+    compact = linear_weight.bfloat16_if_exact(exact)
+    assert compact.dtype == torch.bfloat16 and torch.equal(compact.float(), exact)
     inexact = exact.clone()
     inexact[3, 2] = torch.nextafter(inexact[3, 2], torch.tensor(2.0))  # one element off the bfloat16 grid
     for weight in (inexact, exact.double(), _float32_llama(bfloat16_exact=False).lm_head.weight):
-        assert lean_decoder.bfloat16_if_exact(weight) is weight
-    monkeypatch.setattr(ops, "_load_cpp", lambda: (None, "not built"))  # the reference path takes no bfloat16
-    assert lean_decoder.bfloat16_if_exact(exact) is exact
+        assert linear_weight.bfloat16_if_exact(weight) is weight
 
 
 @needs_cpp
@@ -156,7 +158,7 @@ def test_bfloat16_weights_give_the_same_tokens_and_logits(monkeypatch, draft):
     kwargs = dict(attention_mask=attention_mask, max_new_tokens=12, do_sample=False, output_logits=True,
                   return_dict_in_generate=True)
     compact = Engine(model, draft, spec=FIXED_DEPTH).generate(input_ids, **kwargs)
-    monkeypatch.setattr(lean_decoder, "bfloat16_if_exact", lambda weight: weight)
+    monkeypatch.setattr(linear_weight, "bfloat16_if_exact", lambda weight: weight)
     full = Engine(model, draft, spec=FIXED_DEPTH).generate(input_ids, **kwargs)
     assert torch.equal(compact.sequences, full.sequences)
     assert len(compact.logits) == len(full.logits) == 12

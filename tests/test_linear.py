@@ -1,10 +1,11 @@
 """linear: x @ weight.T + bias against float64 torch, batch invariance (bitwise, any M, any row position, any
-thread count), bfloat16 weights under float32 x (bitwise the float32 weight's result when it is bfloat16-exact)
-and input checks naming the argument."""
+thread count), bfloat16 weights under float32 x (bitwise the float32 weight's result when it is bfloat16-exact),
+the packed layout, weights prepared once against packed per call, and input checks naming the argument."""
 import pytest
 import torch
 
 from specbeam import ops
+from specbeam.linear_weight import LinearWeight, pack, panel_columns, prepare
 
 BACKENDS = ("reference", "triton", "cpp")  # "triton" is torch's F.linear: there is no Triton kernel
 SHAPES = [(m, 37, 5) for m in range(1, 21)] + [(1, 1, 3), (4, 8, 4), (9, 384, 896), (16, 896, 384), (7, 19, 131)]
@@ -100,6 +101,10 @@ def test_empty_sizes(backend):
     assert ops.linear(x, weight[:0], bias[:0], backend=backend).shape == (3, 0)
 
 
+def packed(weight):  # a prepared weight whose packed tensor is `weight` itself, contiguous or not
+    return LinearWeight(weight, weight)
+
+
 def bad_inputs():
     """(name, x, weight, bias, error): one bad argument each, the others valid."""
     x, weight, bias = operands(4, 8, 6, torch.float32)
@@ -111,14 +116,15 @@ def bad_inputs():
         ("x", x[None], weight, bias, ValueError),
         ("weight", x, weight.double(), bias, TypeError),
         ("weight", x, weight[:, :7], bias, ValueError),  # K does not match x
-        ("weight", x, weight.T.contiguous().T, bias, ValueError),  # not contiguous
+        ("weight", x, packed(weight.T.contiguous().T), bias, ValueError),  # not contiguous
         ("weight", x, weight[None], bias, ValueError),
         ("bias", x, weight, bias[:5], ValueError),
         ("bias", x, weight, bias.double(), TypeError),
         ("bias", x, weight, torch.zeros(12)[::2], ValueError),  # not contiguous
         ("weight", x.double(), weight.bfloat16(), bias.double(), TypeError),  # bfloat16 only under float32
         ("x", x.bfloat16(), weight.bfloat16(), bias, TypeError),
-        ("weight", x, weight.bfloat16().T.contiguous().T, bias, ValueError),  # not contiguous
+        ("weight", x, packed(weight.bfloat16().T.contiguous().T), bias, ValueError),  # not contiguous
+        ("bias", x, LinearWeight(weight, weight[:4]), bias, ValueError),  # the packed N is not the bias length
         ("bias", x, weight.bfloat16(), bias.bfloat16(), TypeError),  # float32 as x, not as the weight
     ]
 
@@ -129,3 +135,34 @@ def test_bad_input_names_the_argument(backend, case):
     name, x, weight, bias, error = bad_inputs()[case]
     with pytest.raises(error, match=name):
         ops.linear(x, weight, bias, backend=backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 16, 37])
+def test_pack_layout(dtype, n):
+    """Panel p row k holds weight[p P + c, k] (bfloat16: columns in the order 0, 8, 1, 9, ...), then the tail."""
+    k = 3
+    weight = torch.arange(n * k, dtype=dtype).view(n, k)
+    out = pack(weight).reshape(-1)
+    p = panel_columns(dtype)
+    full = n // p * p
+    order = [c for pair in zip(range(8), range(8, 16)) for c in pair] if dtype == torch.bfloat16 else range(p)
+    expected = [weight[q * p + c, kk] for q in range(n // p) for kk in range(k) for c in order]
+    expected += [weight[full + c, kk] for kk in range(k) for c in range(n - full)]
+    assert pack(weight).shape == (n, k) and torch.equal(out, torch.stack(expected))
+
+
+@pytest.mark.parametrize("backend", ["cpp"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bfloat16_exact", [True, False])
+def test_prepared_weight_gives_the_bits_of_the_plain_one(backend, dtype, bfloat16_exact):
+    """prepare() packs once (from bfloat16 where exact, and only then); the result is the plain weight's."""
+    x, weight, bias = operands(7, 61, 37, dtype)
+    if bfloat16_exact:
+        weight = weight.to(torch.bfloat16).to(dtype)
+    prepared = prepare(weight, cpp_kernel=True)
+    compact = bfloat16_exact and dtype == torch.float32
+    assert prepared.weight is weight and prepared.packed.dtype == (torch.bfloat16 if compact else dtype)
+    assert torch.equal(ops.linear(x, prepared, bias, backend=backend), ops.linear(x, weight, bias, backend=backend))
+    assert prepare(weight, cpp_kernel=False).packed is None
+    assert torch.equal(ops.linear(x, prepared, bias, backend="reference"), torch.nn.functional.linear(x, weight, bias))
