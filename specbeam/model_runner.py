@@ -76,6 +76,11 @@ class ModelRunner:
     def dtype(self) -> torch.dtype:
         return self.model.dtype
 
+    @property
+    def vocab_size(self) -> int:
+        """Logits per scored token: the output embedding's rows."""
+        return self.model.get_output_embeddings().weight.shape[0]
+
     def bytes_per_token(self) -> int:
         """KV bytes one position costs across all layers (K and V)."""
         element = torch.empty((), dtype=self.dtype).element_size()

@@ -189,6 +189,8 @@ class SpeculativeScheduler(Scheduler):
 
     def _beam_round(self, search: BeamSearch, trace: Trace, scores: list, raw: list) -> None:
         """Replay beam steps from one target pass while every running beam is a tree node."""
+        if self.depth == 0:
+            return self._plain_beam_step(search, trace, scores, raw)
         rows = self._active_beams(search).nonzero()[:, 0].tolist()
         running = search.running_sequences().tolist()
         trees, logits, starts = self._score_trees(rows, [running[r] for r in rows])
@@ -210,6 +212,17 @@ class SpeculativeScheduler(Scheduler):
         if any(len(t) > 1 for t in trees):
             self._count_accepted(replayed - 1)
         self._commit_beams(origin, starts, tree_of)
+
+    def _plain_beam_step(self, search: BeamSearch, trace: Trace, scores: list, raw: list) -> None:
+        """A round that drafts nothing is a plain beam step: the roots' K/V join their own beams, which the
+        new beams then fork, and the draft's tables follow the same parents (their pending tokens wait)."""
+        roots = search.running_sequences()[:, -1]
+        uniform = torch.zeros(self.runner.vocab_size, device=roots.device)
+        self._beam_step(search, self._step_rows(self._active_beams(search).nonzero()[:, 0], roots, uniform), trace,
+                        scores, raw)
+        parents = search.parents()
+        self._reorder(parents)
+        self.drafter.commit([(p, []) for p in parents.tolist()])
 
     def _follow(self, search: BeamSearch, trees, tree_of, origin):
         """Each new running beam's origin; `inside` says whether all of them are tree nodes."""

@@ -21,12 +21,16 @@ def test_policy_tries_each_depth_deepest_first_then_runs_the_fastest():
     assert policy.choose() == 3
 
 
-def test_policy_explores_the_neighbours_of_the_best_at_its_rate():
-    policy = DepthPolicy(max_depth=4, explore=0.5, totals={d: (float(d == 2), 1.0) for d in range(5)})
-    picks = [policy.choose() for _ in range(400)]
-    assert 0.4 < picks.count(2) / 400 < 0.6 and set(picks) == {1, 2, 3}
-    policy.totals[0] = (5.0, 1.0)  # at depth 0 the only neighbour is depth 1
-    assert set(policy.choose() for _ in range(100)) == {0, 1}
+def test_policy_explores_the_neighbours_of_the_best_less_the_slower_they_are():
+    rates = {0: 0.0, 1: 1.0, 2: 1.0, 3: 0.5, 4: 1.0}  # depth 1 is first among the fastest: the best
+    policy = DepthPolicy(max_depth=4, explore=0.5, totals={d: (r, 1.0) for d, r in rates.items()})
+    picks = [policy.choose() for _ in range(2000)]
+    # a neighbour as fast as the best: chosen with probability 1/2 (which one) * explore; depth 0, never
+    assert 0.2 < picks.count(2) / 2000 < 0.3 and set(picks) == {1, 2}
+    policy.totals[2] = (0.0, 1.0)
+    policy.totals[1] = (0.0, 1.0)  # now depth 4 is the best, and depth 3 (half as fast) its one neighbour
+    picks = [policy.choose() for _ in range(2000)]
+    assert 0.04 < picks.count(3) / 2000 < 0.09 and set(picks) == {3, 4}  # 1/2 * 0.5 * (1/2)^2 = 1/16
 
 
 def test_a_policy_that_prefers_plain_steps_drafts_nothing_and_changes_nothing():
