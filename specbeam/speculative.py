@@ -107,6 +107,8 @@ class SpeculativeScheduler(Scheduler):
         """Draft under every unfinished row, score every tree in one target pass, keep the verified paths."""
         request = self.request
         rows = [r for r, done in enumerate(self.finished) if not done]
+        if self.depth == 0:
+            return self._plain_token_step(padded, rows)
         trees, logits, starts = self._score_trees(rows, [padded[r] for r in rows])
         prefixes = [padded[r] + [t.tokens[n] for n in t.path(node)[1:]] for r, t in zip(rows, trees)
                     for node in range(len(t))]
@@ -121,6 +123,17 @@ class SpeculativeScheduler(Scheduler):
             self.cache.keep_path(self.tables[r], starts[i], paths[i])
             accepted[r] = paths[i]
         self.drafter.commit([(r, accepted.get(r, [0])) for r in range(len(padded))])
+
+    def _plain_token_step(self, padded: list[list[int]], rows: list[int]) -> None:
+        """A round that drafts nothing is a plain step: the roots' K/V join their rows, and each row gets the
+        token the target chooses after its root (the draft's pending tokens wait)."""
+        logits = self._forward([self.tables[r] for r in rows], [torch.tensor(padded[r][-1:]) for r in rows])
+        check_finite(logits, self.stats.steps)
+        processed = process_rows(self.request.logits_processor, [padded[r] for r in rows], logits, rows,
+                                 len(padded), log_softmax=False)
+        for r, token, scores, row_logits in zip(rows, self._choose(processed).tolist(), processed, logits):
+            self._emit(padded, r, token, scores, row_logits)
+        self.drafter.commit([(r, []) for r in range(len(padded))])
 
     def _verify(self, trees, processed) -> tuple[list[list[int]], list[int]]:
         """Batched tree verification: each tree's accepted path (node indices) and the token after it."""
