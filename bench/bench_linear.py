@@ -1,7 +1,8 @@
 """linear for the few rows of a decode step or a draft tree, over every matrix of a 5-layer model (hidden 384,
 K/V projections 128 wide, intermediate 896, vocab 4096): 35 MB of float32 weights, more than the caches hold,
-so each round streams them from memory as a decode forward does. The C++ kernel is also timed on bfloat16 copies
-of the weights (widened exactly as loaded: half the bytes to stream)."""
+so each round streams them from memory as a decode forward does. The C++ kernel reads them packed once, as the
+engine does (`specbeam.linear_weight.prepare`), and is also timed on bfloat16-exact weights, which it packs in
+bfloat16 (widened exactly as loaded: half the bytes to stream)."""
 import functools
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 
 from models import DEVICE
 from specbeam import ops
+from specbeam.linear_weight import for_torch, prepare
 
 ROWS = [1, 4, 9, 16]  # one token, and draft trees
 LAYER = [(384, 384), (128, 384), (128, 384), (384, 384), (896, 384), (896, 384), (384, 896)]  # q k v o gate up down
@@ -27,19 +29,20 @@ def inputs(rows: int) -> dict[int, torch.Tensor]:  # x [rows, in] per input widt
 
 def every_matrix(x, mats, **kwargs):
     for w in mats:
-        ops.linear(x[w.shape[1]], w, **kwargs)
+        ops.linear(x[for_torch(w).shape[1]], w, **kwargs)
 
 
 @pytest.mark.parametrize("rows", ROWS)
 def test_linear(timed, backend, rows):
     if backend == "triton":
         pytest.skip("linear has no Triton kernel: CUDA tensors get torch's F.linear, the reference")
-    timed(f"linear m{rows}", every_matrix, inputs(rows), weights(), backend=backend)
+    mats = [prepare(w, cpp_kernel=True) for w in weights()] if backend == "cpp" else weights()
+    timed(f"linear m{rows}", every_matrix, inputs(rows), mats, backend=backend)
 
 
 @functools.cache
-def bfloat16_weights() -> list[torch.Tensor]:
-    return [w.to(torch.bfloat16) for w in weights()]
+def bfloat16_weights() -> list:  # float32 weights that bfloat16 holds exactly, prepared: packed in bfloat16
+    return [prepare(w.to(torch.bfloat16).float(), cpp_kernel=True) for w in weights()]
 
 
 @pytest.mark.parametrize("rows", ROWS)

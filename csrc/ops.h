@@ -45,19 +45,14 @@ at::Tensor paged_attention(const at::Tensor& query,            // [num_queries, 
                            const std::optional<at::Tensor>& tree_mask,  // [num_queries, >= max_new] bool
                            std::optional<double> scale);
 
-// out [M, N] = x @ weight.T + bias, bitwise the same for a row of x whatever the other rows (kernels/linear.h)
-// The dtypes the batch-invariant linear takes: x and weight alike in float32 / float64, or a bfloat16 weight
-// under float32 x (widened exactly). Such weights come packed (specbeam.ops.pack_linear); the decoder layer
-// halves send other pairs, unpacked, to ATen's linear.
-inline bool linear_takes(at::ScalarType x, at::ScalarType weight) {
-  return (x == at::kFloat || x == at::kDouble) && (weight == x || (x == at::kFloat && weight == at::kBFloat16));
-}
-
+// out [M, N] = x @ weight.T + bias, bitwise the same for a row of x whatever the other rows (kernels/linear.h);
+// the weight packed by specbeam.linear_weight.pack, in x's dtype or bfloat16 under float32 x (widened exactly).
 at::Tensor linear(const at::Tensor& x,                      // [M, K] float32 / float64, contiguous
                   const at::Tensor& weight,                 // [N, K] packed, as x or bfloat16 under float32 x
                   const std::optional<at::Tensor>& bias);   // [N] as x
 
-// Llama-family decoder layer halves around attention (semantics: specbeam/reference/decoder.py).
+// Llama-family decoder layer halves around attention (semantics: specbeam/reference/decoder.py), float32 or
+// float64, each weight packed as `linear` takes it.
 // query [T, Hq, D], key and value [T, Hkv, D]
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_inputs(
     const at::Tensor& hidden,       // [T, H]

@@ -20,7 +20,7 @@ class LinearWeight:
 
 
 def kernel_takes(x: torch.dtype, weight: torch.dtype) -> bool:
-    """The dtypes the C++ linear takes, as csrc/ops.h's linear_takes: x and weight alike in float32 / float64,
+    """The dtypes the C++ linear takes, as csrc/linear.cpp checks them: x and weight alike in float32 / float64,
     or a bfloat16 weight under float32 x."""
     floats = (torch.float32, torch.float64)
     return x in floats and (weight == x or (x == torch.float32 and weight == torch.bfloat16))

@@ -108,6 +108,14 @@ def test_cpp_layer_halves_name_bad_arguments():
         ops.attention_inputs(hidden, *before[:-3], before[-3][:2], before[-2], before[-1], backend="cpp")
     with pytest.raises(TypeError, match="hidden"):
         ops.mlp_block(hidden.int(), attention, *after, backend="cpp")
+    with pytest.raises(ValueError, match="head_dim"):
+        ops.attention_inputs(hidden, *before[:-1], 5, backend="cpp")
+    with pytest.raises(ValueError, match="norm_weight"):
+        ops.attention_inputs(hidden, before[0][:-1], *before[1:], backend="cpp")
+    with pytest.raises(ValueError, match="down_weight"):
+        ops.mlp_block(hidden, attention, *after[:-2], after[-2][:, :-1], after[-1], backend="cpp")
+    with pytest.raises(ValueError, match="attention"):
+        ops.mlp_block(hidden, attention[:-1], *after, backend="cpp")
 
 
 def _float32_llama(bfloat16_exact: bool):
