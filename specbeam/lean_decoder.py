@@ -1,7 +1,7 @@
-"""A lean forward for Llama-family decoders (Llama, Mistral, Qwen2): transformers' maths op for op, on the
-model's own weights, without the module machinery (hooks, mask building, output records, kwargs plumbing)
-that costs a small model more than its arithmetic. Each layer is two ops around its attention
-(`ops.attention_inputs`, `ops.mlp_block`: one C++ call each on the CPU). Other models run their own forward."""
+"""A lean forward for Llama-family decoders (Llama, Mistral, Qwen2): transformers' maths, on the model's weights
+(packed once for the C++ linear on the CPU), without the module machinery (hooks, mask building, output records,
+kwargs plumbing) that costs a small model more than its arithmetic. Each layer is two ops around its attention
+(`attention_inputs`, `mlp_block`: one C++ call each on the CPU). Other models run their own forward."""
 from typing import Callable
 
 import torch
@@ -28,28 +28,32 @@ def unsupported_reason(model: PreTrainedModel) -> str | None:
     return None
 
 
-def _linear(module: torch.nn.Linear) -> tuple:
-    return linear_weight.prepare(module.weight, ops._load_cpp()[0] is not None), module.bias
-
-
-def _layer_weights(layer) -> tuple[tuple, tuple]:
-    """The arguments of `ops.attention_inputs` and `ops.mlp_block` that are the layer's own."""
+def _layer_weights(layer, weight) -> tuple[tuple, tuple]:
+    """The arguments of `attention_inputs` and `mlp_block` that are the layer's own; `weight` puts each linear
+    weight in the form the chosen backend reads."""
     attn, mlp, norm1, norm2 = layer.self_attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm
-    before = (norm1.weight, norm1.variance_epsilon, *_linear(attn.q_proj), *_linear(attn.k_proj),
-              *_linear(attn.v_proj))
-    after = (*_linear(attn.o_proj), norm2.weight, norm2.variance_epsilon, *_linear(mlp.gate_proj),
-             *_linear(mlp.up_proj), *_linear(mlp.down_proj))
+    q, k, v, o = (weight(m.weight) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj))
+    gate, up, down = (weight(m.weight) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+    before = (norm1.weight, norm1.variance_epsilon, q, attn.q_proj.bias, k, attn.k_proj.bias, v, attn.v_proj.bias)
+    after = (o, attn.o_proj.bias, norm2.weight, norm2.variance_epsilon, gate, mlp.gate_proj.bias, up,
+             mlp.up_proj.bias, down, mlp.down_proj.bias)
     return before, after
 
 
 class LeanDecoder:
-    """model(input_ids, position_ids, logits_to_keep) for one packed row of T tokens, attention supplied."""
+    """model(input_ids, position_ids, logits_to_keep) for one packed row of T tokens, attention supplied. The
+    backend of the layers is chosen once (`ops.layer_backend`), and the weights are put in its form then."""
 
     def __init__(self, model: PreTrainedModel):
         decoder = model.model
         self.embed, self.rotary = decoder.embed_tokens, decoder.rotary_emb
-        self.layers = [_layer_weights(layer) for layer in decoder.layers]
-        self.norm, (self.head_weight, self.head_bias) = decoder.norm, _linear(model.lm_head)
+        backend, self.ops = ops.layer_backend(model.device, model.dtype)
+
+        def weight(w: torch.Tensor) -> torch.Tensor:  # [N, K]: packed for C++, as it is for the reference
+            return linear_weight.prepare(w, cpp_kernel=True).packed if backend == "cpp" else w
+
+        self.layers = [_layer_weights(layer, weight) for layer in decoder.layers]
+        self.norm, self.head_weight, self.head_bias = decoder.norm, weight(model.lm_head.weight), model.lm_head.bias
         config = model.config
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.scale = decoder.layers[0].self_attn.scaling
@@ -64,8 +68,8 @@ class LeanDecoder:
         hidden = self.embed(input_ids)
         cos, sin = (t[0] for t in self.rotary(hidden[None], positions[None]))
         for index, (before, after) in enumerate(self.layers):
-            query, key, value = ops.attention_inputs(hidden, *before, cos, sin, self.head_dim)
+            query, key, value = self.ops.attention_inputs(hidden, *before, cos, sin, self.head_dim)
             attention = attend(index, query, key, value, self.scale).reshape(hidden.shape[0], -1)
-            hidden = ops.mlp_block(hidden, attention, *after)
+            hidden = self.ops.mlp_block(hidden, attention, *after)
         last = rms_norm(hidden[logit_rows], self.norm.weight, self.norm.variance_epsilon)
-        return ops.linear(last, self.head_weight, self.head_bias)
+        return self.ops.linear(last, self.head_weight, self.head_bias)

@@ -186,6 +186,15 @@ def mlp_block(hidden, attention, o_weight, o_bias, norm_weight, eps, gate_weight
     return _cpp().mlp_block(*args) if cpp else _ref_decoder.mlp_block(*args)
 
 
+def layer_backend(device: torch.device, dtype: torch.dtype) -> tuple[str, object]:
+    """For a model's decoder layers, chosen once: ("cpp", specbeam._C) for a float32 / float64 CPU model when the
+    extension is built, else ("reference", specbeam.reference.decoder). Each offers attention_inputs, mlp_block
+    and linear; the C++ ones read weights packed by `specbeam.linear_weight.prepare`."""
+    if _pick(None, device) == "cpp" and dtype in (torch.float32, torch.float64):
+        return "cpp", _cpp()
+    return "reference", _ref_decoder
+
+
 def _takes_layer(backend: str | None, hidden: torch.Tensor) -> bool:
     """Whether a decoder layer half runs in C++: float32 / float64 on the CPU (other dtypes: the reference)."""
     chosen = _pick(backend, hidden.device)

@@ -128,23 +128,30 @@ def _float32_llama(bfloat16_exact: bool):
     return model
 
 
-def _packed_weights(engine: Engine) -> list[torch.Tensor | None]:
+def _linear_weights(engine: Engine) -> list[torch.Tensor]:
     lean = engine.runner.lean
     layers = [(before[2], before[4], before[6], after[0], after[4], after[6], after[8]) for before, after in lean.layers]
-    return [w.packed for layer in layers for w in layer] + [lean.head_weight.packed]
+    return [w for layer in layers for w in layer] + [lean.head_weight]
+
+
+def _model_weights(model) -> list[torch.Tensor]:
+    return [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
 
 
 @needs_cpp
 def test_bfloat16_exact_weights_are_read_as_bfloat16(monkeypatch):
     model = _float32_llama(bfloat16_exact=True)
-    assert {w.dtype for w in _packed_weights(Engine(model))} == {torch.bfloat16}
+    assert {w.dtype for w in _linear_weights(Engine(model))} == {torch.bfloat16}
     monkeypatch.setattr(linear_weight, "bfloat16_if_exact", lambda weight: weight)
-    assert {w.dtype for w in _packed_weights(Engine(model))} == {torch.float32}
+    ours = _linear_weights(Engine(model))
+    assert {w.dtype for w in ours} == {torch.float32}
+    assert all(torch.equal(w, linear_weight.pack(m)) for w, m in zip(ours, _model_weights(model)))
 
 
 def test_the_torch_backends_read_the_model_weights_as_they_are(monkeypatch):
     monkeypatch.setattr(ops, "_load_cpp", lambda: (None, "not built"))
-    assert set(_packed_weights(Engine(_float32_llama(bfloat16_exact=True)))) == {None}
+    model = _float32_llama(bfloat16_exact=True)
+    assert all(w is m for w, m in zip(_linear_weights(Engine(model)), _model_weights(model)))
 
 
 def test_bfloat16_if_exact_only_when_lossless():

@@ -6,6 +6,7 @@ for op (the C++ backend runs the same ATen ops, so both give the same bits):
 """
 import torch
 import torch.nn.functional as F
+from torch.nn.functional import linear  # noqa: F401 (the head's op, under the name the C++ module gives it)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:  # x [T, H], weight [H]
