@@ -13,6 +13,7 @@ from specbeam.reference import sampling as _ref_sampling
 from specbeam.reference import tree_verify as _ref_tree_verify
 
 BACKENDS = ("reference", "triton", "cpp")
+CPP_ATTENTION_MAX_NEW = 8  # new tokens per sequence up to which the CPU's own choice attends in C++
 CPP_OPS = ("filter_probs", "sample", "greedy_verify", "stochastic_verify", "paged_attention", "linear",
            "attention_inputs", "mlp_block")
 
@@ -62,10 +63,11 @@ def plan_attention(block_tables, seq_lens, query_start_loc, tree_mask, block_siz
     chosen = _pick(backend, seq_lens.device)
     if chosen == "triton":
         return ("triton", (block_tables, seq_lens, query_start_loc, tree_mask))
-    # several new tokens per sequence (prefill, draft trees): the reference's batched SDPA beats the C++
-    # kernel's query-by-query walk (3x at 16 new tokens over 1024 keys), so the CPU's own choice takes it
-    decode = query_start_loc.shape[0] - 1 == int(query_start_loc[-1])  # one new token per sequence
-    if chosen == "cpp" and (decode or backend == "cpp"):  # the metadata as _C takes it: int64, contiguous
+    # many new tokens per sequence (prefill, big draft trees): the reference's batched SDPA beats the C++ kernel's
+    # query-by-query walk (3x at 16 new tokens over 1024 keys); up to 8, the C++ kernel wins (its plan is free)
+    new_per_seq = query_start_loc.diff()
+    few = new_per_seq.numel() == 0 or int(new_per_seq.max()) <= CPP_ATTENTION_MAX_NEW
+    if chosen == "cpp" and (few or backend == "cpp"):  # the metadata as _C takes it: int64, contiguous
         tables, lens, starts = (t.long().contiguous() for t in (block_tables, seq_lens, query_start_loc))
         return ("cpp", (tables, lens, starts, None if tree_mask is None else tree_mask.contiguous()))
     return ("reference", _ref_attention.plan_attention(block_tables, seq_lens, query_start_loc, tree_mask, block_size))
