@@ -60,6 +60,7 @@ class ModelRunner:
     def __init__(self, model: PreTrainedModel, engine_config: EngineConfig):
         check_model(model)
         self.model, self.attention_backend = model, engine_config.attention_backend
+        self.device, self.dtype = model.device, model.dtype  # where and how the weights are (read once)
         use_lean = engine_config.lean_decoder and unsupported_reason(model) is None
         self.lean = LeanDecoder(model) if use_lean else None
         config = model.config.get_text_config()
@@ -67,14 +68,6 @@ class ModelRunner:
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.sliding_window = getattr(config, "sliding_window", None)
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.model.dtype
 
     @property
     def vocab_size(self) -> int:
