@@ -4,7 +4,7 @@ import torch
 
 from specbeam import Engine
 from specbeam.depth_policy import DepthPolicy
-from test_speculative import _inputs, drafts
+from test_speculative import EOS_ONE, _inputs, drafts
 from tiny_models import tiny_model
 
 
@@ -34,14 +34,21 @@ def test_policy_explores_the_neighbours_of_the_best_less_the_slower_they_are():
 
 
 def test_a_policy_that_prefers_plain_steps_drafts_nothing_and_changes_nothing():
-    model, inputs = tiny_model("llama"), _inputs()
+    """Every round at depth 0 is a plain step: transformers' greedy and beam outputs, and for sampling the very
+    tokens of specbeam's plain sampling from the same seed (the same draws from the same distributions)."""
+    model, inputs = tiny_model("llama"), _inputs(eos=EOS_ONE)
     engine = Engine(model, draft_model=drafts()["perturbed"])
     reference = model.generate(**inputs, do_sample=False)
-    for mode in (dict(do_sample=False), dict(num_beams=4)):
-        key = (id(engine.drafter), "beam" if "num_beams" in mode else "greedy", inputs["input_ids"].shape[0])
+    for mode in (dict(do_sample=False), dict(num_beams=4), dict(do_sample=True, top_k=0)):
+        name = "beam" if "num_beams" in mode else "sample" if mode.get("do_sample") else "greedy"
+        key = (id(engine.drafter), name, inputs["input_ids"].shape[0])
         rates = {0: 1.0, 1: 0.5, 2: 0.1, 3: 0.1, 4: 0.1}
         engine.depth_policies[key] = DepthPolicy(4, explore=0.0, totals={d: (r, 1.0) for d, r in rates.items()})
+        torch.manual_seed(7)
         out = engine.generate(**inputs, **mode, return_dict_in_generate=True)
         assert out.stats.draft_passes == 0 and out.stats.rounds == 0
-        assert torch.equal(out.sequences, model.generate(**inputs, **mode))
+        torch.manual_seed(7)
+        plain = Engine(model).generate(**inputs, **mode) if name == "sample" else model.generate(**inputs, **mode)
+        assert torch.equal(out.sequences, plain)
+        assert engine.cache.allocator.num_free == engine.cache.allocator.num_blocks
     assert torch.equal(engine.generate(**inputs, do_sample=False), reference)
