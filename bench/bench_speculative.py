@@ -1,13 +1,15 @@
 """The shipped pair (on the GPU where there is one), specbeam against transformers on the same prompt, both in one run:
 greedy (plain, transformers' assisted generation, specbeam speculative with the draft model or n-gram
-prompt lookup), beam search 4 (plain, speculative) and sampling. `extra_info`: tokens/s, drafted tokens accepted per round, identical outputs."""
+prompt lookup), beam search 4 (plain, speculative) and sampling. Speculative cases run with the default adaptive
+depth, and with the draft at a fixed depth 2 ("-depth2"), which shows what the draft achieves and costs on this
+machine. `extra_info`: tokens/s, drafted tokens accepted per drafting round and by depth, identical outputs."""
 import functools
 
 import pytest
 import torch
 
 from models import DEVICE
-from specbeam import Engine
+from specbeam import Engine, SpecConfig
 from specbeam.assets import load_default_pair
 
 PROMPT = '''import os
@@ -42,14 +44,16 @@ def _generator(side: str):
         "transformers-assisted": functools.partial(target.generate, assistant_model=draft),
         "specbeam": Engine(target).generate,
         "specbeam-speculative": Engine(target, draft_model=draft).generate,
+        "specbeam-speculative-depth2": Engine(target, draft_model=draft, spec=SpecConfig(depth=2, adaptive=False)).generate,
         "specbeam-ngram": Engine(target, draft_model="ngram").generate,
     }[side]
 
 
-CASES = [("greedy", "transformers"), ("greedy", "transformers-assisted"), ("greedy", "specbeam"),
-         ("greedy", "specbeam-speculative"), ("greedy", "specbeam-ngram"), ("beam4", "transformers"),
-         ("beam4", "specbeam"), ("beam4", "specbeam-speculative"), ("beam4", "specbeam-ngram"),
-         ("sample", "transformers"), ("sample", "specbeam-speculative"), ("sample", "specbeam-ngram")]
+SIDES = {"greedy": ["transformers", "transformers-assisted", "specbeam", "specbeam-speculative",
+                     "specbeam-speculative-depth2", "specbeam-ngram"],
+         "beam4": ["transformers", "specbeam", "specbeam-speculative", "specbeam-speculative-depth2", "specbeam-ngram"],
+         "sample": ["transformers", "specbeam-speculative", "specbeam-speculative-depth2", "specbeam-ngram"]}
+CASES = [(mode, side) for mode, sides in SIDES.items() for side in sides]
 
 
 @pytest.mark.parametrize("mode, side", CASES, ids=[f"{m}-{s}" for m, s in CASES])
@@ -66,6 +70,8 @@ def test_generate(benchmark, mode, side):
     if mode != "sample":
         benchmark.extra_info["identical_to_transformers"] = bool(torch.equal(out.sequences, reference(mode)))
     stats = getattr(out, "stats", None)
+    if stats is not None:
+        benchmark.extra_info.update(target_passes=stats.target_passes, draft_passes=stats.draft_passes)
     if stats is not None and stats.rounds:
         benchmark.extra_info.update(accepted_per_round=stats.mean_accepted(),
                                     acceptance_by_depth=stats.acceptance_by_depth())
