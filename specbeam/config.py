@@ -75,10 +75,12 @@ class SamplingParams:
 class SpecConfig:
     """Shape of the draft trees.
 
-    depth: drafted tokens on each root path. width: nodes kept per depth (greedy and beam search: the best by
-    cumulative draft log-probability; sampling: i.i.d. chains under the root). branch: children expanded per
-    node (top-branch by draft probability). node_budget: drafted nodes per tree at most. Beam search widens both
-    to at least num_beams, so that a draft that agrees with the target covers every beam the target keeps.
+    depth: drafted tokens on each root path. width: nodes kept per depth (greedy: per tree, the best by
+    cumulative draft log-probability; beam search: per prompt, over all of its beams' trees, the best by beam
+    score + cumulative draft log-probability; sampling: i.i.d. chains under the root). branch: children expanded
+    per node (top-branch by draft probability). node_budget: drafted nodes per tree at most. Beam search widens
+    width to at least 2 num_beams and branch to num_beams, so that a draft that agrees with the target covers
+    every beam the target keeps (it picks its beams among 2 num_beams candidates).
     adaptive: each round drafts 0..depth deep, whichever has advanced fastest on this machine so far
     (`specbeam.depth_policy`); False: always `depth`.
     """
@@ -98,7 +100,7 @@ class SpecConfig:
             raise TypeError(f"adaptive must be a bool, got {self.adaptive!r}")
 
     def for_beams(self, num_beams: int) -> "SpecConfig":
-        return SpecConfig(self.depth, max(self.width, num_beams), max(self.branch, num_beams), self.node_budget,
+        return SpecConfig(self.depth, max(self.width, 2 * num_beams), max(self.branch, num_beams), self.node_budget,
                           self.adaptive)
 
     @property

@@ -7,6 +7,7 @@ is its parent's plus its own token, so each depth is one decode-style draft forw
 a row simply keeps the table of the deepest fed node it accepted."""
 import torch
 
+from specbeam.beam import NEG
 from specbeam.cache import BlockTable
 from specbeam.config import EngineConfig, SpecConfig
 from specbeam.model_runner import ModelRunner
@@ -42,15 +43,23 @@ class DraftModelDrafter:
         self.tables = []
 
     def propose(self, rows, padded, pads, processors, spec, depths, log_softmax, generator=None, sample=False,
-                exclude=None):
+                exclude=None, beams=None):
         """rows: drafter row indices; padded: each row's full left-padded tokens, root last; pads: left pads
         per row; depths: the deepest tree each row may grow; exclude: tokens never worth drafting (eos under
-        beam search: a beam that ends is a finished hypothesis, never a running beam). One tree per row."""
+        beam search: a beam that ends is a finished hypothesis, never a running beam). One tree per row.
+
+        beams (beam search): per row, (its prompt, its running beam score). Each depth then keeps the `width`
+        best nodes per prompt, over all of its beams' trees, by beam score + cumulative draft log-probability:
+        the draft's own beam search from the target's beams, which spends the nodes where the target's next
+        beams are likely (a beam that is not live, at transformers' impossible score, grows nothing).
+        Otherwise each tree keeps its own `width` best."""
         trees = [DraftTree.root_only(p[-1]) for p in padded]
         q = [dict() for _ in rows]  # per tree: node -> the distribution its children were drawn from
         for r in rows:
             self.fed[r] = {0: self.tables[r]}
-        frontier = [(i, 0, 0.0) for i in range(len(rows)) if depths[i] > 0]  # (tree, node, cumulative log q)
+        groups, base = zip(*beams) if beams else (range(len(rows)), [0.0] * len(rows))
+        # (tree, node, beam score + cumulative log q)
+        frontier = [(i, 0, base[i]) for i in range(len(rows)) if depths[i] > 0 and base[i] > NEG / 2]
         if not frontier:  # nothing grows: the tokens not fed yet wait for a round that drafts
             return self._with_draft_probs(trees, q, sample)
         # the roots that grow get their tokens not fed yet, root last: logits row k is frontier entry k
@@ -67,7 +76,7 @@ class DraftModelDrafter:
             if sample:
                 for (i, node, _), row in zip(frontier, log_q.exp()):
                     q[i][node] = row
-            children = self._expand(frontier, log_q, spec, generator, sample, root=depth == 1)
+            children = self._expand(frontier, log_q, spec, generator, sample, root=depth == 1, groups=groups)
             frontier = [(i, trees[i].add(node, token), score) for i, node, token, score in children
                         if len(trees[i]) <= spec.node_budget]  # the root plus at most node_budget nodes
             frontier = [f for f in frontier if depths[f[0]] > depth]
@@ -113,8 +122,8 @@ class DraftModelDrafter:
         return self.runner.forward(self.cache, tables, tokens)
 
     @staticmethod
-    def _expand(frontier, log_q, spec: SpecConfig, generator, sample: bool, root: bool):
-        """Children of the frontier: (tree, parent node, token, cumulative log q)."""
+    def _expand(frontier, log_q, spec: SpecConfig, generator, sample: bool, root: bool, groups):
+        """Children of the frontier: (tree, parent node, token, score), the `width` best per group of trees."""
         if sample:  # i.i.d. draws from q: `width` chains under the root, one child per deeper node
             draws = 1 if not root else spec.width
             tokens = torch.multinomial(log_q.exp(), draws, replacement=True, generator=generator)
@@ -122,7 +131,7 @@ class DraftModelDrafter:
         top = torch.topk(log_q, min(spec.branch, log_q.shape[-1]), dim=-1)
         candidates = {}
         for (i, node, score), values, tokens in zip(frontier, top.values.tolist(), top.indices.tolist()):
-            candidates.setdefault(i, []).extend((i, node, t, score + v) for v, t in zip(values, tokens))
+            candidates.setdefault(groups[i], []).extend((i, node, t, score + v) for v, t in zip(values, tokens))
         return [c for group in candidates.values() for c in sorted(group, key=lambda c: -c[3])[: spec.width]]
 
 
@@ -152,7 +161,7 @@ class NgramDrafter:
         pass
 
     def propose(self, rows, padded, pads, processors, spec, depths, log_softmax, generator=None, sample=False,
-                exclude=None):
+                exclude=None, beams=None):
         trees = []
         for tokens, pad, depth in zip(padded, pads, depths):
             tree = DraftTree.root_only(tokens[-1])

@@ -45,9 +45,10 @@ class SpeculativeScheduler(Scheduler):
 
     # --- one round: propose, one target pass over every tree ------------------------------------------
 
-    def _score_trees(self, rows: list[int], padded: list[list[int]]):
+    def _score_trees(self, rows: list[int], padded: list[list[int]], beams: list[tuple[int, float]] | None = None):
         """Trees under `rows` and the target's logits at each of their nodes: (trees, logits per tree
-        [num_nodes, vocab] float32, each row's committed length before the pass)."""
+        [num_nodes, vocab] float32, each row's committed length before the pass). beams: per row, its prompt
+        and running score (beam search: the draft then searches over all of a prompt's beams at once)."""
         max_length = self.request.params.max_length
         depths = [min(self.depth, max_length - len(p) - 1) for p in padded]
         trees = self.drafter.propose(
@@ -55,6 +56,7 @@ class SpeculativeScheduler(Scheduler):
             log_softmax=self.request.params.mode == BEAM, generator=self.generator,
             sample=self.request.params.mode == SAMPLE,
             exclude=self.request.config._eos_token_tensor if self.request.params.mode == BEAM else None,
+            beams=beams,
         )
         tables = [self.tables[r] for r in rows]
         starts = [t.length for t in tables]
@@ -205,8 +207,10 @@ class SpeculativeScheduler(Scheduler):
         if self.depth == 0:
             return self._plain_beam_step(search, trace, scores, raw)
         rows = self._active_beams(search).nonzero()[:, 0].tolist()
-        running = search.running_sequences().tolist()
-        trees, logits, starts = self._score_trees(rows, [running[r] for r in rows])
+        running, scores_now = search.running_sequences().tolist(), search.running_scores.flatten().tolist()
+        beams = self.request.params.num_beams
+        trees, logits, starts = self._score_trees(rows, [running[r] for r in rows],
+                                                  [(r // beams, scores_now[r]) for r in rows])
         tree_of = {r: i for i, r in enumerate(rows)}
         # each running beam: (row it descends from at the round's start, its node path in that row's tree)
         origin = [(r, [0] if r in tree_of else None) for r in range(len(running))]

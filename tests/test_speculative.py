@@ -1,19 +1,23 @@
 """Speculative decoding is lossless: with any draft, greedy and beam search give exactly the target's own
 output (scores, beam indices and all), and sampling draws from exactly the target's distribution. A draft
-that agrees with the target makes the target run far fewer passes."""
+that agrees with the target makes the target run far fewer passes. Under beam search the draft searches all of
+a prompt's beams at once."""
 import copy
 import functools
 
 import pytest
 import torch
 from scipy.stats import chisquare
+from transformers import LogitsProcessorList
 
 import specbeam
 from specbeam import Engine
-from specbeam.config import SpecConfig
+from specbeam.beam import NEG
+from specbeam.config import EngineConfig, SpecConfig
+from specbeam.drafters import DraftModelDrafter
 from parity import assert_same_beams, assert_same_tokens, run_both
 from test_engine_sampling import WARPERS, _exact_probs, _tiny_vocab_model
-from tiny_models import PAD, left_padded_batch, tiny_model
+from tiny_models import PAD, VOCAB, left_padded_batch, tiny_model
 
 NEW_TOKENS = 12
 
@@ -156,3 +160,24 @@ def test_speculative_streamer_sees_the_same_tokens():
     assert torch.equal(torch.cat(stream.chunks), out.flatten())
     with pytest.raises(ValueError, match="streamer"):
         engine.generate(**_inputs(), streamer=Collect())
+
+
+def test_beam_drafts_keep_the_best_nodes_per_prompt_over_all_its_beams():
+    """Under beam search the draft searches all of a prompt's beams at once: each depth keeps the `width` best
+    nodes by beam score + cumulative draft log-probability, and a beam that is not live grows nothing."""
+    draft = tiny_model("llama")
+    spec = SpecConfig(depth=2, width=3, branch=3, adaptive=False)
+    beams = [[5, 9, 14], [5, 9, 30], [5, 9, 41]]  # three beams of one prompt, the root last
+    scores = [-0.1, -2.0, NEG]  # the third is not live (transformers' impossible score)
+    drafter = DraftModelDrafter(draft, VOCAB, EngineConfig())
+    drafter.begin(len(beams), 16, spec)
+    trees = drafter.propose([0, 1, 2], beams, [0, 0, 0], LogitsProcessorList(), spec, [2, 2, 2], log_softmax=True,
+                            beams=[(0, s) for s in scores])
+    drafter.end()
+    assert len(trees[2]) == 1
+    with torch.no_grad():
+        log_q = [torch.log_softmax(draft(torch.tensor([b])).logits[0, -1].float(), -1) for b in beams[:2]]
+    ranked = sorted(((scores[b] + float(log_q[b][t]), b, t) for b in range(2) for t in range(VOCAB)), reverse=True)
+    first = {(b, t.tokens[n]) for b, t in enumerate(trees[:2]) for n in range(1, len(t)) if t.parents[n] == 0}
+    assert first == {(b, t) for _, b, t in ranked[:3]}
+    assert sum(len(t) - 1 for t in trees) == 6  # three nodes per depth over the prompt's trees
