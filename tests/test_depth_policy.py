@@ -1,11 +1,29 @@
 """Adaptive draft depth: the policy tries every depth, then runs the fastest; whatever it picks, the output is
 the target's own."""
+import itertools
+
+import pytest
 import torch
 
+from parity import assert_same_beams, assert_same_tokens, run_both
 from specbeam import Engine
 from specbeam.depth_policy import DepthPolicy
 from test_speculative import EOS_ONE, _inputs, drafts
-from tiny_models import tiny_model
+from tiny_models import PAD, tiny_model
+
+
+class CyclingDepths:
+    """A stand-in policy: depths in a fixed cycle, so that a run interleaves plain steps and drafting rounds
+    the same way every time (after each plain stretch the draft catches up on the tokens it has not seen)."""
+
+    def __init__(self, depths: list[int]):
+        self.depths = itertools.cycle(depths)
+
+    def choose(self) -> int:
+        return next(self.depths)
+
+    def record(self, depth: int, steps: int, seconds: float) -> None:
+        pass
 
 
 def test_policy_tries_each_depth_deepest_first_then_runs_the_fastest():
@@ -52,3 +70,22 @@ def test_a_policy_that_prefers_plain_steps_drafts_nothing_and_changes_nothing():
         assert torch.equal(out.sequences, plain)
         assert engine.cache.allocator.num_free == engine.cache.allocator.num_blocks
     assert torch.equal(engine.generate(**inputs, do_sample=False), reference)
+
+
+@pytest.mark.parametrize("draft", ["perfect", "perturbed", "ngram"])
+@pytest.mark.parametrize("mode", [dict(do_sample=False), dict(num_beams=4, num_return_sequences=2),
+                                  dict(num_beams=8, length_penalty=0.0)], ids=["greedy", "beam4", "beam8"])
+def test_plain_steps_and_drafting_rounds_interleaved_give_the_target_alone(draft, mode):
+    model, inputs = tiny_model("llama"), _inputs(eos=EOS_ONE)
+    engine = Engine(model, draft_model=drafts()[draft])
+    name = "beam" if "num_beams" in mode else "greedy"
+    engine.depth_policies[(id(engine.drafter), name, inputs["input_ids"].shape[0])] = CyclingDepths([2, 0, 0, 1, 0, 3])
+    reference, ours = run_both(model, engine, **inputs, **mode)
+    if name == "beam":
+        assert_same_beams(model, reference, ours)
+    else:
+        assert_same_tokens(reference, ours, inputs["input_ids"].shape[1], PAD, EOS_ONE)
+    assert ours.stats.drafted_tokens > 0
+    if draft == "perfect":  # drafted tokens were accepted, after plain stretches too
+        assert ours.stats.target_passes < ours.stats.steps
+    assert engine.cache.allocator.num_free == engine.cache.allocator.num_blocks
