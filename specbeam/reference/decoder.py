@@ -1,12 +1,17 @@
 """The two halves of a Llama-family decoder layer around its attention, as transformers computes them, op
-for op (the C++ backend runs the same ATen ops, so both give the same bits):
+for op (the C++ backend computes the same maths with its own loops and linear kernel: equal to float
+tolerance, and batch invariant):
 
     attention_inputs: x = rmsnorm(h); q, k, v = x Wq^T + bq, x Wk^T + bk, x Wv^T + bv; q, k = rope(q), rope(k)
     mlp_block:        h = h + a Wo^T (+ bo); x = rmsnorm(h); h = h + (silu(x Wg^T) * (x Wu^T)) Wd^T
 """
 import torch
 import torch.nn.functional as F
-from torch.nn.functional import linear  # noqa: F401 (the head's op, under the name the C++ module gives it)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:  # [T, K] -> [T, N]
+    """x W^T + b, weight [N, K] as nn.Linear holds it: the head, under the name the C++ module gives it."""
+    return F.linear(x, weight, bias)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:  # x [T, H], weight [H]
