@@ -37,6 +37,24 @@ def test_lean_logits_equal_the_models_own_forward(arch):
                                rtol=1e-12, atol=1e-12)
 
 
+@torch.no_grad()
+def _prefill_logits(engine: Engine, tokens: list[torch.Tensor]) -> torch.Tensor:  # every row of every token
+    cache = engine.runner.new_cache(num_blocks=32, block_size=4)
+    rows = torch.arange(sum(len(t) for t in tokens))
+    return engine.runner.forward(cache, [BlockTable() for _ in tokens], tokens, logit_rows=rows)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("lengths", [(5, 2), (12, 11)], ids=["cpp-attention", "sdpa"])
+def test_lean_prefill_equals_the_models_own_forward(arch, lengths):
+    """Up to 8 new tokens per sequence the CPU attends in C++, beyond through SDPA: both give the model's own
+    forward."""
+    model = tiny_model(arch)
+    prompts = [torch.arange(3, 3 + n) for n in lengths]
+    torch.testing.assert_close(_prefill_logits(Engine(model), prompts),
+                               _prefill_logits(Engine(model, lean_decoder=False), prompts), rtol=1e-12, atol=1e-12)
+
+
 def test_other_models_run_their_own_forward():
     model = tiny_model("gpt2")
     assert "GPT2LMHeadModel" in unsupported_reason(model)
