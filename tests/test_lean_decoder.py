@@ -11,6 +11,7 @@ from specbeam import Engine, linear_weight, ops
 from specbeam.cache import BlockTable
 from specbeam.config import SpecConfig
 from specbeam.lean_decoder import unsupported_reason
+from specbeam.reference import decoder as reference_decoder
 from tiny_models import left_padded_batch, tiny_model
 
 
@@ -197,3 +198,15 @@ def test_bfloat16_weights_give_the_same_tokens_and_logits(monkeypatch, draft):
     assert len(compact.logits) == len(full.logits) == 12
     for ours, theirs in zip(compact.logits, full.logits):
         assert ours.dtype == torch.float32 and torch.equal(ours, theirs)
+
+
+def test_bfloat16_models_take_the_reference_layers():
+    """The C++ layer halves take float32 / float64: a bfloat16 model runs the reference's torch ops, on its own
+    weights, and its logits are its own forward's to bfloat16 precision."""
+    model = copy.deepcopy(tiny_model("llama")).to(torch.bfloat16)
+    lean = Engine(model)
+    assert lean.runner.lean.ops is reference_decoder and lean.runner.lean.head_weight is model.lm_head.weight
+    prompts = [torch.arange(3, 8), torch.arange(20, 22)]
+    ours, own = _prefill_logits(lean, prompts), _prefill_logits(Engine(model, lean_decoder=False), prompts)
+    assert ours.dtype == torch.bfloat16
+    torch.testing.assert_close(ours.float(), own.float(), rtol=2e-2, atol=2e-2)
