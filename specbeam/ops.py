@@ -171,7 +171,8 @@ def stochastic_verify(parents, num_nodes, draft_tokens, target_probs, draft_prob
 def attention_inputs(hidden, norm_weight, eps, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, cos, sin,
                      head_dim, *, backend=None):
     """A decoder layer up to its attention: rmsnorm, q/k/v projections, rope -> (query, key, value);
-    see `specbeam.reference.decoder`. Weights as `linear` takes them; C++ for float32 / float64 CPU tensors. No Triton kernel: CUDA runs the reference's torch ops."""
+    see `specbeam.reference.decoder`. Weights as `linear` takes them. C++ for float32 / float64 CPU tensors (as
+    `layer_backend` chooses); no Triton kernel: CUDA runs the reference's torch ops."""
     cpp = _takes_layer(backend, hidden)
     q, k, v = (_layer_weight(w, hidden.dtype, cpp) for w in (q_weight, k_weight, v_weight))
     args = (hidden, norm_weight, eps, q, q_bias, k, k_bias, v, v_bias, cos, sin, head_dim)
@@ -181,7 +182,7 @@ def attention_inputs(hidden, norm_weight, eps, q_weight, q_bias, k_weight, k_bia
 def mlp_block(hidden, attention, o_weight, o_bias, norm_weight, eps, gate_weight, gate_bias, up_weight, up_bias,
               down_weight, down_bias, *, backend=None):
     """A decoder layer after its attention: o projection, residual, rmsnorm, SwiGLU MLP, residual;
-    see `specbeam.reference.decoder`. No Triton kernel: CUDA runs the reference's torch ops."""
+    see `specbeam.reference.decoder`. Weights and backends as `attention_inputs`."""
     cpp = _takes_layer(backend, hidden)
     o, gate, up, down = (_layer_weight(w, hidden.dtype, cpp) for w in (o_weight, gate_weight, up_weight, down_weight))
     args = (hidden, attention, o, o_bias, norm_weight, eps, gate, gate_bias, up, up_bias, down, down_bias)
@@ -198,9 +199,10 @@ def layer_backend(device: torch.device, dtype: torch.dtype) -> tuple[str, object
 
 
 def _takes_layer(backend: str | None, hidden: torch.Tensor) -> bool:
-    """Whether a decoder layer half runs in C++: float32 / float64 on the CPU (other dtypes: the reference)."""
-    chosen = _pick(backend, hidden.device)
-    return chosen == "cpp" and (backend == "cpp" or hidden.dtype in (torch.float32, torch.float64))
+    """Whether a decoder layer half runs in C++: forced, or as `layer_backend` chooses for hidden's device and dtype."""
+    if backend is not None:
+        return _pick(backend, hidden.device) == "cpp"
+    return layer_backend(hidden.device, hidden.dtype)[0] == "cpp"
 
 
 def _layer_weight(weight, x_dtype: torch.dtype, cpp: bool) -> torch.Tensor:  # [N, K]
