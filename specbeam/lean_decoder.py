@@ -50,7 +50,7 @@ class LeanDecoder:
         backend, self.ops = ops.layer_backend(model.device, model.dtype)
 
         def weight(w: torch.Tensor) -> torch.Tensor:  # [N, K]: packed for C++, as it is for the reference
-            return linear_weight.prepare(w, cpp_kernel=True).packed if backend == "cpp" else w
+            return linear_weight.for_cpp(w) if backend == "cpp" else w
 
         self.layers = [_layer_weights(layer, weight) for layer in decoder.layers]
         self.norm, self.head_weight, self.head_bias = decoder.norm, weight(model.lm_head.weight), model.lm_head.bias

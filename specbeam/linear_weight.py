@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 BFLOAT16_ORDER = [c for pair in zip(range(8), range(8, 16)) for c in pair]  # 0, 8, 1, 9, ..., 7, 15
+KERNEL_FLOATS = (torch.float32, torch.float64)  # the dtypes of x (and of the sums) the C++ kernel takes
 
 
 @dataclass(frozen=True)
@@ -22,8 +23,7 @@ class LinearWeight:
 def kernel_takes(x: torch.dtype, weight: torch.dtype) -> bool:
     """The dtypes the C++ linear takes, as csrc/linear.cpp checks them: x and weight alike in float32 / float64,
     or a bfloat16 weight under float32 x."""
-    floats = (torch.float32, torch.float64)
-    return x in floats and (weight == x or (x == torch.float32 and weight == torch.bfloat16))
+    return x in KERNEL_FLOATS and (weight == x or (x == torch.float32 and weight == torch.bfloat16))
 
 
 def panel_columns(dtype: torch.dtype) -> int:
@@ -57,11 +57,16 @@ def bfloat16_if_exact(weight: torch.Tensor) -> torch.Tensor:
     return compact if same_bits else weight
 
 
+def for_cpp(weight: torch.Tensor) -> torch.Tensor:  # [N, K] float32 / float64 -> [N, K] packed
+    """The copy the C++ kernel reads: packed, from bfloat16 where that is exact."""
+    return pack(bfloat16_if_exact(weight.detach()))
+
+
 def prepare(weight: torch.Tensor, cpp_kernel: bool) -> LinearWeight:
-    """weight [N, K] for every backend: packed (from bfloat16 where exact) when the C++ kernel is built and takes
-    a CPU weight of this dtype (float32 / float64), once, at load time."""
+    """weight [N, K] for every backend: packed (`for_cpp`) when the C++ kernel is built and takes a CPU weight
+    of this dtype (float32 / float64), once, at load time."""
     takes = cpp_kernel and weight.device.type == "cpu" and kernel_takes(weight.dtype, weight.dtype)
-    return LinearWeight(weight, pack(bfloat16_if_exact(weight.detach())) if takes else None)
+    return LinearWeight(weight, for_cpp(weight) if takes else None)
 
 
 def for_torch(weight: "torch.Tensor | LinearWeight") -> torch.Tensor:  # [N, K]

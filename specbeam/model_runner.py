@@ -61,6 +61,7 @@ class ModelRunner:
         check_model(model)
         self.model, self.attention_backend = model, engine_config.attention_backend
         self.device, self.dtype = model.device, model.dtype  # where and how the weights are (read once)
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]  # logits per scored token
         use_lean = engine_config.lean_decoder and unsupported_reason(model) is None
         self.lean = LeanDecoder(model) if use_lean else None
         config = model.config.get_text_config()
@@ -68,11 +69,6 @@ class ModelRunner:
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.sliding_window = getattr(config, "sliding_window", None)
-
-    @property
-    def vocab_size(self) -> int:
-        """Logits per scored token: the output embedding's rows."""
-        return self.model.get_output_embeddings().weight.shape[0]
 
     def bytes_per_token(self) -> int:
         """KV bytes one position costs across all layers (K and V)."""

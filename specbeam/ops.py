@@ -102,7 +102,7 @@ def linear(x, weight, bias=None, backend=None):
     is widened exactly, so a bfloat16-exact float32 weight gives the same bits from half the bytes.
     There is no Triton kernel: CUDA tensors (and backend="triton") get torch's F.linear, without that promise."""
     chosen = _pick(backend, x.device)
-    if chosen == "cpp" and (backend == "cpp" or x.dtype in (torch.float32, torch.float64)):
+    if chosen == "cpp" and (backend == "cpp" or x.dtype in linear_weight.KERNEL_FLOATS):
         return _cpp().linear(x, linear_weight.for_kernel(weight, x.dtype), bias)
     weight = linear_weight.for_torch(weight)
     if weight.dtype == torch.bfloat16 and x.dtype == torch.float32:
@@ -193,7 +193,7 @@ def layer_backend(device: torch.device, dtype: torch.dtype) -> tuple[str, object
     """For a model's decoder layers, chosen once: ("cpp", specbeam._C) for a float32 / float64 CPU model when the
     extension is built, else ("reference", specbeam.reference.decoder). Each offers attention_inputs, mlp_block
     and linear; the C++ ones read weights packed by `specbeam.linear_weight.prepare`."""
-    if _pick(None, device) == "cpp" and dtype in (torch.float32, torch.float64):
+    if _pick(None, device) == "cpp" and dtype in linear_weight.KERNEL_FLOATS:
         return "cpp", _cpp()
     return "reference", _ref_decoder
 

@@ -11,11 +11,10 @@ from transformers import LogitsProcessorList
 
 def _layers(prefixes: list[list[int]], rows: list[int]) -> list[list[int]]:
     """Entry indices grouped so that each group shares a prefix length and uses each row at most once."""
-    layers = defaultdict(list)
+    layers, seen = defaultdict(list), defaultdict(int)  # (prefix length, row) -> entries placed so far
     for entry, (prefix, row) in enumerate(zip(prefixes, rows)):
-        depth = 0
-        while row in {rows[e] for e in layers[(len(prefix), depth)]}:
-            depth += 1
+        depth = seen[len(prefix), row]  # the first layer of this length that does not use the row yet
+        seen[len(prefix), row] += 1
         layers[(len(prefix), depth)].append(entry)
     return list(layers.values())
 

@@ -129,14 +129,13 @@ class Scheduler:
         search = BeamSearch(request.input_ids, request.params, request.config._eos_token_tensor)
         trace, scores, raw = Trace(), [], []
         logits = self._prefill()
-        uniform = torch.zeros(logits.shape[1], device=logits.device)
         while True:
             self._beam_step(search, logits, trace, scores, raw)
             if search.done:
                 break
             self._reorder(search.parents())
             tokens = search.running_sequences()[:, -1]
-            logits = self._step_rows(self._active_beams(search).nonzero()[:, 0], tokens, uniform)
+            logits = self._step_rows(self._active_beams(search).nonzero()[:, 0], tokens, self._frozen_beam_logits())
         return self._beam_output(search, trace, scores, raw)
 
     def _beam_step(self, search: BeamSearch, logits: torch.Tensor, trace: Trace, scores: list, raw: list) -> None:
@@ -148,6 +147,10 @@ class Scheduler:
         scores.append(log_probs)
         trace.steps.append(search.step(log_probs, self.request.stopping_criteria, self._history(scores)))
         self.stats.steps += 1
+
+    def _frozen_beam_logits(self) -> torch.Tensor:  # [vocab]
+        """What a beam of a prompt that can no longer change steps on, uncomputed: uniform logits."""
+        return torch.zeros(self.runner.vocab_size, device=self.runner.device)
 
     def _active_beams(self, search: BeamSearch) -> torch.Tensor:  # [rows] bool
         return search.active_prompts().repeat_interleave(self.request.params.num_beams)

@@ -214,7 +214,7 @@ class SpeculativeScheduler(Scheduler):
         tree_of = {r: i for i, r in enumerate(rows)}
         # each running beam: (row it descends from at the round's start, its node path in that row's tree)
         origin = [(r, [0] if r in tree_of else None) for r in range(len(running))]
-        fill = torch.zeros(logits[0].shape[-1]) if logits else None
+        fill = self._frozen_beam_logits()
         replayed = 0
         while True:
             step_logits = torch.stack([
@@ -234,9 +234,8 @@ class SpeculativeScheduler(Scheduler):
         """A round that drafts nothing is a plain beam step: the roots' K/V join their own beams, which the
         new beams then fork, and the draft's tables follow the same parents (their pending tokens wait)."""
         roots = search.running_sequences()[:, -1]
-        uniform = torch.zeros(self.runner.vocab_size, device=roots.device)
-        self._beam_step(search, self._step_rows(self._active_beams(search).nonzero()[:, 0], roots, uniform), trace,
-                        scores, raw)
+        logits = self._step_rows(self._active_beams(search).nonzero()[:, 0], roots, self._frozen_beam_logits())
+        self._beam_step(search, logits, trace, scores, raw)
         parents = search.parents()
         self._reorder(parents)
         self.drafter.commit([(p, []) for p in parents.tolist()])
@@ -262,7 +261,7 @@ class SpeculativeScheduler(Scheduler):
         old, new, draft_origins = self.tables, [], []
         for row, path in origin:
             table = self.cache.fork(old[row])
-            kept = [n for n in path[:-1]] if path is not None else [0]
+            kept = path[:-1] if path is not None else [0]
             if path is not None:
                 self.cache.keep_path(table, starts[tree_of[row]], kept)
             new.append(table)
