@@ -35,8 +35,8 @@ class BeamSearch:
         self.num_candidates = max(2, 1 + (0 if eos is None else eos.shape[0])) * beams
         self.is_top_beam = torch.arange(self.num_candidates, device=device) < beams  # [K]
         # transformers fills unwritten positions with `pad or eos[0]`: a pad id of 0 falls through to eos
-        fill = (params.pad_token_id or int(eos[0])) if eos is not None else -1
-        self.running = torch.full((self.batch, beams, params.max_length), fill, dtype=torch.long, device=device)
+        self.fill = (params.pad_token_id or int(eos[0])) if eos is not None else -1
+        self.running = torch.full((self.batch, beams, params.max_length), self.fill, dtype=torch.long, device=device)
         self.running[:, :, : self.cur_len] = input_ids.view(self.batch, beams, -1)
         self.finished = self.running.clone()
         # only the first beam of each prompt is live at the start, so the first step does not pick duplicates

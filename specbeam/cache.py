@@ -2,11 +2,12 @@
 and copy on write, so that the beams of one prompt share the prompt's blocks."""
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 
 class CacheFullError(RuntimeError):
-    """The pool ran out of blocks (the request was sized wrong: a bug, not bad input)."""
+    """The pool ran out of blocks (the scheduler reserves every round's blocks first: a bug, not bad input)."""
 
 
 class BlockAllocator:
@@ -21,6 +22,10 @@ class BlockAllocator:
     @property
     def num_free(self) -> int:
         return len(self.free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - len(self.free)
 
     def allocate(self) -> int:
         if not self.free:
@@ -53,7 +58,7 @@ class PagedKVCache:
     def __init__(self, num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, device):
         shape = (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim)
         # zeroed, so that no slot ever holds a nan: masked-out keys get weight 0, and 0 * nan would not be 0
-        self.pool = torch.zeros(shape, dtype=dtype, device=device)
+        self.pool = _zeros(shape, dtype, torch.device(device))
         self.block_size = block_size
         self.allocator = BlockAllocator(num_blocks)
         # views made once: per layer, K and V as blocks [num_blocks, block_size, Hkv, D] and as slots
@@ -70,6 +75,12 @@ class PagedKVCache:
         for block in table.blocks:
             self.allocator.incref(block)
         return BlockTable(list(table.blocks), table.length)
+
+    def zero(self, tables: list[BlockTable]) -> None:
+        """Zero the blocks of `tables` (a forward that wrote non-finite K/V there must leave none behind)."""
+        blocks = sorted({b for t in tables for b in t.blocks})
+        if blocks:
+            self.pool[:, :, torch.tensor(blocks, device=self.pool.device)] = 0
 
     def release(self, table: BlockTable) -> None:
         for block in table.blocks:
@@ -122,3 +133,12 @@ class PagedKVCache:
         self.pool[:, :, new] = self.pool[:, :, block]
         self.allocator.decref(block)
         return new
+
+
+def _zeros(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zeroed pool. On the CPU it comes from calloc, whose pages the OS maps in only when first written: a
+    pool sized for a generous memory budget costs only what is used."""
+    if device.type != "cpu" or 0 in shape:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)

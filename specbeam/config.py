@@ -10,8 +10,10 @@ GREEDY, SAMPLE, BEAM = "greedy", "sample", "beam"
 class EngineConfig:
     """How the engine lays out its KV cache.
 
-    block_size: KV slots per block. max_cache_bytes: a request whose KV cache would need more is refused
-    before any work (None: no limit beyond the machine's memory). attention_backend: "reference", "cpp" or
+    block_size: KV slots per block. max_cache_bytes: the target's KV pool, allocated once (None: 256 MiB on
+    the CPU, paged in only as used; half the free memory on a GPU); the draft's pool holds twice as many blocks.
+    Requests take blocks as their tokens are committed, so max_new_tokens is a limit, not an allocation.
+    max_num_seqs: sequences (rows: beams, samples, prompts) running at once at most. attention_backend: "reference", "cpp" or
     "triton" forces one (None: Triton on CUDA, else the C++ extension when built, else the reference).
     lean_decoder: run Llama, Mistral and Qwen2 through `specbeam.lean_decoder` (the same maths without
     transformers' module machinery); False runs every model's own forward. It takes the weights when the
@@ -21,6 +23,7 @@ class EngineConfig:
 
     block_size: int = 16
     max_cache_bytes: int | None = None
+    max_num_seqs: int = 256
     attention_backend: str | None = None
     lean_decoder: bool = True
 
@@ -29,6 +32,8 @@ class EngineConfig:
             raise ValueError(f"block_size must be a positive int, got {self.block_size!r}")
         if self.max_cache_bytes is not None and self.max_cache_bytes <= 0:
             raise ValueError(f"max_cache_bytes must be positive or None, got {self.max_cache_bytes!r}")
+        if not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be a positive int, got {self.max_num_seqs!r}")
         if self.attention_backend not in (None, "reference", "cpp", "triton"):
             raise ValueError(f'attention_backend must be "reference", "cpp", "triton" or None, '
                              f"got {self.attention_backend!r}")

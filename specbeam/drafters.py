@@ -1,22 +1,25 @@
-"""Draft-tree proposers. Every proposer answers `propose(rows, ...)` with one `DraftTree` per row and then
-hears, through `commit`, which path of which tree each new row continues.
+"""Draft-tree proposers. A drafter serves many requests at once: each request opens a `session` over its rows,
+which answers `propose(rows, ...)` with one `DraftTree` per row and then hears, through `commit`, which path of
+which tree each new row continues.
 
-The draft model keeps its own paged cache with one block table per row, covering the row's tokens except
-the newest ones (those are fed at the next `propose`). Growing a tree forks a table per node: a node's table
-is its parent's plus its own token, so each depth is one decode-style draft forward, and after verification
-a row simply keeps the table of the deepest fed node it accepted."""
+The draft model keeps its own paged cache (one pool per drafter, shared by every session), with one block table
+per row covering the row's tokens except the newest ones (those are fed at the next `propose`). Growing a tree
+forks a table per node: a node's table is its parent's plus its own token, so each depth is one decode-style
+draft forward, and after verification a row simply keeps the table of the deepest fed node it accepted."""
 import torch
 
 from specbeam.beam import NEG
 from specbeam.cache import BlockTable
 from specbeam.config import EngineConfig, SpecConfig
-from specbeam.model_runner import ModelRunner
+from specbeam.model_runner import ModelRunner, Work
 from specbeam.processing import process_rows
 from specbeam.tree import DraftTree
 
 
 class DraftModelDrafter:
-    def __init__(self, model, target_vocab_size: int, config: EngineConfig):
+    """A draft model and its paged cache of `num_blocks` blocks."""
+
+    def __init__(self, model, target_vocab_size: int, config: EngineConfig, num_blocks: int):
         vocab = model.config.get_text_config().vocab_size
         if vocab != target_vocab_size:
             raise ValueError(
@@ -24,23 +27,30 @@ class DraftModelDrafter:
                 "speculative decoding needs the same vocabulary"
             )
         self.runner, self.block_size, self.vocab_size = ModelRunner(model, config), config.block_size, vocab
-        self.cache = None
-        self.tables: list[BlockTable] = []
-        self.fed: list[dict[int, BlockTable]] = []  # per row, this round: node -> table through that node
-        self.passes = 0
+        self.cache = self.runner.new_cache(num_blocks, config.block_size)
 
-    def begin(self, num_rows: int, max_length: int, spec: SpecConfig) -> None:
-        needed = num_rows * (-(-max_length // self.block_size) + 3 + 2 * spec.max_nodes)
-        if self.cache is None or self.cache.allocator.num_blocks < needed:
-            self.cache = None
-            self.cache = self.runner.new_cache(needed, self.block_size)
+    def session(self, num_rows: int) -> "DraftSession":
+        return DraftSession(self, num_rows)
+
+    def blocks_needed(self, lengths: list[int], nodes: int) -> int:
+        """Draft blocks a round may take at most: per row, its unfed tokens and a block per drafted node."""
+        return sum(-(-n // self.block_size) + 2 + nodes for n in lengths)
+
+
+class DraftSession:
+    """One request's rows in the draft's cache."""
+
+    def __init__(self, drafter: DraftModelDrafter, num_rows: int):
+        self.drafter, self.cache, self.vocab_size = drafter, drafter.cache, drafter.vocab_size
         self.tables = [BlockTable() for _ in range(num_rows)]
-        self.fed = [{} for _ in range(num_rows)]
+        self.fed: list[dict[int, BlockTable]] = [{} for _ in range(num_rows)]  # per row, this round: node -> table
         self.num_rows, self.passes = num_rows, 0
 
     def end(self) -> None:
+        """Release every block (the request finished, failed or was preempted)."""
         self._release_all()
-        self.tables = []
+        self.tables = [BlockTable() for _ in range(self.num_rows)]
+        self.fed = [{} for _ in range(self.num_rows)]
 
     def propose(self, rows, padded, pads, processors, spec, depths, log_softmax, generator=None, sample=False,
                 exclude=None, beams=None):
@@ -64,8 +74,7 @@ class DraftModelDrafter:
             return self._with_draft_probs(trees, q, sample)
         # the roots that grow get their tokens not fed yet, root last: logits row k is frontier entry k
         tables = [self.tables[rows[i]] for i, _, _ in frontier]
-        logits = self._forward(tables, [torch.tensor(padded[i][pads[i] + t.length:]) for (i, _, _), t in
-                                        zip(frontier, tables)])
+        logits = self._forward(tables, [padded[i][pads[i] + t.length:] for (i, _, _), t in zip(frontier, tables)])
         for depth in range(1, max(depths, default=0) + 1):
             prefixes = [padded[i] + [trees[i].tokens[n] for n in trees[i].path(node)[1:]] for i, node, _ in frontier]
             scores = process_rows(processors, prefixes, logits.float(), [rows[i] for i, _, _ in frontier],
@@ -83,7 +92,7 @@ class DraftModelDrafter:
             if not frontier:
                 break
             tables = [self.cache.fork(self.fed[rows[i]][trees[i].parents[n]]) for i, n, _ in frontier]
-            logits = self._forward(tables, [torch.tensor([trees[i].tokens[n]]) for i, n, _ in frontier])
+            logits = self._forward(tables, [[trees[i].tokens[n]] for i, n, _ in frontier])
             for (i, node, _), table in zip(frontier, tables):
                 self.fed[rows[i]][node] = table
         return self._with_draft_probs(trees, q, sample)
@@ -117,9 +126,10 @@ class DraftModelDrafter:
                     self.cache.release(table)
             nodes.clear()
 
-    def _forward(self, tables, tokens) -> torch.Tensor:  # [rows, vocab]
+    def _forward(self, tables: list[BlockTable], tokens: list[list[int]]) -> torch.Tensor:  # [rows, vocab]
+        """Feed each table its tokens; the logits after each one's last."""
         self.passes += 1
-        return self.runner.forward(self.cache, tables, tokens)
+        return self.drafter.runner.forward(self.cache, [Work(t, k, num_logits=1) for t, k in zip(tables, tokens)])
 
     @staticmethod
     def _expand(frontier, log_q, spec: SpecConfig, generator, sample: bool, root: bool, groups):
@@ -151,8 +161,11 @@ class NgramDrafter:
     def __init__(self, vocab_size: int, max_ngram: int = 3):
         self.vocab_size, self.max_ngram = vocab_size, max_ngram
 
-    def begin(self, num_rows, max_length, spec) -> None:
-        pass
+    def session(self, num_rows: int) -> "NgramDrafter":
+        return self  # no state per request
+
+    def blocks_needed(self, lengths: list[int], nodes: int) -> int:
+        return 0
 
     def end(self) -> None:
         pass

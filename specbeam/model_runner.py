@@ -1,5 +1,6 @@
 """Runs any Hugging Face decoder through specbeam's attention: every new token of every sequence is packed
 into one `[1, T]` row, K/V go to the paged cache, and attention reads them back through block tables."""
+import itertools
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -75,45 +76,19 @@ class ModelRunner:
         element = torch.empty((), dtype=self.dtype).element_size()
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element
 
-    def new_cache(self, num_blocks: int, block_size: int) -> PagedKVCache:
+    def new_cache(self, num_blocks: int, block_size: int) -> PagedKVCache:  # zeroed pools, paged in as used
         shape = (self.num_layers, num_blocks, block_size, self.num_kv_heads, self.head_dim)
         return PagedKVCache(*shape, dtype=self.dtype, device=self.device)
 
-    def forward(
-        self,
-        cache: PagedKVCache,
-        tables: list[BlockTable],
-        new_tokens: list[torch.Tensor],  # per sequence: [n_s] token ids to append
-        depths: list[torch.Tensor] | None = None,  # per sequence: [n_s] offsets from its length; None: 0..n_s-1
-        tree_masks: list[torch.Tensor] | None = None,  # per sequence: [n_s, n_s] bool ancestor-or-self
-        logit_rows: torch.Tensor | None = None,  # [R] packed rows to score; None: each sequence's last
-    ) -> torch.Tensor:  # [R, vocab]
-        device = self.device
-        counts = torch.tensor([len(t) for t in new_tokens])
-        starts = [table.length for table in tables]
-        slots = [cache.reserve(table, len(tokens)) for table, tokens in zip(tables, new_tokens)]
-        if depths is None:
-            depths = [torch.arange(n) for n in counts.tolist()]
-        positions = torch.cat([start + d.cpu() for start, d in zip(starts, depths)])
-        query_start_loc = torch.zeros(len(tables) + 1, dtype=torch.long)
-        torch.cumsum(counts, 0, out=query_start_loc[1:])
-        if logit_rows is None:
-            logit_rows = query_start_loc[1:] - 1
-        plan = ops.plan_attention(
-            _pad_tables(tables).to(device),
-            torch.tensor([t.length for t in tables], device=device),
-            query_start_loc.to(device),
-            None if tree_masks is None else _pack_tree_masks(tree_masks).to(device),
-            cache.block_size,
-            backend=self.attention_backend,
-        )
-        step = StepMetadata(cache, torch.tensor(sum(slots, []), device=device), plan)
-        input_ids, positions, logit_rows = (t.to(device) for t in (torch.cat(new_tokens), positions, logit_rows))
+    def forward(self, cache: PagedKVCache, works: list["Work"]) -> torch.Tensor:  # [sum of num_logits, vocab]
+        """One packed forward over every sequence's new tokens; their K/V go to the slots reserved for them.
+        Returns the logits of each work's last `num_logits` tokens, in order."""
+        batch = pack(cache, works, self.device, self.attention_backend)
         if self.lean is not None:
-            return self.lean(input_ids, positions, logit_rows, step.attend)
+            return self.lean(batch.input_ids, batch.positions, batch.logit_rows, batch.step.attend)
         with self._specbeam_attention():
-            out = self.model(input_ids=input_ids[None], position_ids=positions[None], logits_to_keep=logit_rows,
-                             use_cache=False, specbeam_step=step)
+            out = self.model(input_ids=batch.input_ids[None], position_ids=batch.positions[None],
+                             logits_to_keep=batch.logit_rows, use_cache=False, specbeam_step=batch.step)
         return out.logits[0]
 
     @contextmanager
@@ -127,11 +102,57 @@ class ModelRunner:
             config._attn_implementation = saved
 
 
+@dataclass
+class Work:
+    """What one sequence feeds to a forward: new tokens after the `table.length` positions already cached."""
+
+    table: BlockTable
+    tokens: list[int]  # [n] new token ids
+    num_logits: int  # score the last num_logits of them (0: none, a prefill)
+    depths: list[int] | None = None  # [n] offsets from table.length; None: 0..n-1
+    tree_mask: torch.Tensor | None = None  # [n, n] bool ancestor-or-self among the new tokens; None: causal
+
+
+@dataclass
+class PackedBatch:
+    """A forward's inputs as flat tensors on the model's device."""
+
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    logit_rows: torch.Tensor  # [R] rows of the T tokens to score
+    step: StepMetadata
+
+
+def pack(cache: PagedKVCache, works: list[Work], device, attention_backend: str | None) -> PackedBatch:
+    """Reserve every work's slots (copy on write included) and lay the forward out flat."""
+    starts = [w.table.length for w in works]
+    slots = [cache.reserve(w.table, len(w.tokens)) for w in works]
+    counts = [len(w.tokens) for w in works]
+    positions = [s + d for s, w, n in zip(starts, works, counts) for d in (w.depths or range(n))]
+    query_start_loc = torch.tensor([0, *itertools.accumulate(counts)])
+    logit_rows = [q - k for q, w in zip(query_start_loc[1:].tolist(), works) for k in range(w.num_logits, 0, -1)]
+    masks = None if all(w.tree_mask is None for w in works) else _pack_tree_masks(works)
+    plan = ops.plan_attention(
+        _pad_tables([w.table for w in works]).to(device),
+        torch.tensor([w.table.length for w in works], device=device),
+        query_start_loc.to(device),
+        None if masks is None else masks.to(device),
+        cache.block_size,
+        backend=attention_backend,
+    )
+    step = StepMetadata(cache, torch.tensor(sum(slots, []), device=device), plan)
+    tokens = torch.tensor([t for w in works for t in w.tokens], device=device)
+    return PackedBatch(tokens, torch.tensor(positions, device=device), torch.tensor(logit_rows, dtype=torch.long, device=device), step)
+
+
 def _pad_tables(tables: list[BlockTable]) -> torch.Tensor:  # [num_seqs, max_blocks]
     width = max(len(t.blocks) for t in tables)
     return torch.tensor([t.blocks + [0] * (width - len(t.blocks)) for t in tables], dtype=torch.long)
 
 
-def _pack_tree_masks(masks: list[torch.Tensor]) -> torch.Tensor:  # [num_tokens, max_new]
+def _pack_tree_masks(works: list[Work]) -> torch.Tensor:  # [num_tokens, max_new] bool
+    """Each work's mask among its own new tokens (causal where it has none), padded to the widest."""
+    masks = [w.tree_mask if w.tree_mask is not None else torch.ones(len(w.tokens), len(w.tokens)).tril().bool()
+             for w in works]
     width = max(m.shape[1] for m in masks)
     return torch.cat([torch.nn.functional.pad(m, (0, width - m.shape[1])) for m in masks])

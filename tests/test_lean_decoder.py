@@ -11,6 +11,7 @@ from specbeam import Engine, linear_weight, ops
 from specbeam.cache import BlockTable
 from specbeam.config import SpecConfig
 from specbeam.lean_decoder import unsupported_reason
+from specbeam.model_runner import Work
 from specbeam.reference import decoder as reference_decoder
 from tiny_models import left_padded_batch, tiny_model
 
@@ -20,12 +21,10 @@ def _packed_forward_logits(engine: Engine, tokens: list[torch.Tensor]) -> torch.
     """Prefill each sequence, then score a 3-node tree on each: every row of every token."""
     runner, cache = engine.runner, engine.runner.new_cache(num_blocks=32, block_size=4)
     tables = [BlockTable() for _ in tokens]
-    runner.forward(cache, tables, tokens)
+    runner.forward(cache, [Work(table, t.tolist(), 1) for table, t in zip(tables, tokens)])
     tree = torch.tensor([[True, False, False], [True, True, False], [True, False, True]])
-    new = [torch.tensor([5, 9, 11]), torch.tensor([7, 8, 3])]
-    rows = torch.arange(6)
-    return runner.forward(cache, tables, new, depths=[torch.tensor([0, 1, 1])] * 2, tree_masks=[tree] * 2,
-                          logit_rows=rows)
+    new = [[5, 9, 11], [7, 8, 3]]
+    return runner.forward(cache, [Work(table, t, 3, [0, 1, 1], tree) for table, t in zip(tables, new)])
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
@@ -41,8 +40,7 @@ def test_lean_logits_equal_the_models_own_forward(arch):
 @torch.no_grad()
 def _prefill_logits(engine: Engine, tokens: list[torch.Tensor]) -> torch.Tensor:  # every row of every token
     cache = engine.runner.new_cache(num_blocks=32, block_size=4)
-    rows = torch.arange(sum(len(t) for t in tokens))
-    return engine.runner.forward(cache, [BlockTable() for _ in tokens], tokens, logit_rows=rows)
+    return engine.runner.forward(cache, [Work(BlockTable(), t.tolist(), len(t)) for t in tokens])
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])

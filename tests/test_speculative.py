@@ -93,12 +93,11 @@ def test_draft_with_another_vocabulary_is_refused():
 def test_patched_generate_takes_assistant_model_with_beams():
     """transformers refuses assisted beam search; through specbeam it is exact."""
     model = tiny_model("llama")
-    inputs = _inputs(EOS_ONE)
+    inputs, draft = _inputs(EOS_ONE), drafts()["perturbed"]
     reference = model.generate(**inputs, num_beams=4)
     specbeam.patch(model)
     try:
-        out = model.generate(**inputs, num_beams=4, assistant_model=drafts()["perturbed"],
-                             return_dict_in_generate=True)
+        out = model.generate(**inputs, num_beams=4, assistant_model=draft, return_dict_in_generate=True)
     finally:
         specbeam.unpatch(model)
     assert torch.equal(out.sequences, reference) and out.stats.draft_passes > 0
@@ -169,11 +168,10 @@ def test_beam_drafts_keep_the_best_nodes_per_prompt_over_all_its_beams():
     spec = SpecConfig(depth=2, width=3, branch=3, adaptive=False)
     beams = [[5, 9, 14], [5, 9, 30], [5, 9, 41]]  # three beams of one prompt, the root last
     scores = [-0.1, -2.0, NEG]  # the third is not live (transformers' impossible score)
-    drafter = DraftModelDrafter(draft, VOCAB, EngineConfig())
-    drafter.begin(len(beams), 16, spec)
-    trees = drafter.propose([0, 1, 2], beams, [0, 0, 0], LogitsProcessorList(), spec, [2, 2, 2], log_softmax=True,
+    session = DraftModelDrafter(draft, VOCAB, EngineConfig(), num_blocks=64).session(len(beams))
+    trees = session.propose([0, 1, 2], beams, [0, 0, 0], LogitsProcessorList(), spec, [2, 2, 2], log_softmax=True,
                             beams=[(0, s) for s in scores])
-    drafter.end()
+    session.end()
     assert len(trees[2]) == 1
     with torch.no_grad():
         log_q = [torch.log_softmax(draft(torch.tensor([b])).logits[0, -1].float(), -1) for b in beams[:2]]

@@ -1,0 +1,261 @@
+"""The engine core: many requests, one loop, every mode in the same target forward.
+
+    add_request(input_ids, generation_config=None, **generate_kwargs) -> request_id
+    step() -> list[RequestOutput]      schedule -> prefill -> propose -> ONE target forward -> select -> commit
+    abort(request_id)
+
+A step admits waiting requests while KV blocks allow (preempting the youngest when the running ones outgrow the
+pool), prefills what was admitted, lets every running request plan its round (its rows' draft trees; a tree of
+the root alone is a plain step), runs one target forward over all of them, and hands each request its logits to
+select and commit. Finished requests free their blocks at once. `add_request` and `abort` may be called from any
+thread; `step` from one at a time."""
+import itertools
+import threading
+import time
+
+import torch
+from transformers import PreTrainedModel
+
+from specbeam.config import BEAM, SAMPLE, EngineConfig, SpecConfig
+from specbeam.depth_policy import DepthPolicy
+from specbeam.drafters import DraftModelDrafter, NgramDrafter
+from specbeam.engine.beams import BeamDecoding
+from specbeam.engine.decoding import Decoding
+from specbeam.engine.scheduler import Scheduler
+from specbeam.engine.tokens import TokenDecoding
+from specbeam.model_runner import ModelRunner, Work
+from specbeam.outputs import RequestOutput
+from specbeam.request import build_request
+
+DEFAULT_CPU_CACHE_BYTES = 256 * 2**20  # the target's KV pool on the CPU (paged in only as it is used)
+DEVICE_CACHE_SHARE = 0.5  # of the device's free memory, on a GPU
+
+
+class EngineCore:
+    def __init__(self, model: PreTrainedModel, draft_model=None, spec: SpecConfig | None = None,
+                 config: EngineConfig | None = None):
+        """draft_model: a causal LM with the target's vocabulary, or "ngram" for prompt lookup."""
+        self.config, self.spec = config or EngineConfig(), spec or SpecConfig()
+        self.runner = ModelRunner(model, self.config)
+        self.cache = self.runner.new_cache(self._pool_blocks(), self.config.block_size)
+        self.scheduler = Scheduler(self.cache, self.config.max_num_seqs)
+        self.drafters: dict = {}
+        self.depth_policies: dict[tuple, DepthPolicy] = {}
+        self.drafter = None if draft_model is None else self.make_drafter(draft_model)
+        self.requests: dict[str, Decoding] = {}
+        self.lock = threading.Lock()  # guards the queue and the request table against other threads
+        self.aborted: list[str] = []
+        self.ids = itertools.count()
+
+    # --- requests -----------------------------------------------------------------------------------------
+
+    def add_request(self, input_ids=None, generation_config=None, request_id: str | None = None, **kwargs) -> str:
+        """Validate a `generate` call (ValueError / TypeError before any work) and queue it."""
+        return self.add(self.prepare(input_ids, generation_config, **kwargs), request_id)
+
+    def prepare(self, inputs=None, generation_config=None, logits_processor=None, stopping_criteria=None,
+                prefix_allowed_tokens_fn=None, synced_gpus=None, assistant_model=None, streamer=None,
+                negative_prompt_ids=None, negative_prompt_attention_mask=None, custom_generate=None,
+                **kwargs) -> Decoding:
+        """The decoding state of one `generate` call, validated; nothing runs yet."""
+        generator = kwargs.pop("generator", None)
+        extra = dict(
+            prefix_allowed_tokens_fn=prefix_allowed_tokens_fn, synced_gpus=synced_gpus,
+            negative_prompt_ids=negative_prompt_ids, negative_prompt_attention_mask=negative_prompt_attention_mask,
+            custom_generate=custom_generate, assistant_tokenizer=kwargs.pop("assistant_tokenizer", None),
+        )
+        request = build_request(self.runner.model, inputs, generation_config, logits_processor, stopping_criteria,
+                                extra, kwargs)
+        drafter = self.make_drafter(assistant_model) if assistant_model is not None else self.drafter
+        self._check(request, streamer, generator)
+        spec = self.spec.for_beams(request.params.num_beams) if request.params.mode == BEAM else self.spec
+        kind = BeamDecoding if request.params.mode == BEAM else TokenDecoding
+        if generator is None and request.params.mode == SAMPLE:
+            generator = _fresh_generator()
+        state = kind(request, self.cache, drafter, spec, self._depth_policy(drafter, request), streamer, generator)
+        self._check_fits(state)
+        return state
+
+    def add(self, state: Decoding, request_id: str | None = None) -> str:
+        with self.lock:
+            request_id = request_id if request_id is not None else f"req-{next(self.ids)}"
+            if request_id in self.requests:
+                raise ValueError(f"request_id {request_id!r} is already in use")
+            state.request_id = request_id
+            self.requests[request_id] = state
+            self.scheduler.waiting.append(state)
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request; its blocks are freed at the next step, which reports it finished and aborted."""
+        with self.lock:
+            self.aborted.append(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def metrics(self) -> dict:
+        """Gauges of the engine now."""
+        allocator = self.cache.allocator
+        return dict(kv_blocks_total=allocator.num_blocks, kv_blocks_used=allocator.num_used,
+                    requests_waiting=len(self.scheduler.waiting), requests_running=len(self.scheduler.running))
+
+    # --- one step -----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self) -> list[RequestOutput]:
+        outputs = self._take_aborted()
+        with self.lock:
+            failures = self.scheduler.schedule()
+            running = list(self.scheduler.running)
+        outputs += [self._fail(state, error) for state, error in failures]
+        if not running:
+            return outputs
+        start = time.perf_counter()
+        running = self._prefill(running, outputs)
+        steps_before = [s.stats.steps for s in running]
+        running = self._round(running, outputs)
+        seconds = time.perf_counter() - start
+        for state, before in zip(running, steps_before):
+            state.record_round(before, seconds)
+            outputs.append(self._output(state))
+        return outputs
+
+    def _prefill(self, running: list[Decoding], outputs: list) -> list[Decoding]:
+        """K/V of the prompts just admitted (and of preempted requests' tokens), in one forward."""
+        states = [s for s in running if s.needs_prefill]
+        works = {id(s): s.prefill_works() for s in states}
+        flat = [w for s in states for w in works[id(s)]]
+        failed = self._forward(flat, states, outputs) is None if flat else False
+        for state in states:
+            state.stats.target_passes += bool(works[id(state)])
+            if not failed:
+                state.after_prefill()
+        return [s for s in running if s.request_id in self.requests]
+
+    def _round(self, running: list[Decoding], outputs: list) -> list[Decoding]:
+        """Every request's round in one target forward."""
+        planned, works = [], []
+        for state in running:
+            try:
+                mine = state.plan()
+            except Exception as error:  # noqa: BLE001: a request's own failure (a processor, the draft) is its own
+                outputs.append(self._fail(state, error))
+                continue
+            planned.append((state, len(works), len(mine)))
+            works += mine
+        logits = self._forward(works, [s for s, _, _ in planned], outputs) if works else None
+        if logits is None:
+            return []
+        per_work = logits.split([w.num_logits for w in works])
+        for state, first, count in planned:
+            state.stats.target_passes += 1
+            try:
+                state.absorb(list(per_work[first:first + count]))
+            except Exception as error:  # noqa: BLE001
+                outputs.append(self._fail(state, error))
+        return [s for s, _, _ in planned if s.request_id in self.requests]
+
+    def _forward(self, works: list[Work], states: list[Decoding], outputs: list) -> torch.Tensor | None:
+        """The target forward; if it fails, so does every request in it."""
+        try:
+            return self.runner.forward(self.cache, works)
+        except Exception as error:  # noqa: BLE001
+            outputs += [self._fail(state, error) for state in states]
+            return None
+
+    def _output(self, state: Decoding) -> RequestOutput:
+        new_tokens, new_logits = state.take_new_tokens()
+        if not state.finished:
+            return RequestOutput(state.request_id, new_tokens, new_logits)
+        try:
+            result = state.result()
+        except Exception as error:  # noqa: BLE001
+            return self._fail(state, error)
+        self._retire(state)
+        return RequestOutput(state.request_id, new_tokens, new_logits, finished=True, result=result)
+
+    def _fail(self, state: Decoding, error: Exception) -> RequestOutput:
+        if isinstance(error, FloatingPointError):
+            self.cache.zero(state.tables())  # the model wrote non-finite K/V: keep them from any later request
+        self._retire(state)
+        return RequestOutput(state.request_id, [], finished=True, error=error)
+
+    def _retire(self, state: Decoding) -> None:
+        state.release()
+        with self.lock:
+            self.scheduler.remove(state)
+            self.requests.pop(state.request_id, None)
+
+    def _take_aborted(self) -> list[RequestOutput]:
+        with self.lock:
+            aborted, self.aborted = self.aborted, []
+        outputs = []
+        for request_id in aborted:
+            state = self.requests.get(request_id)
+            if state is not None:
+                self._retire(state)
+                outputs.append(RequestOutput(request_id, [], finished=True, aborted=True))
+        return outputs
+
+    # --- set-up -------------------------------------------------------------------------------------------
+
+    def make_drafter(self, draft):
+        """One drafter per draft model, kept with its cache across requests."""
+        key = draft if isinstance(draft, str) else id(draft)
+        if key not in self.drafters:
+            vocab = self.runner.model.config.get_text_config().vocab_size
+            if isinstance(draft, str):
+                if draft != "ngram":
+                    raise ValueError(f'draft_model must be a model or "ngram", got {draft!r}')
+                self.drafters[key] = NgramDrafter(vocab)
+            else:
+                self.drafters[key] = DraftModelDrafter(draft, vocab, self.config, 2 * self.cache.allocator.num_blocks)
+        return self.drafters[key]
+
+    def _depth_policy(self, drafter, request) -> DepthPolicy | None:
+        """One policy per drafter, decoding mode and batch size (costs differ between them), kept across calls."""
+        if drafter is None or not self.spec.adaptive:
+            return None
+        key = (id(drafter), request.params.mode, len(request.prompts))
+        return self.depth_policies.setdefault(key, DepthPolicy(self.spec.depth))
+
+    def _pool_blocks(self) -> int:
+        budget = self.config.max_cache_bytes
+        if budget is None:
+            device = self.runner.device
+            budget = (int(DEVICE_CACHE_SHARE * torch.cuda.mem_get_info(device)[0]) if device.type == "cuda"
+                      else DEFAULT_CPU_CACHE_BYTES)
+        return budget // (self.runner.bytes_per_token() * self.config.block_size)
+
+    def _check(self, request, streamer, generator) -> None:
+        if streamer is not None and request.params.mode == BEAM:
+            raise ValueError("streamer cannot be used with beam search (num_beams > 1), as in transformers")
+        if streamer is not None and request.input_ids.shape[0] > 1:
+            raise ValueError("streamer needs one sequence (batch 1, one return sequence), as transformers' streamers")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        window = self.runner.sliding_window
+        if window is not None and request.params.max_length > window:
+            raise ValueError(
+                f"max_length {request.params.max_length} exceeds the model's sliding_window {window}, "
+                "which specbeam's attention does not implement"
+            )
+
+    def _check_fits(self, state: Decoding) -> None:
+        """A prompt that cannot fit in the whole pool is refused before any work."""
+        state.choose_depth()
+        needed = state.prefill_blocks() + state.blocks_needed()[0]
+        total = self.cache.allocator.num_blocks
+        if needed > total:
+            raise ValueError(
+                f"the prompt ({state.request.input_ids.shape[1]} tokens x {state.request.input_ids.shape[0]} rows) "
+                f"needs {needed} KV blocks but the pool holds {total} (max_cache_bytes="
+                f"{self.config.max_cache_bytes or total * self.cache.block_bytes}): shorten the prompt or the "
+                "batch, or raise max_cache_bytes"
+            )
+
+
+def _fresh_generator() -> torch.Generator:
+    """A request's own random stream, seeded from torch's global one (so `torch.manual_seed` still seeds it)."""
+    return torch.Generator().manual_seed(int(torch.randint(2**62, (1,))))

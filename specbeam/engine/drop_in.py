@@ -1,0 +1,95 @@
+"""`Engine.generate`: transformers' `model.generate`, same arguments and outputs, served by the step-based core
+(`specbeam.engine.core`): calls from several threads on one engine are batched into the same forwards by one
+engine loop, and each gets exactly what it would get alone. `patch(model)` routes `model.generate` through an
+engine; `unpatch(model)` undoes it."""
+import threading
+import warnings
+
+import torch
+from transformers import PreTrainedModel
+
+from specbeam.config import EngineConfig, SpecConfig
+from specbeam.engine.core import EngineCore
+from specbeam.engine.loop import EngineLoop
+from specbeam.outputs import RequestOutput
+from specbeam.stats import DecodeStats
+from specbeam.validation import UnsupportedOptionError
+
+
+class Engine:
+    """Decoding engine for one target model and optionally a draft. `options` fill an `EngineConfig`.
+
+    `generate` is the drop-in; `add_request` / `step` / `abort` / `has_unfinished_requests` drive the core
+    yourself, one request or many (do not mix them with concurrent `generate` calls on the same engine)."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        draft_model: PreTrainedModel | str | None = None,
+        spec: SpecConfig | None = None,
+        **options,
+    ):
+        """draft_model: a causal LM with the target's vocabulary, or "ngram" for prompt lookup."""
+        self.core = EngineCore(model, draft_model, spec, EngineConfig(**options))
+        self.loop = EngineLoop(self.core)
+        self.config, self.spec, self.runner = self.core.config, self.core.spec, self.core.runner
+        self.cache, self.drafter, self.depth_policies = self.core.cache, self.core.drafter, self.core.depth_policies
+        self.add_request, self.step, self.abort = self.core.add_request, self.core.step, self.core.abort
+        self.has_unfinished_requests = self.core.has_unfinished_requests
+        self._calls = threading.local()
+
+    def generate(self, inputs: torch.Tensor | None = None, generation_config=None, **kwargs):
+        """Same arguments and results as `transformers.GenerationMixin.generate`; `generator=` seeds sampling."""
+        state = self.core.prepare(inputs, generation_config, **kwargs)
+        finished, box = threading.Event(), []
+
+        def on_output(output: RequestOutput) -> None:
+            if output.finished:
+                box.append(output)
+                finished.set()
+
+        request_id = self.loop.submit_state(state, on_output)
+        try:
+            finished.wait()
+        except BaseException:  # KeyboardInterrupt: the request stops, its blocks are freed
+            self.loop.abort(request_id)
+            raise
+        self._calls.stats = state.stats
+        output = box[0]
+        if output.error is not None:
+            raise output.error
+        return output.result
+
+    @property
+    def last_stats(self) -> DecodeStats | None:
+        """The stats of the calling thread's last `generate` call."""
+        return getattr(self._calls, "stats", None)
+
+
+def patch(model: PreTrainedModel, **options) -> PreTrainedModel:
+    """Make `model.generate` go through specbeam. Calls with an option specbeam does not support go to the
+    original `generate`, with a warning naming the option once."""
+    if hasattr(model, "_specbeam_engine"):
+        return model
+    engine, original, warned = Engine(model, **options), model.generate, set()
+
+    def generate(*args, **kwargs):
+        try:
+            return engine.generate(*args, **kwargs)
+        except UnsupportedOptionError as error:
+            if error.option not in warned:
+                warned.add(error.option)
+                warnings.warn(f"specbeam: {error}; using transformers' generate for this call", stacklevel=2)
+            return original(*args, **kwargs)
+
+    model._specbeam_engine = engine
+    model.generate = generate
+    return model
+
+
+def unpatch(model: PreTrainedModel) -> PreTrainedModel:
+    """Undo `patch`: `model.generate` is transformers' again."""
+    if hasattr(model, "_specbeam_engine"):
+        del model._specbeam_engine
+        del model.generate
+    return model

@@ -1,0 +1,74 @@
+"""One thread that steps an `EngineCore` while it has work, so that callers on any thread (`Engine.generate`,
+the server) share its forwards: each submits a request with a callback and gets that request's outputs."""
+import logging
+import threading
+from typing import Callable
+
+from specbeam.engine.core import EngineCore
+from specbeam.engine.decoding import Decoding
+from specbeam.outputs import RequestOutput
+
+log = logging.getLogger("specbeam")
+
+
+class EngineLoop:
+    def __init__(self, core: EngineCore):
+        self.core = core
+        self.callbacks: dict[str, Callable[[RequestOutput], None]] = {}
+        self.wake = threading.Condition()
+        self.thread: threading.Thread | None = None
+        self.closed = False
+
+    def submit(self, input_ids, on_output: Callable[[RequestOutput], None], **generate_kwargs) -> str:
+        """Validate (raising ValueError / TypeError in the caller's thread, before any work) and queue a
+        `generate` call; `on_output` gets its outputs, from the loop's thread."""
+        return self.submit_state(self.core.prepare(input_ids, **generate_kwargs), on_output)
+
+    def submit_state(self, state: Decoding, on_output: Callable[[RequestOutput], None]) -> str:
+        with self.wake:
+            if self.closed:
+                raise RuntimeError("the engine loop is closed")
+            request_id = self.core.add(state)
+            self.callbacks[request_id] = on_output
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="specbeam-engine", daemon=True)
+                self.thread.start()
+            self.wake.notify()
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request: its blocks are free after the loop's next step, and its callback hears it ended."""
+        self.core.abort(request_id)
+        with self.wake:
+            self.wake.notify()
+
+    def close(self) -> None:
+        """Abort what runs and stop the thread."""
+        with self.wake:
+            self.closed = True
+            for request_id in list(self.callbacks):
+                self.core.abort(request_id)
+            self.wake.notify()
+        if self.thread is not None:
+            self.thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self.wake:
+                while not self.core.has_unfinished_requests() and not self.closed:
+                    self.wake.wait()
+                if self.closed and not self.core.has_unfinished_requests():
+                    return
+            for output in self.core.step():
+                self._deliver(output)
+
+    def _deliver(self, output: RequestOutput) -> None:
+        with self.wake:
+            callback = (self.callbacks.pop if output.finished else self.callbacks.get)(output.request_id, None)
+        if callback is None:
+            return
+        try:
+            callback(output)
+        except Exception:  # a caller's callback must not stop everyone's loop
+            log.exception("specbeam: the output callback of %s failed; aborting it", output.request_id)
+            self.core.abort(output.request_id)

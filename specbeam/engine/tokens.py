@@ -1,0 +1,162 @@
+"""Greedy decoding and sampling: each row keeps the deepest path of its draft tree that the target verifies,
+then the target's own next token after it (greedy: the argmax; sampling: tree speculative sampling, which emits
+exactly the target's processed distribution). A tree of the root alone is a plain step."""
+import torch
+
+from specbeam import ops
+from specbeam.config import SAMPLE
+from specbeam.engine.decoding import Decoding, tree_work
+from specbeam.model_runner import Work
+from specbeam.outputs import SpecbeamOutput
+from specbeam.processing import process_rows
+from specbeam.tree import DraftTree
+from specbeam.validation import check_finite
+
+
+class TokenDecoding(Decoding):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        num_rows = self.request.input_ids.shape[0]
+        self.scores, self.raw = [[] for _ in range(num_rows)], [[] for _ in range(num_rows)]
+        self.sent = [0] * num_rows  # per row, generated tokens already handed out
+        if self.streamer is not None:
+            self.streamer.put(self.request.input_ids.cpu())
+
+    # --- one round ----------------------------------------------------------------------------------------
+
+    def plan(self) -> list[Work]:
+        self.round_rows = [r for r, row in enumerate(self.rows) if row.table is not None]
+        max_length = self.params.max_length
+        depths = [min(self.depth, max_length - len(self.rows[r].tokens) - 1) for r in self.round_rows]
+        self.trees = self.propose(self.round_rows, depths)
+        self.starts = [self.rows[r].table.length for r in self.round_rows]
+        return [tree_work(self.rows[r].table, t) for r, t in zip(self.round_rows, self.trees)]
+
+    def absorb(self, logits: list[torch.Tensor]) -> None:  # per row of the round: [tree nodes, vocab]
+        logits = [x.to(torch.float32) for x in logits]
+        check_finite(torch.cat(logits), self.stats.steps)
+        processed = self._process(logits)
+        paths, next_tokens = self._verify(processed)
+        accepted = {}
+        for i, r in enumerate(self.round_rows):
+            self._accept(r, self.trees[i], paths[i], next_tokens[i], processed[i], logits[i])
+            row = self.rows[r]
+            if row.table is not None:
+                self.cache.keep_path(row.table, self.starts[i], paths[i])
+            accepted[r] = paths[i]
+        if self.draft is not None:
+            self.draft.commit([(r, accepted.get(r, [0])) for r in range(len(self.rows))])
+        self.finished = all(row.table is None for row in self.rows)
+
+    def _process(self, logits: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The request's logits processors at every node, each with its own prefix (the row's tokens and the
+        node's path)."""
+        prefixes, entry_rows = [], []
+        for r, tree in zip(self.round_rows, self.trees):
+            tokens = self.rows[r].tokens
+            prefixes += [tokens + [tree.tokens[n] for n in tree.path(node)[1:]] for node in range(len(tree))]
+            entry_rows += [r] * len(tree)
+        processed = process_rows(self.request.logits_processor, prefixes, torch.cat(logits), entry_rows,
+                                 len(self.rows), log_softmax=False)
+        return list(processed.split([len(t) for t in self.trees]))
+
+    def _verify(self, processed: list[torch.Tensor]) -> tuple[list[list[int]], list[int]]:
+        """Batched tree verification: each tree's accepted path (node indices) and the token after it."""
+        trees = self.trees
+        width = max(len(t) for t in trees)
+        scores = torch.stack([torch.nn.functional.pad(s, (0, 0, 0, width - s.shape[0])) for s in processed])
+        device = scores.device  # the verify kernel runs where the target's scores are
+        parents = torch.tensor([t.parents + [-1] * (width - len(t)) for t in trees], device=device)
+        tokens = torch.tensor([t.tokens + [0] * (width - len(t)) for t in trees], device=device)
+        num_nodes = torch.tensor([len(t) for t in trees], device=device)
+        if self.params.mode == SAMPLE:
+            q = torch.stack([_draft_probs(t, scores.shape[-1], width) for t in trees])
+            uniform, noise = self._uniforms(parents.shape), self._uniforms(parents.shape[:1])
+            path, accepted, next_token = ops.stochastic_verify(
+                parents, num_nodes, tokens, scores.softmax(dim=-1), q.to(device), uniform.to(device), noise.to(device))
+        else:
+            path, accepted, next_token = ops.greedy_verify(parents, num_nodes, tokens, scores.argmax(dim=-1))
+        paths = [p[: a + 1] for p, a in zip(path.tolist(), accepted.tolist())]
+        return paths, next_token.tolist()
+
+    def _uniforms(self, shape: torch.Size) -> torch.Tensor:
+        """U(0, 1) draws from the request's generator, on the generator's device."""
+        return torch.rand(shape, generator=self.generator, device=self.generator.device)
+
+    def _accept(self, r: int, tree: DraftTree, path: list[int], next_token: int, processed, logits) -> None:
+        """Emit the accepted drafted tokens, then the recovered or bonus token, until the row stops."""
+        emitted = [tree.tokens[n] for n in path[1:]] + [next_token]
+        if len(tree) > 1:
+            self.count_accepted(len(path) - 1)
+        for node, token in zip(path, emitted):
+            if self.rows[r].table is None:
+                return
+            self._emit(r, token, processed[node], logits[node])
+
+    def _emit(self, r: int, token: int, scores: torch.Tensor, logits: torch.Tensor) -> None:
+        row = self.rows[r]
+        row.tokens.append(token)
+        self.scores[r].append(scores[None])  # [1, vocab], as a one-row batch's score history holds them
+        self.raw[r].append(logits[None])
+        if self.streamer is not None:
+            self.streamer.put(torch.tensor([token]))
+        stop = self.request.stopping_criteria(torch.tensor([row.tokens]), self.history(self.scores[r]))
+        if bool(stop[0]):
+            self.release_row(row)  # its blocks are free at once
+        self.stats.steps = max(self.stats.steps, len(self.scores[r]))
+
+    # --- output -------------------------------------------------------------------------------------------
+
+    def take_new_tokens(self) -> tuple[list[list[int]], list[torch.Tensor] | None]:
+        new = [row.tokens[len(row.tokens) - len(s) + sent:] for row, s, sent in zip(self.rows or [], self.scores,
+                                                                                   self.sent)]
+        logits = None
+        if self.request.config.output_logits:
+            logits = [torch.cat(raw[sent:]) if len(raw) > sent else raw_empty(raw) for raw, sent in
+                      zip(self.raw, self.sent)]
+        self.sent = [len(s) for s in self.scores]
+        return new, logits
+
+    def result(self):
+        if self.streamer is not None:
+            self.streamer.end()
+        config = self.request.config
+        sequences, scores, raw = self._assemble()
+        if not config.return_dict_in_generate:
+            return sequences
+        return SpecbeamOutput(
+            sequences=sequences,
+            scores=tuple(scores) if config.output_scores else None,
+            logits=tuple(raw) if config.output_logits else None,
+            stats=self.stats,
+        )
+
+    def _assemble(self):
+        """Rows of different lengths, padded after their end, as transformers pads finished rows."""
+        pad = self.params.pad_token_id
+        steps = max(len(s) for s in self.scores)
+        vocab, device = self.scores[0][0].shape[-1], self.scores[0][0].device
+        fill = one_hot_logits(pad, vocab, device)[None]
+        rows = [row.tokens + [pad] * (steps - len(s)) for row, s in zip(self.rows, self.scores)]
+        scores = [torch.cat([s[t] if t < len(s) else fill for s in self.scores]) for t in range(steps)]
+        raw = [torch.cat([s[t] if t < len(s) else fill for s in self.raw]) for t in range(steps)]
+        return torch.tensor(rows, device=self.request.input_ids.device), scores, raw
+
+
+def raw_empty(raw: list[torch.Tensor]) -> torch.Tensor:  # [0, vocab]
+    return raw[0][:0] if raw else torch.empty(0, 0)
+
+
+def _draft_probs(tree: DraftTree, vocab: int, width: int) -> torch.Tensor:  # [width, vocab]
+    """q at each node (zeros for a root-only tree and for padding)."""
+    if tree.draft_probs is None:
+        return torch.zeros(width, vocab)
+    return torch.nn.functional.pad(tree.draft_probs, (0, 0, 0, width - len(tree)))
+
+
+def one_hot_logits(pad: int | None, vocab: int, device) -> torch.Tensor:  # [vocab]
+    """Logits of a finished sequence: it can only emit padding."""
+    logits = torch.full((vocab,), float("-inf"), device=device)
+    if pad is not None and 0 <= pad < vocab:
+        logits[pad] = 0.0
+    return logits
