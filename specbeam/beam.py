@@ -16,6 +16,7 @@ from specbeam.config import SamplingParams
 from specbeam.trace import TraceStep
 
 NEG = -1.0e9  # transformers' "impossible" score
+GROWTH = 64  # steps the sequence buffers hold at first; they double when full
 
 
 def _gather(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -36,7 +37,9 @@ class BeamSearch:
         self.is_top_beam = torch.arange(self.num_candidates, device=device) < beams  # [K]
         # transformers fills unwritten positions with `pad or eos[0]`: a pad id of 0 falls through to eos
         self.fill = (params.pad_token_id or int(eos[0])) if eos is not None else -1
-        self.running = torch.full((self.batch, beams, params.max_length), self.fill, dtype=torch.long, device=device)
+        # sequences and backpointers are sized for the steps taken so far, and grow (max_length is only a limit)
+        self.running = torch.full((self.batch, beams, self.cur_len + GROWTH), self.fill, dtype=torch.long,
+                                  device=device)
         self.running[:, :, : self.cur_len] = input_ids.view(self.batch, beams, -1)
         self.finished = self.running.clone()
         # only the first beam of each prompt is live at the start, so the first step does not pick duplicates
@@ -46,8 +49,7 @@ class BeamSearch:
         self.is_finished = torch.zeros((self.batch, beams), dtype=torch.bool, device=device)
         self.can_improve = torch.ones((self.batch, 1), dtype=torch.bool, device=device)
         self.hits_stop = torch.zeros((self.batch, beams), dtype=torch.bool, device=device)
-        generated = params.max_length - self.cur_len
-        self.running_origin = torch.full((self.batch, beams, generated), -1, dtype=torch.int32, device=device)
+        self.running_origin = torch.full((self.batch, beams, GROWTH), -1, dtype=torch.int32, device=device)
         self.finished_origin = self.running_origin.clone()
         self.done = False
 
@@ -63,6 +65,8 @@ class BeamSearch:
         """log_probs: [batch * beams, vocab], processed. Returns what happened, for the trace; afterwards
         `parents()` names the previous running beam of every new one."""
         beams, batch, step = self.params.num_beams, self.batch, self.cur_len - self.prompt_len
+        if self.cur_len == self.running.shape[-1]:
+            self._grow()
         total = log_probs.view(batch, beams, -1) + self.running_scores[:, :, None]
         vocab = total.shape[-1]
         cand_scores, flat = torch.topk(total.view(batch, -1), k=self.num_candidates)
@@ -85,6 +89,14 @@ class BeamSearch:
         self.cur_len += 1
         self._update_done()
         return TraceStep(cand_beam, cand_token, cand_scores, survivors, entered)
+
+    def _grow(self) -> None:
+        """Double the room for steps: sequences padded with the fill token, backpointers with -1."""
+        room = self.running.shape[-1] - self.prompt_len
+        pad = torch.nn.functional.pad
+        self.running, self.finished = (pad(t, (0, room), value=self.fill) for t in (self.running, self.finished))
+        self.running_origin, self.finished_origin = (pad(t, (0, room), value=-1) for t in
+                                                     (self.running_origin, self.finished_origin))
 
     def parents(self) -> torch.Tensor:  # [batch * beams]: flat index of each running beam's parent
         return self.running_origin[:, :, self.cur_len - 1 - self.prompt_len].flatten().long()
