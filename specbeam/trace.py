@@ -1,5 +1,5 @@
 """The beam-search trace: every step's candidates with their parent beam, token, score and fate — the full
-backpointer tree that transformers does not return — and `render`, which draws it."""
+backpointer tree that transformers does not return — and `render`, which draws it as text or PNG."""
 from dataclasses import dataclass, field
 
 import torch
@@ -27,12 +27,30 @@ class Trace:
         fate = ["finished" if f else "dropped" for f in s.finished[prompt].tolist()]
         return ["running" if k in running else f for k, f in enumerate(fate)]
 
+    def outcomes(self, step: int, prompt: int) -> list[str]:
+        """What the views show: `fates`, except that a candidate that entered the finished hypotheses is
+        'finished' even when it is also a survivor (when every candidate stops, the survivors are picked among
+        stopped ones), and that nothing runs on after the last step: the search ended there."""
+        finished, end = self.steps[step].finished[prompt].tolist(), step == len(self.steps) - 1
+        fates = ["dropped" if end and fate == "running" else fate for fate in self.fates(step, prompt)]
+        return ["finished" if f else fate for f, fate in zip(finished, fates)]
 
-COLORS = {"running": "tab:green", "finished": "tab:blue", "dropped": "lightgray"}
+    def parent_candidate(self, step: int, prompt: int, candidate: int) -> int:
+        """The candidate of the previous step that this one extends; -1 at step 0 (it extends the prompt)."""
+        if step == 0:
+            return -1
+        slot = int(self.steps[step].parent[prompt, candidate])
+        return int(self.steps[step - 1].survivors[prompt, slot])
+
+
+
+def token_text(token: int, tokenizer) -> str:
+    """A token's text as the tokenizer decodes it alone; its id without a tokenizer."""
+    return tokenizer.decode([token]) if tokenizer is not None else str(token)
 
 
 def _label(token: int, tokenizer) -> str:
-    return repr(tokenizer.decode([token])) if tokenizer is not None else str(token)
+    return repr(token_text(token, tokenizer)) if tokenizer is not None else str(token)
 
 
 def render_text(trace: Trace, tokenizer=None, prompt: int = 0) -> str:
@@ -46,46 +64,14 @@ def render_text(trace: Trace, tokenizer=None, prompt: int = 0) -> str:
     return "\n".join(lines)
 
 
-def _node_positions(trace: Trace, prompt: int) -> list[tuple[int, int, int]]:
-    """(step, candidate, parent candidate of the previous step or -1) for every candidate."""
-    nodes = []
-    for t, s in enumerate(trace.steps):
-        previous = trace.steps[t - 1].survivors[prompt].tolist() if t > 0 else None
-        for k, slot in enumerate(s.parent[prompt].tolist()):
-            nodes.append((t, k, previous[slot] if previous is not None else -1))
-    return nodes
-
-
-def render_png(trace: Trace, path: str, tokenizer=None, prompt: int = 0) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    num_candidates = trace.steps[0].token.shape[1]
-    width = min(2 + 1.3 * len(trace.steps), 40)  # inches; a long search is drawn denser, not wider
-    fig, ax = plt.subplots(figsize=(width, 1 + 0.45 * num_candidates))
-    for t, k, parent in _node_positions(trace, prompt):
-        fate = trace.fates(t, prompt)[k]
-        if parent >= 0:
-            ax.plot([t - 1, t], [parent, k], color=COLORS[fate], lw=0.8, zorder=1)
-        ax.scatter([t], [k], color=COLORS[fate], s=30, zorder=2)
-        ax.annotate(_label(int(trace.steps[t].token[prompt, k]), tokenizer), (t, k), fontsize=6,
-                    xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("beam step")
-    ax.set_ylabel("candidate rank")
-    ax.invert_yaxis()
-    ax.set_title("beam search tree (green: running, blue: finished, grey: dropped)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
-    return path
-
-
 def render(trace: Trace, tokenizer=None, path: str | None = None, prompt: int = 0) -> str:
-    """Draw one prompt's beam tree: a PNG at `path` if given (returns the path), else text (returns it)."""
+    """Draw one prompt's beam tree: a PNG at `path` if given (returns the path; a long search continues in
+    `<stem>-2.png`, ...: see `specbeam.trace_png`), else text (returns it)."""
     if not trace.steps:
         raise ValueError("the trace is empty: it comes from a beam search output")
     if path is None:
         return render_text(trace, tokenizer, prompt)
-    return render_png(trace, path, tokenizer, prompt)
+    from specbeam.trace_png import render_png
+
+    return render_png(trace, path, tokenizer, prompt)[0]
+
