@@ -160,6 +160,7 @@ class Scheduler:
         sequences, sequence_scores, beam_indices = search.results()
         if not config.return_dict_in_generate:
             return sequences
+        trace.mark_returned(sequences, beam_indices, search.prompt_len)
         return SpecbeamBeamOutput(
             sequences=sequences,
             sequences_scores=sequence_scores if config.output_scores else None,

@@ -19,7 +19,7 @@ from specbeam.config import BEAM, SAMPLE, SpecConfig
 from specbeam.depth_policy import DepthPolicy
 from specbeam.processing import process_rows
 from specbeam.scheduler import Scheduler, _one_hot_logits
-from specbeam.trace import Trace
+from specbeam.trace import Trace, draft_rounds
 from specbeam.validation import check_finite
 
 
@@ -215,7 +215,8 @@ class SpeculativeScheduler(Scheduler):
         # each running beam: (row it descends from at the round's start, its node path in that row's tree)
         origin = [(r, [0] if r in tree_of else None) for r in range(len(running))]
         fill = self._frozen_beam_logits()
-        replayed = 0
+        replayed, first_step = 0, len(trace.steps)
+        walked = [{0} for _ in rows]  # per tree: the nodes the replay walked through, for the trace
         while True:
             step_logits = torch.stack([
                 logits[tree_of[o]][path[-1]] if path is not None else fill for o, path in origin])
@@ -224,10 +225,12 @@ class SpeculativeScheduler(Scheduler):
             if search.done:
                 break
             origin, inside = self._follow(search, trees, tree_of, origin)
+            _note_walked(walked, origin, tree_of)
             if not inside:
                 break
         if any(len(t) > 1 for t in trees):
             self._count_accepted(replayed - 1)
+        trace.drafts.extend(draft_rounds(first_step, rows, trees, walked, beams))
         self._commit_beams(origin, starts, tree_of)
 
     def _plain_beam_step(self, search: BeamSearch, trace: Trace, scores: list, raw: list) -> None:
@@ -270,3 +273,10 @@ class SpeculativeScheduler(Scheduler):
             self.cache.release(table)
         self.tables = new
         self.drafter.commit(draft_origins)
+
+
+def _note_walked(walked: list[set[int]], origin, tree_of) -> None:
+    """Add the tree nodes of every running beam's path to its tree's walked set."""
+    for row, path in origin:
+        if path is not None:
+            walked[tree_of[row]].update(node for node in path if node is not None)

@@ -1,5 +1,6 @@
 """The beam-search trace: every step's candidates with their parent beam, token, score and fate — the full
-backpointer tree that transformers does not return — and `render`, which draws it as text or PNG."""
+backpointer tree that transformers does not return — the hypotheses the search returned, and, for a
+speculative run, what the draft proposed each round. `render` draws it as text or PNG."""
 from dataclasses import dataclass, field
 
 import torch
@@ -17,8 +18,23 @@ class TraceStep:
 
 
 @dataclass
+class DraftRound:
+    """The draft trees of one prompt's running beams in one speculative round, as one forest."""
+
+    step: int  # the beam step the round's first replayed step is
+    prompt: int
+    tokens: list[int]  # per node; a root is its running beam's last token
+    parents: list[int]  # per node: index of its parent node, -1 for a root
+    beams: list[int]  # per node: the running beam slot (0..B-1) its root is
+    kept: list[bool]  # per node: the target's replay walked through it (every root is)
+
+
+@dataclass
 class Trace:
     steps: list[TraceStep] = field(default_factory=list)
+    # per prompt, (step, candidate) of the last node of each returned hypothesis, best first
+    returned: list[list[tuple[int, int]]] = field(default_factory=list)
+    drafts: list[DraftRound] = field(default_factory=list)  # speculative runs only
 
     def fates(self, step: int, prompt: int) -> list[str]:
         """'running', 'finished' or 'dropped' for each candidate of one step and prompt."""
@@ -42,6 +58,31 @@ class Trace:
         slot = int(self.steps[step].parent[prompt, candidate])
         return int(self.steps[step - 1].survivors[prompt, slot])
 
+    def path(self, step: int, prompt: int, candidate: int) -> list[int]:
+        """The candidate index at every step 0..step of the hypothesis ending at (step, candidate)."""
+        candidates = [candidate]
+        for t in range(step, 0, -1):
+            candidates.append(self.parent_candidate(t, prompt, candidates[-1]))
+        return candidates[::-1]
+
+    def mark_returned(self, sequences: torch.Tensor, beam_indices: torch.Tensor, prompt_len: int) -> None:
+        """Fill `returned` from a search's results (sequences [batch * n, length], beam_indices
+        [batch * n, generated]). A hypothesis' last node is the finished candidate of its last step with its
+        last token and parent slot: a step's candidates are distinct (slot, token) pairs."""
+        batch = self.steps[0].token.shape[0] if self.steps else 0
+        per_prompt = sequences.shape[0] // max(batch, 1)
+        beams = self.steps[0].survivors.shape[1] if self.steps else 1
+        self.returned = [[] for _ in range(batch)]
+        for row in range(sequences.shape[0]):
+            prompt, length = row // per_prompt, int((beam_indices[row] >= 0).sum())
+            if length == 0:
+                continue  # a placeholder: no hypothesis finished
+            s = self.steps[length - 1]
+            slot = int(beam_indices[row, length - 1]) - prompt * beams
+            match = (s.parent[prompt] == slot) & (s.token[prompt] == sequences[row, prompt_len + length - 1])
+            candidates = (match & s.finished[prompt]).nonzero()[:, 0].tolist()
+            if candidates:
+                self.returned[prompt].append((length - 1, candidates[0]))
 
 
 def token_text(token: int, tokenizer) -> str:
@@ -75,3 +116,21 @@ def render(trace: Trace, tokenizer=None, path: str | None = None, prompt: int = 
 
     return render_png(trace, path, tokenizer, prompt)[0]
 
+
+def draft_rounds(step: int, rows: list[int], trees, walked: list[set[int]], num_beams: int) -> list[DraftRound]:
+    """One `DraftRound` per prompt from a speculative beam round: `trees[i]` grew under running beam
+    `rows[i]` (flat: prompt * num_beams + slot), `walked[i]` holds its nodes the replay walked through.
+    A prompt whose trees drafted nothing gets no round."""
+    drafting = {row // num_beams for row, tree in zip(rows, trees) if len(tree) > 1}
+    rounds: dict[int, DraftRound] = {}
+    for row, tree, nodes in zip(rows, trees, walked):
+        prompt = row // num_beams
+        if prompt not in drafting:
+            continue
+        forest = rounds.setdefault(prompt, DraftRound(step, prompt, [], [], [], []))
+        offset = len(forest.tokens)  # the tree's node indices, shifted past the trees before it
+        forest.tokens += list(tree.tokens)
+        forest.parents += [p + offset if p >= 0 else -1 for p in tree.parents]
+        forest.beams += [row % num_beams] * len(tree)
+        forest.kept += [node in nodes for node in range(len(tree))]
+    return [rounds[p] for p in sorted(rounds)]
