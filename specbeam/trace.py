@@ -1,6 +1,7 @@
 """The beam-search trace: every step's candidates with their parent beam, token, score and fate — the full
 backpointer tree that transformers does not return — the hypotheses the search returned, and, for a
-speculative run, what the draft proposed each round. `render` draws it as text or PNG."""
+speculative run, what the draft proposed each round. `render` draws it as text or PNG, `to_html` as an
+interactive page."""
 from dataclasses import dataclass, field
 
 import torch
@@ -115,6 +116,16 @@ def render(trace: Trace, tokenizer=None, path: str | None = None, prompt: int = 
     from specbeam.trace_png import render_png
 
     return render_png(trace, path, tokenizer, prompt)[0]
+
+
+def to_html(trace: Trace, tokenizer=None, path: str = "trace.html") -> str:
+    """Write the interactive view of the whole trace (every prompt) as one self-contained HTML file; returns
+    the path. See `specbeam.trace_html`."""
+    if not trace.steps:
+        raise ValueError("the trace is empty: it comes from a beam search output")
+    from specbeam.trace_html import write_html
+
+    return write_html(trace, tokenizer, path)
 
 
 def draft_rounds(step: int, rows: list[int], trees, walked: list[set[int]], num_beams: int) -> list[DraftRound]:
