@@ -6,6 +6,7 @@ import torch
 
 from specbeam.assets import PAIR_DIR, load_default_pair
 from specbeam.cli import main
+from test_trace_html import page_data
 
 TARGET, DRAFT = str(PAIR_DIR / "target"), str(PAIR_DIR / "draft")  # the tokenizer is their sibling directory
 PROMPTS = PAIR_DIR.parent / "prompts.jsonl"
@@ -50,6 +51,7 @@ def test_demo_writes_both_pictures_and_matches_transformers(tmp_path, capsys):
     assert rows["sample"].endswith("same distribution")
     for name in ("beam_tree.png", "acceptance.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    assert page_data(tmp_path / "beam_tree.html")["prompts"][0]["returned"]  # the page beside the PNGs
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])
@@ -62,6 +64,23 @@ def test_generate_with_the_draft_prints_what_transformers_generates(pair, num_be
     expected = target.generate(**inputs, num_beams=num_beams, do_sample=False, max_new_tokens=8)
     assert captured.out == tokenizer.decode(expected[0, inputs.input_ids.shape[1]:], skip_special_tokens=True) + "\n"
     assert "tokens/s" in captured.err and "accepted" in captured.err
+
+
+def test_generate_writes_the_beam_trace_page(pair, tmp_path, capsys):
+    _, _, tokenizer = pair
+    page = tmp_path / "trace.html"
+    args = ["--prompt", PROMPT, "--num-beams", "4", "--max-new-tokens", "6", "--threads", "1", "--trace", str(page)]
+    assert main(["generate", "--model", TARGET, "--draft", DRAFT, *args]) == 0
+    captured = capsys.readouterr()
+    assert f"wrote {page}" in captured.err
+    best = page_data(page)["prompts"][0]["returned"][0]
+    tokens = [page_data(page)["prompts"][0]["nodes"][n]["token"] for n in best["path"]]
+    assert captured.out == tokenizer.decode(tokens, skip_special_tokens=True) + "\n"
+
+
+def test_a_trace_needs_beam_search(tmp_path, capsys):
+    assert main(["generate", "--model", TARGET, "--prompt", PROMPT, "--trace", str(tmp_path / "t.html")]) == 1
+    assert "--trace draws a beam search" in capsys.readouterr().err and not (tmp_path / "t.html").exists()
 
 
 def test_eval_on_two_prompts(tmp_path, capsys):

@@ -1,9 +1,10 @@
 """The beam trace is the full backpointer tree: following it reproduces the returned hypotheses, and
-`specbeam.trace.render` draws it as text or PNG."""
+`specbeam.trace.render` draws it as text or PNGs that stay legible however long the search."""
 import torch
+from PIL import Image
 
-from specbeam import Engine
-from specbeam.trace import render
+from specbeam import Engine, trace_png
+from specbeam.trace import Trace, TraceStep, render
 from tiny_models import left_padded_batch, tiny_model
 
 
@@ -73,3 +74,30 @@ def test_render_text_and_png(tmp_path):
     assert text.startswith("step 0") and "running" in text
     path = render(out.trace, path=str(tmp_path / "tree.png"), prompt=1)
     assert (tmp_path / "tree.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.endswith("tree.png")
+
+
+def _chain_trace(num_steps: int, beams: int = 2, candidates: int = 4) -> Trace:
+    """A made-up trace: each step's candidates alternate between the two running beams."""
+    parent = (torch.arange(candidates) % beams)[None]
+    score = -torch.arange(candidates, dtype=torch.float32)[None]
+    steps = [TraceStep(parent, torch.arange(candidates)[None] + t, score - t, torch.arange(beams)[None],
+                       torch.zeros((1, candidates), dtype=torch.bool)) for t in range(num_steps)]
+    return Trace(steps)
+
+
+def test_a_long_search_is_cut_into_panels_and_files_of_one_scale(tmp_path, monkeypatch):
+    """30 steps: two panels of at most 24 steps; with one panel a file, two files. Every image is the page's
+    width, so a step gets as many pixels in a long search as in a short one."""
+    width = round(trace_png.PAGE_WIDTH * trace_png.DPI)
+    assert width / trace_png.STEPS_PER_PANEL >= 70  # pixels per step: room for a 10-character label at 7 pt
+    trace = _chain_trace(30)
+    assert trace_png.panel_ranges(30) == [[range(0, 24), range(24, 30)]]
+    assert render(trace, path=str(tmp_path / "one.png")) == str(tmp_path / "one.png")
+    assert not (tmp_path / "one-2.png").exists()
+    one = Image.open(tmp_path / "one.png").size
+    monkeypatch.setattr(trace_png, "PANELS_PER_FILE", 1)
+    paths = trace_png.render_png(trace, str(tmp_path / "tree.png"))
+    assert paths == [str(tmp_path / "tree.png"), str(tmp_path / "tree-2.png")]
+    sizes = [Image.open(p).size for p in paths]
+    assert one[0] == sizes[0][0] == sizes[1][0] == width
+    assert one[1] > sizes[0][1]  # two panels stacked in one image

@@ -9,7 +9,8 @@ from tqdm import tqdm
 from specbeam import Engine
 from specbeam.assets import load_default_pair
 from specbeam.stats import plot_acceptance
-from specbeam.trace import render
+from specbeam.trace import to_html
+from specbeam.trace_png import render_png
 
 from specbeam.cli.loading import encode
 from specbeam.cli.modes import DEFAULT_MODES, DecodeMode
@@ -28,7 +29,8 @@ HEADERS = ["mode", "transformers s", "tokens/s", "specbeam s", "tokens/s", "spee
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--out", type=Path, default=Path("specbeam-demo"), help="where the PNGs go")
+    parser.add_argument("--out", type=Path, default=Path("specbeam-demo"),
+                        help="where the pictures go (PNGs, and the beam trace as an HTML page)")
     # the pair is tiny: a second thread costs more in synchronisation than it saves, and far more on a busy machine
     parser.set_defaults(threads=1)
 
@@ -80,11 +82,12 @@ def compare(target, engine: Engine, inputs: dict, modes: list[DecodeMode], max_n
 
 
 def write_pictures(comparisons: list[Comparison], tokenizer, out: Path) -> list[str]:
-    """The beam search tree and the acceptance rates by draft depth, as PNGs."""
+    """The beam search tree (PNGs and the interactive HTML page) and the acceptance rates by draft depth."""
     out.mkdir(parents=True, exist_ok=True)
     beam = next(c.specbeam for c in comparisons if c.specbeam.trace is not None)
     return [
-        render(beam.trace, tokenizer, path=str(out / "beam_tree.png")),
+        *render_png(beam.trace, str(out / "beam_tree.png"), tokenizer),
+        to_html(beam.trace, tokenizer, str(out / "beam_tree.html")),
         plot_acceptance({c.mode.label: c.specbeam.stats for c in comparisons}, str(out / "acceptance.png")),
     ]
 

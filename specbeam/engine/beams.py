@@ -11,7 +11,7 @@ from specbeam.engine.decoding import Decoding, tree_work
 from specbeam.model_runner import Work
 from specbeam.outputs import SpecbeamBeamOutput
 from specbeam.processing import process_rows
-from specbeam.trace import Trace, TraceStep
+from specbeam.trace import Trace, TraceStep, draft_rounds
 from specbeam.tree import DraftTree
 from specbeam.validation import check_finite
 
@@ -62,16 +62,21 @@ class BeamDecoding(Decoding):
         new running beam's origin: (the beam it descends from at the round's start, its node path in that
         beam's tree, the last entry the new root's node or None)."""
         search, origin, replayed = self.searches[p], [(b, [0]) for b in range(len(trees))], 0
+        first_step, walked = len(self.traces[p].steps), [{0} for _ in trees]  # per tree: nodes that became beams
         while True:
             self._beam_step(p, torch.stack([logits[b][path[-1]] for b, path in origin]))
             replayed += 1
             if search.done:
                 break
             origin, inside = _follow(search, trees, origin)
+            for b, path in origin:
+                walked[b].update(node for node in path if node is not None)
             if not inside:
                 break
         if any(len(t) > 1 for t in trees):
             self.count_accepted(replayed - 1)
+        beams = self.params.num_beams
+        self.traces[p].drafts += draft_rounds(first_step, [p * beams + b for b in range(beams)], trees, walked, beams)
         return origin
 
     def _beam_step(self, p: int, logits: torch.Tensor) -> None:  # [beams, vocab] the running beams' logits
@@ -113,13 +118,15 @@ class BeamDecoding(Decoding):
         if not config.return_dict_in_generate:
             return sequences
         steps = self.stats.steps
+        trace = _merge_traces(self.traces, steps, self.params.num_beams)
+        trace.mark_returned(sequences, beam_indices, self.request.input_ids.shape[1])
         return SpecbeamBeamOutput(
             sequences=sequences,
             sequences_scores=sequence_scores if config.output_scores else None,
             scores=tuple(self._per_step(self.scores, steps)) if config.output_scores else None,
             logits=tuple(self._per_step(self.raw, steps)) if config.output_logits else None,
             beam_indices=beam_indices,
-            trace=_merge_traces(self.traces, steps, self.params.num_beams),
+            trace=trace,
             stats=self.stats,
         )
 
@@ -165,7 +172,7 @@ def _merge_traces(traces: list[Trace], steps: int, beams: int) -> Trace:
                       torch.zeros(1, k, dtype=like.token.dtype, device=device),
                       torch.full((1, k), NEG, dtype=like.score.dtype, device=device),
                       torch.arange(beams, device=device)[None], torch.zeros(1, k, dtype=torch.bool, device=device))
-    merged = Trace()
+    merged = Trace(drafts=[d for trace in traces for d in trace.drafts])
     for t in range(steps):
         parts = [trace.steps[t] if t < len(trace.steps) else ended for trace in traces]
         merged.steps.append(TraceStep(*(torch.cat([getattr(s, f) for s in parts]) for f in
