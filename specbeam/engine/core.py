@@ -70,9 +70,11 @@ class EngineCore:
         self._check(request, streamer, generator)
         spec = self.spec.for_beams(request.params.num_beams) if request.params.mode == BEAM else self.spec
         kind = BeamDecoding if request.params.mode == BEAM else TokenDecoding
+        # a seeded request's draws depend on its trees' shapes: it drafts at the fixed depth, whatever runs beside it
+        policy = None if generator is not None else self._depth_policy(drafter, request)
         if generator is None and request.params.mode == SAMPLE:
             generator = _fresh_generator()
-        state = kind(request, self.cache, drafter, spec, self._depth_policy(drafter, request), streamer, generator)
+        state = kind(request, self.cache, drafter, spec, policy, streamer, generator)
         self._check_fits(state)
         return state
 
@@ -98,7 +100,8 @@ class EngineCore:
         """Gauges of the engine now."""
         allocator = self.cache.allocator
         return dict(kv_blocks_total=allocator.num_blocks, kv_blocks_used=allocator.num_used,
-                    requests_waiting=len(self.scheduler.waiting), requests_running=len(self.scheduler.running))
+                    requests_waiting=len(self.scheduler.waiting), requests_running=len(self.scheduler.running),
+                    preemptions=self.scheduler.preemptions)
 
     # --- one step -----------------------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ class Scheduler:
         self.cache, self.max_num_seqs = cache, max_num_seqs
         self.waiting: deque[Decoding] = deque()
         self.running: list[Decoding] = []
+        self.preemptions = 0
 
     def schedule(self) -> list[tuple[Decoding, Exception]]:
         """Fill `running` for this step; returns the requests that cannot run even alone, with their error."""
@@ -27,6 +28,7 @@ class Scheduler:
                 break
             victim.preempt()
             self.waiting.appendleft(victim)
+            self.preemptions += 1
         while self.waiting and (not self.running or _rows(self.running + [self.waiting[0]]) <= self.max_num_seqs):
             state = self.waiting[0]
             state.choose_depth()

@@ -1,0 +1,213 @@
+"""The step-based core: requests of every mode share the target's forwards and each gets exactly what it would
+get alone, whether added while others run, next to an aborted one, preempted for lack of KV blocks, or sent
+from several threads at once. No block leaks after any of it."""
+import copy
+import functools
+import threading
+
+import pytest
+import torch
+
+from specbeam import Engine, SpecConfig
+from tiny_models import PAD, left_padded_batch, tiny_model
+
+EOS = 52  # a token the llama target emits early in some rows
+
+
+@functools.cache
+def perturbed_draft():
+    draft = copy.deepcopy(tiny_model("llama"))
+    torch.manual_seed(9)
+    with torch.no_grad():
+        for param in draft.parameters():
+            param.add_(torch.randn_like(param) * 0.01)
+    return draft
+
+
+def _calls() -> list[dict]:
+    """Mixed modes and prompt batches (each with its own seeded generator where it samples)."""
+    ids, mask = left_padded_batch((7, 3, 5), seed=0)
+    common = dict(pad_token_id=PAD, eos_token_id=EOS, return_dict_in_generate=True)
+    return [
+        dict(input_ids=ids, attention_mask=mask, max_new_tokens=12, **common),
+        dict(input_ids=ids[:1], max_new_tokens=9, num_beams=3, **common),
+        dict(input_ids=ids[1:], attention_mask=mask[1:], max_new_tokens=10, repetition_penalty=1.3, **common),
+        dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, num_beams=2, num_return_sequences=2, **common),
+        dict(input_ids=ids[2:], attention_mask=mask[2:], max_new_tokens=11, do_sample=True, top_k=5,
+             num_return_sequences=2, generator=torch.Generator().manual_seed(3), **common),
+        dict(input_ids=ids[:2], attention_mask=mask[:2], max_new_tokens=6, num_beams=4, length_penalty=0.0,
+             **common),
+    ]
+
+
+def _fresh(call: dict) -> dict:
+    """The same call with its generator reset to the seed it started from."""
+    call = dict(call)
+    if "generator" in call:
+        call["generator"] = torch.Generator().manual_seed(3)
+    return call
+
+
+def _same(a, b) -> bool:
+    same = torch.equal(a.sequences, b.sequences)
+    if getattr(a, "beam_indices", None) is not None:
+        same &= torch.equal(a.beam_indices, b.beam_indices)
+    return same
+
+
+def _solo(engine: Engine) -> list:
+    return [engine.generate(**_fresh(c)) for c in _calls()]
+
+
+def _assert_no_leak(engine: Engine) -> None:
+    assert engine.cache.allocator.num_used == 0
+    if engine.drafter is not None and hasattr(engine.drafter, "cache"):
+        assert engine.drafter.cache.allocator.num_used == 0
+
+
+@pytest.mark.parametrize("draft", [None, "perturbed", "ngram"])
+def test_requests_added_while_others_run_each_get_their_solo_output(draft):
+    engine = Engine(tiny_model("llama"), draft_model=perturbed_draft() if draft == "perturbed" else draft,
+                    spec=SpecConfig(depth=2, adaptive=False))
+    solo, calls = _solo(engine), _calls()
+    ids, results, steps = {}, {}, 0
+    while len(ids) < len(calls) or engine.has_unfinished_requests():
+        if steps % 2 == 0 and len(ids) < len(calls):  # one more request every other step
+            ids[engine.add_request(**_fresh(calls[len(ids)]))] = len(ids)
+        for out in engine.step():
+            if out.finished:
+                assert out.error is None
+                results[ids[out.request_id]] = out.result
+        steps += 1
+    assert all(_same(results[i], solo[i]) for i in range(len(calls)))
+    _assert_no_leak(engine)
+
+
+def test_step_outputs_stream_each_rows_new_tokens():
+    engine = Engine(tiny_model("llama"))
+    ids, mask = left_padded_batch((7, 3), seed=0)
+    request = engine.add_request(ids, attention_mask=mask, max_new_tokens=6, pad_token_id=PAD)
+    streamed, result = [[], []], None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            assert out.request_id == request
+            for row, tokens in enumerate(out.new_token_ids):
+                streamed[row] += tokens
+            result = out.result if out.finished else result
+    assert [result[r, ids.shape[1]:].tolist() for r in range(2)] == streamed
+
+
+def test_an_abort_mid_run_frees_its_blocks_and_changes_no_other_output():
+    engine = Engine(tiny_model("llama"), draft_model=perturbed_draft(), spec=SpecConfig(depth=2, adaptive=False))
+    solo, calls = _solo(engine), _calls()
+    ids = [engine.add_request(**_fresh(c)) for c in calls]
+    results, aborted = {}, []
+    for _ in range(3):
+        engine.step()
+    engine.abort(ids[1])
+    engine.abort(ids[3])
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.aborted:
+                aborted.append(out.request_id)
+            elif out.finished:
+                results[out.request_id] = out.result
+    assert sorted(aborted) == sorted([ids[1], ids[3]])
+    assert all(_same(results[ids[i]], solo[i]) for i in (0, 2, 4, 5))
+    _assert_no_leak(engine)
+
+
+def _long_calls() -> list[dict]:
+    """Requests that grow well past their first blocks (no eos)."""
+    ids, mask = left_padded_batch((7, 3, 5), seed=1)
+    common = dict(pad_token_id=PAD, return_dict_in_generate=True)
+    return [dict(input_ids=ids, attention_mask=mask, max_new_tokens=50, **common),
+            dict(input_ids=ids[:1], max_new_tokens=40, num_beams=2, **common),
+            dict(input_ids=ids[1:], attention_mask=mask[1:], max_new_tokens=45, do_sample=True,
+                 generator=torch.Generator().manual_seed(3), **common),
+            dict(input_ids=ids[2:], attention_mask=mask[2:], max_new_tokens=50, repetition_penalty=1.3, **common)]
+
+
+@pytest.mark.parametrize("draft", [None, "perturbed"])
+def test_preemption_recomputes_and_changes_no_output(draft):
+    """A pool too small for every request at once: the youngest are preempted and recomputed later."""
+    model = tiny_model("llama")
+    block_bytes = 16 * Engine(model).runner.bytes_per_token()
+    engine = Engine(model, draft_model=perturbed_draft() if draft else None,
+                    spec=SpecConfig(depth=2, adaptive=False), max_cache_bytes=30 * block_bytes)
+    solo = [engine.generate(**_fresh(c)) for c in _long_calls()]
+    ids = [engine.add_request(**_fresh(c)) for c in _long_calls()]
+    results = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                assert out.error is None
+                results[out.request_id] = out.result
+    assert engine.core.metrics()["preemptions"] > 0
+    assert all(_same(results[i], s) for i, s in zip(ids, solo))
+    _assert_no_leak(engine)
+
+
+def test_eight_threads_on_one_engine_each_get_their_solo_output():
+    engine = Engine(tiny_model("llama"), draft_model=perturbed_draft())
+    calls = _calls() + _calls()[:2]
+    solo = [engine.generate(**_fresh(c)) for c in calls]
+    results, errors = [None] * len(calls), []
+
+    def run(i: int) -> None:
+        try:
+            results[i] = engine.generate(**_fresh(calls[i]))
+        except Exception as error:  # noqa: BLE001: reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and all(_same(r, s) for r, s in zip(results, solo))
+    _assert_no_leak(engine)
+
+
+# --- KV blocks on demand --------------------------------------------------------------------------------------
+
+
+def _eos_after_a_few(model, ids, mask) -> list[int]:
+    """An eos list under which transformers' greedy rows all stop within a few tokens."""
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=4, pad_token_id=PAD)
+    return sorted({int(t) for t in out[:, -1]})
+
+
+@pytest.mark.parametrize("draft", [None, "perturbed"])
+@pytest.mark.parametrize("mode", [dict(), dict(num_beams=3)], ids=["greedy", "beam3"])
+def test_a_huge_max_new_tokens_is_a_limit_not_an_allocation(draft, mode):
+    model = tiny_model("llama")
+    ids, mask = left_padded_batch((7, 3, 5), seed=0)
+    eos = _eos_after_a_few(model, ids, mask)
+    kwargs = dict(attention_mask=mask, pad_token_id=PAD, eos_token_id=eos, **mode)
+    reference = model.generate(ids, max_new_tokens=64, **kwargs)
+    engine = Engine(model, draft_model=perturbed_draft() if draft else None)
+    ours = engine.generate(ids, max_new_tokens=10**9, **kwargs)
+    assert reference.shape[1] < ids.shape[1] + 64 and torch.equal(ours, reference)
+    _assert_no_leak(engine)
+
+
+def test_a_prompt_larger_than_the_pool_is_refused_before_any_work():
+    model = tiny_model("llama")
+    engine = Engine(model, max_cache_bytes=4 * 16 * Engine(model).runner.bytes_per_token())
+    with pytest.raises(ValueError, match="prompt.*max_cache_bytes"):
+        engine.generate(torch.arange(3, 90)[None], max_new_tokens=3)
+    assert engine.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3).shape == (1, 6)
+    _assert_no_leak(engine)
+
+
+def test_a_request_that_alone_exhausts_the_pool_fails_clearly_and_the_next_one_runs():
+    model = tiny_model("llama")
+    engine = Engine(model, max_cache_bytes=16 * 16 * Engine(model).runner.bytes_per_token())
+    with pytest.raises(ValueError, match="max_new_tokens.*") as error:
+        engine.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=500, num_beams=2)
+    assert "pool" in str(error.value)
+    _assert_no_leak(engine)
+    reference = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=20, num_beams=2)
+    assert torch.equal(engine.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=20, num_beams=2), reference)
+    _assert_no_leak(engine)
