@@ -119,8 +119,11 @@ class EngineCore:
         steps_before = [s.stats.steps for s in running]
         running = self._round(running, outputs)
         seconds = time.perf_counter() - start
+        used = self.cache.allocator.num_used
         for state, before in zip(running, steps_before):
             state.record_round(before, seconds)
+            state.stats.kv_blocks_peak = max(state.stats.kv_blocks_peak, used)  # the pool's, while it ran
+            state.stats.kv_bytes_peak = state.stats.kv_blocks_peak * self.cache.block_bytes
             outputs.append(self._output(state))
         return outputs
 
