@@ -1,13 +1,13 @@
-"""The `specbeam` console script: `demo`, `generate` and `eval`."""
+"""The `specbeam` console script: `demo`, `generate`, `eval` and `serve`."""
 import argparse
 import sys
 
 import torch
 
-from specbeam.cli import demo, evaluate, generate
+from specbeam.cli import demo, evaluate, generate, serve
 from specbeam.cli.errors import CliError
 
-COMMANDS = {"demo": demo, "generate": generate, "eval": evaluate}
+COMMANDS = {"demo": demo, "generate": generate, "eval": evaluate, "serve": serve}
 
 
 def build_parser() -> argparse.ArgumentParser:
