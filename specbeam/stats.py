@@ -13,6 +13,14 @@ class DecodeStats:
     kv_blocks_peak: int = 0
     kv_bytes_peak: int = 0
 
+    def add(self, other: "DecodeStats") -> None:
+        """Count another run's passes, drafts and acceptance into these."""
+        for name in ("steps", "target_passes", "draft_passes", "drafted_tokens", "rounds"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        depth = max(len(self.accepted_by_depth), len(other.accepted_by_depth))
+        self.accepted_by_depth = [a + b for a, b in zip(self.accepted_by_depth + [0] * depth,
+                                                        other.accepted_by_depth + [0] * depth)][:depth]
+
     @property
     def tokens_per_pass(self) -> float:
         """Decoding steps advanced per target forward after the prefill."""

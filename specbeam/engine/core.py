@@ -26,6 +26,7 @@ from specbeam.engine.tokens import TokenDecoding
 from specbeam.model_runner import ModelRunner, Work
 from specbeam.outputs import RequestOutput
 from specbeam.request import build_request
+from specbeam.stats import DecodeStats
 
 DEFAULT_CPU_CACHE_BYTES = 256 * 2**20  # the target's KV pool on the CPU (paged in only as it is used)
 DEVICE_CACHE_SHARE = 0.5  # of the device's free memory, on a GPU
@@ -46,6 +47,7 @@ class EngineCore:
         self.lock = threading.Lock()  # guards the queue and the request table against other threads
         self.aborted: list[str] = []
         self.ids = itertools.count()
+        self.totals = DecodeStats()  # over the engine's life: drafted and accepted tokens of finished requests
 
     # --- requests -----------------------------------------------------------------------------------------
 
@@ -101,7 +103,8 @@ class EngineCore:
         allocator = self.cache.allocator
         return dict(kv_blocks_total=allocator.num_blocks, kv_blocks_used=allocator.num_used,
                     requests_waiting=len(self.scheduler.waiting), requests_running=len(self.scheduler.running),
-                    preemptions=self.scheduler.preemptions)
+                    preemptions=self.scheduler.preemptions, accepted_by_depth=list(self.totals.accepted_by_depth),
+                    drafted_tokens=self.totals.drafted_tokens)
 
     # --- one step -----------------------------------------------------------------------------------------
 
@@ -189,6 +192,7 @@ class EngineCore:
 
     def _retire(self, state: Decoding) -> None:
         state.release()
+        self.totals.add(state.stats)
         with self.lock:
             self.scheduler.remove(state)
             self.requests.pop(state.request_id, None)
