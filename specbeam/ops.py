@@ -1,12 +1,15 @@
 """One entry point per op. Each picks its backend from the tensors' device, once per call: Triton for CUDA
-tensors, the C++ extension `specbeam._C` for CPU tensors when it is built, otherwise the plain torch reference.
-`backend=` forces one; `backend_info()` says which one CPU calls get, and why."""
+tensors, the C++ kernels for CPU tensors (`specbeam._C` built at install, else compiled at first use by
+`specbeam.cpp_build`), otherwise the plain torch reference. `backend=` forces one; `backend_info()` says which one
+CPU calls get, and why."""
 import functools
+import os
+import warnings
 
 import torch
 import torch.nn.functional as F
 
-from specbeam import linear_weight
+from specbeam import cpp_build, linear_weight
 from specbeam.reference import decoder as _ref_decoder
 from specbeam.reference import paged_attention as _ref_attention
 from specbeam.reference import sampling as _ref_sampling
@@ -20,26 +23,38 @@ CPP_OPS = ("filter_probs", "sample", "greedy_verify", "stochastic_verify", "page
 
 @functools.cache
 def _load_cpp() -> tuple[object | None, str]:
-    """(specbeam._C, "built"), or (None, why it cannot be used); imported once, on first use."""
+    """(the C++ kernels' module, how it was built), or (None, why not); once, on first use. specbeam._C if the
+    install built it, else the kernels compiled at first use (unless SPECBEAM_NO_JIT=1), else None with one
+    warning: the CPU runs the reference."""
     try:
         from specbeam import _C
-    except ImportError as error:
-        return None, f"specbeam._C not built ({type(error).__name__}: {error})"
-    return _C, "built"
+        return _C, "built at install"
+    except ImportError:
+        pass
+    if os.environ.get("SPECBEAM_NO_JIT") == "1":
+        return None, "specbeam._C not built at install, and SPECBEAM_NO_JIT=1"
+    try:
+        module, build = cpp_build.load()
+    except Exception as error:  # noqa: BLE001: whatever stops the build, the reference runs
+        reason = f"specbeam._C not built at install, nor at first use: {error}"
+        warnings.warn(f"specbeam runs its torch reference on the CPU, 2-3x slower ({reason})", stacklevel=2)
+        return None, reason
+    return module, f"compiled at first use ({build})"
 
 
 def _cpp():
-    """specbeam._C, or a clear error when backend="cpp" is forced without it."""
+    """The C++ kernels' module, or a clear error when backend="cpp" is forced without it."""
     module, reason = _load_cpp()
     if module is None:
-        raise RuntimeError(f"backend='cpp' needs the C++ extension: {reason}; reinstall with a C++ compiler present")
+        raise RuntimeError(f"backend='cpp' needs the C++ kernels: {reason}")
     return module
 
 
 def backend_info() -> dict[str, str]:
-    """Per op, the backend that CPU tensors get with backend=None, and why."""
+    """Per op, the backend that CPU tensors get with backend=None, and why: "cpp: built at install",
+    "cpp: compiled at first use (<build directory>)" or "reference: <why>"."""
     module, reason = _load_cpp()
-    picked = "cpp: built" if module is not None else f"reference: {reason}"
+    picked = f"cpp: {reason}" if module is not None else f"reference: {reason}"
     return {"store_kv": "reference: torch index_copy_", **{op: picked for op in CPP_OPS}}
 
 
@@ -190,8 +205,8 @@ def mlp_block(hidden, attention, o_weight, o_bias, norm_weight, eps, gate_weight
 
 
 def layer_backend(device: torch.device, dtype: torch.dtype) -> tuple[str, object]:
-    """For a model's decoder layers, chosen once: ("cpp", specbeam._C) for a float32 / float64 CPU model when the
-    extension is built, else ("reference", specbeam.reference.decoder). Each offers attention_inputs, mlp_block
+    """For a model's decoder layers, chosen once: ("cpp", the C++ kernels) for a float32 / float64 CPU model when
+    they are built, else ("reference", specbeam.reference.decoder). Each offers attention_inputs, mlp_block
     and linear; the C++ ones read weights packed by `specbeam.linear_weight.prepare`."""
     if _pick(None, device) == "cpp" and dtype in linear_weight.KERNEL_FLOATS:
         return "cpp", _cpp()
