@@ -9,6 +9,8 @@ Each step keeps K = max(2, 1 + num_eos) * B candidates per prompt: the top-K of 
 log p(token)) over B beams x V tokens. The best B that do not stop become the running beams; those among the
 top B that do stop enter the finished hypotheses with score sum / (generated length ** length_penalty).
 """
+import copy
+
 import torch
 from transformers import StoppingCriteriaList
 
@@ -16,6 +18,9 @@ from specbeam.config import SamplingParams
 from specbeam.trace import TraceStep
 
 NEG = -1.0e9  # transformers' "impossible" score
+# the state tensors whose first dimension is the prompt
+_PER_PROMPT = ("running", "finished", "running_scores", "finished_scores", "is_finished", "can_improve", "hits_stop",
+               "running_origin", "finished_origin")
 GROWTH = 64  # steps the sequence buffers hold at first; they double when full
 
 
@@ -52,6 +57,7 @@ class BeamSearch:
         self.running_origin = torch.full((self.batch, beams, GROWTH), -1, dtype=torch.int32, device=device)
         self.finished_origin = self.running_origin.clone()
         self.done = False
+        self.prompts = list(range(self.batch))  # the prompts of the caller's batch that this search holds
 
     def running_sequences(self) -> torch.Tensor:  # [batch * beams, cur_len]
         return self.running[:, :, : self.cur_len].flatten(0, 1)
@@ -74,7 +80,7 @@ class BeamSearch:
         cand_seqs = _gather(self.running, cand_beam)
         cand_seqs[:, :, self.cur_len] = cand_token
         cand_origin = _gather(self.running_origin, cand_beam)
-        cand_origin[:, :, step] = cand_beam + torch.arange(batch, device=flat.device)[:, None] * beams
+        cand_origin[:, :, step] = cand_beam  # the beam within its prompt (a search may be split by prompt)
         hits = criteria(cand_seqs[:, :, : self.cur_len + 1].flatten(0, 1), scores).view(batch, -1)
         self.hits_stop = hits
 
@@ -99,7 +105,22 @@ class BeamSearch:
                                                      (self.running_origin, self.finished_origin))
 
     def parents(self) -> torch.Tensor:  # [batch * beams]: flat index of each running beam's parent
-        return self.running_origin[:, :, self.cur_len - 1 - self.prompt_len].flatten().long()
+        local = self.running_origin[:, :, self.cur_len - 1 - self.prompt_len].long()
+        return (local + torch.arange(self.batch, device=local.device)[:, None] * self.params.num_beams).flatten()
+
+    def prompts_done(self) -> torch.Tensor:  # [batch] bool
+        """Per prompt, transformers' stopping rule as if it were searched alone."""
+        full = self.is_finished.all(dim=1) & (self.params.early_stopping is True)
+        return ~(self.can_improve[:, 0] & ~full & ~self.hits_stop.all(dim=1))
+
+    def split(self, keep: list[int]) -> "BeamSearch":
+        """A search over the prompts `keep` (indices into this one's batch), their state as it is now."""
+        other = copy.copy(self)
+        index = torch.tensor(keep, device=self.running.device)
+        for name in _PER_PROMPT:
+            setattr(other, name, getattr(self, name).index_select(0, index))
+        other.batch, other.prompts = len(keep), [self.prompts[i] for i in keep]
+        return other
 
     def _update_finished(self, cand_seqs, cand_scores, cand_origin, hits) -> torch.Tensor:
         """Merge the candidates that stopped among the top B into the best B finished hypotheses."""
@@ -139,7 +160,7 @@ class BeamSearch:
 
     def results(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The best `num_return_sequences` hypotheses: sequences [batch * n, length], scores [batch * n],
-        beam indices [batch * n, generated] (-1 padded), cropped as transformers crops them."""
+        beam indices within each prompt [batch * n, generated] (-1 padded), cropped as transformers crops them."""
         n = self.params.num_return_sequences
         sequences = self.finished[:, :n].flatten(0, 1)
         scores = self.finished_scores[:, :n].flatten()

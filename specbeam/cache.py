@@ -61,6 +61,7 @@ class PagedKVCache:
         self.pool = _zeros(shape, dtype, torch.device(device))
         self.block_size = block_size
         self.allocator = BlockAllocator(num_blocks)
+        self.pending: list[tuple[int, int]] = []  # copies on write not done yet: (source block, new block)
         # views made once: per layer, K and V as blocks [num_blocks, block_size, Hkv, D] and as slots
         self.layers = [(self.pool[i, 0], self.pool[i, 1]) for i in range(num_layers)]
         self.slots = [(k.view(-1, *k.shape[2:]), v.view(-1, *v.shape[2:])) for k, v in self.layers]
@@ -89,7 +90,8 @@ class PagedKVCache:
 
     def reserve(self, table: BlockTable, num_tokens: int) -> list[int]:
         """Slots for the next `num_tokens` positions of `table`, made private first: a missing block is
-        allocated, a shared one about to be written copied (copy on write). Returns flat slot indices."""
+        allocated, a shared one about to be written copied (copy on write, done by the next `flush`, before
+        anything is written). Returns flat slot indices."""
         start, end = table.length, table.length + num_tokens
         while len(table.blocks) * self.block_size < end:
             table.blocks.append(self.allocator.allocate())
@@ -104,6 +106,7 @@ class PagedKVCache:
         moves = [(start + node, start + depth) for depth, node in enumerate(nodes) if node != depth]
         if moves:
             self._make_private(table, [dst for _, dst in moves])
+            self.flush()
             src = torch.tensor([self._slot(table, s) for s, _ in moves], device=self.pool.device)
             dst = torch.tensor([self._slot(table, d) for _, d in moves], device=self.pool.device)
             flat = self.pool.view(*self.pool.shape[:2], -1, *self.pool.shape[4:])
@@ -129,10 +132,18 @@ class PagedKVCache:
         table.length = length
 
     def _copy_block(self, block: int) -> int:
+        """A private copy of a shared block (its source keeps another holder until the copy is flushed)."""
         new = self.allocator.allocate()
-        self.pool[:, :, new] = self.pool[:, :, block]
+        self.pending.append((block, new))
         self.allocator.decref(block)
         return new
+
+    def flush(self) -> None:
+        """Do the pending copies on write, all in one indexed copy."""
+        if self.pending:
+            source, new = (torch.tensor(b, device=self.pool.device) for b in zip(*self.pending))
+            self.pool[:, :, new] = self.pool[:, :, source]
+            self.pending = []
 
 
 def _zeros(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -127,6 +127,7 @@ def pack(cache: PagedKVCache, works: list[Work], device, attention_backend: str 
     """Reserve every work's slots (copy on write included) and lay the forward out flat."""
     starts = [w.table.length for w in works]
     slots = [cache.reserve(w.table, len(w.tokens)) for w in works]
+    cache.flush()
     counts = [len(w.tokens) for w in works]
     positions = [s + d for s, w, n in zip(starts, works, counts) for d in (w.depths or range(n))]
     query_start_loc = torch.tensor([0, *itertools.accumulate(counts)])

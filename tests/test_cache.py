@@ -12,7 +12,9 @@ def _cache(num_blocks=8, block_size=4):
 
 
 def _write(cache, table, values):
-    for slot, value in zip(cache.reserve(table, len(values)), values):
+    slots = cache.reserve(table, len(values))
+    cache.flush()  # the copies on write, before anything is written
+    for slot, value in zip(slots, values):
         cache.pool.view(2, 2, -1, 1, 2)[:, :, slot] = value
 
 

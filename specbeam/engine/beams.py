@@ -16,95 +16,140 @@ from specbeam.tree import DraftTree
 from specbeam.validation import check_finite
 
 
+_TRACE_FIELDS = ("parent", "token", "score", "survivors", "finished")
+
+
 class BeamDecoding(Decoding):
+    """The prompts' searches run in groups that share a length (one batched beam step each); a group splits
+    when its prompts replay different numbers of steps, and a prompt leaves it when its search ends."""
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        beams, eos = self.params.num_beams, self.request.config._eos_token_tensor
-        ids = self.request.input_ids
-        self.searches = [BeamSearch(ids[p * beams:(p + 1) * beams], self.params, eos)
-                         for p in range(len(self.request.prompts))]
-        self.traces = [Trace() for _ in self.searches]
-        self.scores = [[] for _ in self.searches]  # per prompt, per step: [beams, vocab] processed log-probs
-        self.raw = [[] for _ in self.searches]
+        search = BeamSearch(self.request.input_ids, self.params, self.request.config._eos_token_tensor)
+        self.groups = [search]  # searches still running
+        self.ended: dict[int, BeamSearch] = {}  # per prompt, its search once it has ended
+        prompts = range(search.batch)
+        self.traces = [Trace() for _ in prompts]
+        self.scores = [[] for _ in prompts]  # per prompt, per step: [beams, vocab] processed log-probs
+        self.raw = [[] for _ in prompts]
 
     # --- one round ----------------------------------------------------------------------------------------
 
     def plan(self) -> list[Work]:
         beams = self.params.num_beams
-        self.round_prompts = [p for p, s in enumerate(self.searches) if not s.done]
-        rows = [p * beams + b for p in self.round_prompts for b in range(beams)]
-        scores = {p: self.searches[p].running_scores.flatten().tolist() for p in self.round_prompts}
-        depths = [min(self.depth, self.params.max_length - len(self.rows[r].tokens) - 1) for r in rows]
-        self.trees = self.propose(rows, depths, beams=[(r // beams, scores[r // beams][r % beams]) for r in rows])
-        self.starts = [self.rows[r].table.length for r in rows]
-        return [tree_work(self.rows[r].table, t) for r, t in zip(rows, self.trees)]
+        self.round_rows = [p * beams + b for g in self.groups for p in g.prompts for b in range(beams)]
+        scores = [s for g in self.groups for s in g.running_scores.flatten().tolist()]
+        depths = [min(self.depth, self.params.max_length - len(self.rows[r].tokens) - 1) for r in self.round_rows]
+        trees = self.propose(self.round_rows, depths, beams=[(r // beams, s) for r, s in zip(self.round_rows, scores)])
+        self.trees = dict(zip(self.round_rows, trees))
+        self.starts = {r: self.rows[r].table.length for r in self.round_rows}
+        return [tree_work(self.rows[r].table, self.trees[r]) for r in self.round_rows]
 
     def absorb(self, logits: list[torch.Tensor]) -> None:  # per beam of the round: [tree nodes, vocab]
-        beams = self.params.num_beams
         logits = [x.to(torch.float32) for x in logits]
         check_finite(torch.cat(logits), self.stats.steps)
-        draft_origins = [(r, [0]) for r in range(len(self.rows))]
-        for i, p in enumerate(self.round_prompts):
-            part = slice(i * beams, (i + 1) * beams)
-            origin = self._replay(p, self.trees[part], logits[part])
-            if self.searches[p].done:
-                for row in self.rows[p * beams:(p + 1) * beams]:
-                    self.release_row(row)
-                continue
-            for b, kept in enumerate(self._commit(p, origin, self.starts[part])):
-                draft_origins[p * beams + b] = kept
+        self.logits = dict(zip(self.round_rows, logits))
+        self.draft_origins = [(r, [0]) for r in range(len(self.rows))]
+        self.groups = [g for group in self.groups for g in self._replay(group)]
         if self.draft is not None:
-            self.draft.commit(draft_origins)
-        self.finished = all(s.done for s in self.searches)
+            self.draft.commit(self.draft_origins)
+        self.finished = not self.groups
 
-    def _replay(self, p: int, trees: list[DraftTree], logits: list[torch.Tensor]) -> list[tuple[int, list]]:
-        """Beam steps of prompt p from one target pass, while every running beam is a tree node. Returns each
-        new running beam's origin: (the beam it descends from at the round's start, its node path in that
-        beam's tree, the last entry the new root's node or None)."""
-        search, origin, replayed = self.searches[p], [(b, [0]) for b in range(len(trees))], 0
-        first_step, walked = len(self.traces[p].steps), [{0} for _ in trees]  # per tree: nodes that became beams
+    def _replay(self, group: BeamSearch) -> list[BeamSearch]:
+        """Beam steps of a group from one target pass: a prompt goes on while every running beam of it is a tree
+        node (its distribution is known), and its round ends at the first step that leaves its trees. Returns
+        the groups that run on."""
+        beams = self.params.num_beams
+        # per running beam: (the request row it descends from at the round's start, its node path in that row's
+        # tree, the last entry the new root's node or None)
+        origin = [(p * beams + b, [0]) for p in group.prompts for b in range(beams)]
+        first = {p: len(self.traces[p].steps) for p in group.prompts}
+        walked = {r: {0} for r, _ in origin}
+        replayed, running_on = 0, []
         while True:
-            self._beam_step(p, torch.stack([logits[b][path[-1]] for b, path in origin]))
+            self._beam_step(group, torch.stack([self.logits[r][path[-1]] for r, path in origin]))
             replayed += 1
-            if search.done:
-                break
-            origin, inside = _follow(search, trees, origin)
-            for b, path in origin:
-                walked[b].update(node for node in path if node is not None)
-            if not inside:
-                break
+            done = group.prompts_done().tolist()
+            origin, inside = _follow(group, self.trees, origin)
+            for r, path in origin:
+                walked[r].update(node for node in path if node is not None)
+            stop = [g for g in range(group.batch) if done[g] or not inside[g]]
+            for g in stop:
+                self._end_round(group.prompts[g], first[group.prompts[g]], replayed, walked)
+            for g in (g for g in stop if done[g]):
+                self._end_search(group, g)
+            stopped = [g for g in stop if not done[g]]
+            if stopped:
+                running_on.append(self._commit(group.split(stopped), [origin[g * beams + b] for g in stopped
+                                                                     for b in range(beams)]))
+            going = [g for g in range(group.batch) if g not in stop]
+            if not going:
+                return running_on
+            if stop:
+                group, origin = group.split(going), [origin[g * beams + b] for g in going for b in range(beams)]
+
+    def _beam_step(self, group: BeamSearch, logits: torch.Tensor) -> None:  # [group rows, vocab] their logits
+        beams, processors = self.params.num_beams, self.request.logits_processor
+        log_probs = F.log_softmax(logits, dim=-1)
+        if processors and group.batch * beams == len(self.rows):  # the whole batch, in order: as transformers
+            log_probs = processors(group.running_sequences(), log_probs)
+        elif processors:
+            rows = [p * beams + b for p in group.prompts for b in range(beams)]
+            log_probs = process_rows(processors, group.running_sequences().tolist(), logits, rows, len(self.rows),
+                                     log_softmax=True)
+        step = group.step(log_probs, self.request.stopping_criteria, self._history(group))
+        per_prompt = zip(group.prompts, log_probs.view(group.batch, beams, -1), logits.view(group.batch, beams, -1))
+        for g, (p, scores, raw) in enumerate(per_prompt):
+            self.scores[p].append(scores)
+            self.raw[p].append(raw)
+            self.traces[p].steps.append(TraceStep(*(getattr(step, f)[g:g + 1] for f in _TRACE_FIELDS)))
+            self.stats.steps = max(self.stats.steps, len(self.scores[p]))
+
+    def _history(self, group: BeamSearch):
+        """The group's processed scores so far, as transformers passes them to stopping criteria."""
+        if not self.request.config.output_scores:
+            return None
+        steps = len(self.scores[group.prompts[0]])
+        return tuple(torch.cat([self.scores[p][t] for p in group.prompts]) for t in range(steps))
+
+    def _end_round(self, p: int, first_step: int, replayed: int, walked: dict) -> None:
+        """Count what prompt p's round accepted and record its drafted trees for the trace."""
+        beams = self.params.num_beams
+        rows = [p * beams + b for b in range(beams)]
+        trees = [self.trees[r] for r in rows]
         if any(len(t) > 1 for t in trees):
             self.count_accepted(replayed - 1)
-        beams = self.params.num_beams
-        self.traces[p].drafts += draft_rounds(first_step, [p * beams + b for b in range(beams)], trees, walked, beams)
-        return origin
+        self.traces[p].drafts += draft_rounds(first_step, rows, trees, [walked[r] for r in rows], beams)
 
-    def _beam_step(self, p: int, logits: torch.Tensor) -> None:  # [beams, vocab] the running beams' logits
-        search, beams = self.searches[p], self.params.num_beams
-        running = search.running_sequences()
-        log_probs = process_rows(self.request.logits_processor, running.tolist(), logits,
-                                 list(range(p * beams, (p + 1) * beams)), len(self.rows), log_softmax=True)
-        self.raw[p].append(logits)
-        self.scores[p].append(log_probs)
-        self.traces[p].steps.append(search.step(log_probs, self.request.stopping_criteria,
-                                                self.history(self.scores[p])))
-        self.stats.steps = max(self.stats.steps, len(self.scores[p]))
+    def _end_search(self, group: BeamSearch, g: int) -> None:
+        """Prompt g of the group has its final hypotheses: its rows' blocks are free at once."""
+        p, beams = group.prompts[g], self.params.num_beams
+        self.ended[p] = group.split([g])
+        for row in self.rows[p * beams:(p + 1) * beams]:
+            self.release_row(row)
 
-    def _commit(self, p: int, origin: list[tuple[int, list]], starts: list[int]) -> list[tuple[int, list[int]]]:
+    def _commit(self, group: BeamSearch, origin: list[tuple[int, list]]) -> BeamSearch:
         """New beams fork the table of the beam they descend from and keep their path's K/V, their newest token
-        (the next root) excluded. Returns each new beam's draft origin (request row, kept path)."""
+        (the next root) excluded; the draft's rows follow them."""
         beams = self.params.num_beams
-        rows = self.rows[p * beams:(p + 1) * beams]
-        old, kept_paths = [row.table for row in rows], []
-        for row, (b, path) in zip(rows, origin):
-            row.table = self.cache.fork(old[b])
-            self.cache.keep_path(row.table, starts[b], path[:-1])
-            kept_paths.append((p * beams + b, path[:-1]))
-        for table in old:
-            self.cache.release(table)
-        for row, tokens in zip(rows, self.searches[p].running_sequences().tolist()):
-            row.tokens = tokens
-        return kept_paths
+        rows = [p * beams + b for p in group.prompts for b in range(beams)]
+        old = {r: self.rows[r].table for r in rows}
+        takers = {}  # per source row: its new beams; the first takes its table over, the others fork it
+        for r, (source, _) in zip(rows, origin):
+            takers.setdefault(source, []).append(r)
+        for source, table in old.items():
+            for r in takers.get(source, [])[1:]:
+                self.rows[r].table = self.cache.fork(table)
+            if source in takers:
+                self.rows[takers[source][0]].table = table
+            else:
+                self.cache.release(table)
+        for r, (source, path) in zip(rows, origin):
+            self.cache.keep_path(self.rows[r].table, self.starts[source], path[:-1])
+            self.draft_origins[r] = (source, path[:-1])
+        for r, tokens in zip(rows, group.running_sequences().tolist()):
+            self.rows[r].tokens = tokens
+        return group
 
     # --- output -------------------------------------------------------------------------------------------
 
@@ -133,12 +178,13 @@ class BeamDecoding(Decoding):
     def _results(self):
         """Every prompt's best hypotheses, padded to the longest as transformers pads them; beam indices count
         beams over the whole batch."""
-        results = [s.results() for s in self.searches]
+        searches = [self.ended[p] for p in range(len(self.ended))]
+        results = [s.results() for s in searches]
         length = max(seq.shape[1] for seq, _, _ in results)
         generated = max(origin.shape[1] for _, _, origin in results)
         beams = self.params.num_beams
         sequences = torch.cat([F.pad(seq, (0, length - seq.shape[1]), value=s.fill)
-                               for (seq, _, _), s in zip(results, self.searches)])
+                               for (seq, _, _), s in zip(results, searches)])
         indices = torch.cat([F.pad(torch.where(origin >= 0, origin + p * beams, -1), (0, generated - origin.shape[1]),
                                    value=-1) for p, (_, _, origin) in enumerate(results)])
         return sequences, torch.cat([scores for _, scores, _ in results]), indices
@@ -151,15 +197,17 @@ class BeamDecoding(Decoding):
         return [torch.cat([h[t] if t < len(h) else ended for h in history]) for t in range(steps)]
 
 
-def _follow(search: BeamSearch, trees: list[DraftTree], origin) -> tuple[list, bool]:
-    """Each new running beam's origin after one more replayed step; `inside`: all of them are tree nodes."""
+def _follow(search: BeamSearch, trees: dict[int, DraftTree], origin) -> tuple[list, list[bool]]:
+    """Each new running beam's origin after one more replayed step, and per prompt whether all of its running
+    beams are tree nodes."""
     tokens = search.running_sequences()[:, -1].tolist()
-    new, inside = [], True
+    beams = search.params.num_beams
+    new, inside = [], [True] * search.batch
     for beam, parent in enumerate(search.parents().tolist()):
-        b, path = origin[parent]
-        child = trees[b].child(path[-1], tokens[beam])
-        inside &= child is not None
-        new.append((b, path + [child]))
+        row, path = origin[parent]
+        child = trees[row].child(path[-1], tokens[beam])
+        inside[beam // beams] &= child is not None
+        new.append((row, path + [child]))
     return new, inside
 
 
@@ -175,6 +223,5 @@ def _merge_traces(traces: list[Trace], steps: int, beams: int) -> Trace:
     merged = Trace(drafts=[d for trace in traces for d in trace.drafts])
     for t in range(steps):
         parts = [trace.steps[t] if t < len(trace.steps) else ended for trace in traces]
-        merged.steps.append(TraceStep(*(torch.cat([getattr(s, f) for s in parts]) for f in
-                                        ("parent", "token", "score", "survivors", "finished"))))
+        merged.steps.append(TraceStep(*(torch.cat([getattr(s, f) for s in parts]) for f in _TRACE_FIELDS)))
     return merged
