@@ -1,11 +1,14 @@
 """Draft-tree proposers. A drafter serves many requests at once: each request opens a `session` over its rows,
 which answers `propose(rows, ...)` with one `DraftTree` per row and then hears, through `commit`, which path of
-which tree each new row continues.
+which tree each new row continues. `propose` is a generator: it yields each `DraftPass` it needs and is sent
+the pass's logits back, so that the engine runs the passes of every request's session as one draft forward.
 
 The draft model keeps its own paged cache (one pool per drafter, shared by every session), with one block table
 per row covering the row's tokens except the newest ones (those are fed at the next `propose`). Growing a tree
 forks a table per node: a node's table is its parent's plus its own token, so each depth is one decode-style
 draft forward, and after verification a row simply keeps the table of the deepest fed node it accepted."""
+from dataclasses import dataclass
+
 import torch
 
 from specbeam.beam import NEG
@@ -14,6 +17,19 @@ from specbeam.config import EngineConfig, SpecConfig
 from specbeam.model_runner import ModelRunner, Work
 from specbeam.processing import process_rows
 from specbeam.tree import DraftTree
+
+
+@dataclass
+class DraftPass:
+    """One decode-style draft forward that a session needs: feed each table its tokens; the logits after each
+    one's last token come back ([len(tables), vocab])."""
+
+    drafter: "DraftModelDrafter"
+    tables: list[BlockTable]
+    tokens: list[list[int]]
+
+    def works(self) -> list[Work]:
+        return [Work(t, k, num_logits=1) for t, k in zip(self.tables, self.tokens)]
 
 
 class DraftModelDrafter:
@@ -74,7 +90,8 @@ class DraftSession:
             return self._with_draft_probs(trees, q, sample)
         # the roots that grow get their tokens not fed yet, root last: logits row k is frontier entry k
         tables = [self.tables[rows[i]] for i, _, _ in frontier]
-        logits = self._forward(tables, [padded[i][pads[i] + t.length:] for (i, _, _), t in zip(frontier, tables)])
+        logits = yield from self._forward(tables, [padded[i][pads[i] + t.length:] for (i, _, _), t in
+                                                   zip(frontier, tables)])
         for depth in range(1, max(depths, default=0) + 1):
             prefixes = [padded[i] + [trees[i].tokens[n] for n in trees[i].path(node)[1:]] for i, node, _ in frontier]
             scores = process_rows(processors, prefixes, logits.float(), [rows[i] for i, _, _ in frontier],
@@ -92,7 +109,7 @@ class DraftSession:
             if not frontier:
                 break
             tables = [self.cache.fork(self.fed[rows[i]][trees[i].parents[n]]) for i, n, _ in frontier]
-            logits = self._forward(tables, [[trees[i].tokens[n]] for i, n, _ in frontier])
+            logits = yield from self._forward(tables, [[trees[i].tokens[n]] for i, n, _ in frontier])
             for (i, node, _), table in zip(frontier, tables):
                 self.fed[rows[i]][node] = table
         return self._with_draft_probs(trees, q, sample)
@@ -126,10 +143,11 @@ class DraftSession:
                     self.cache.release(table)
             nodes.clear()
 
-    def _forward(self, tables: list[BlockTable], tokens: list[list[int]]) -> torch.Tensor:  # [rows, vocab]
-        """Feed each table its tokens; the logits after each one's last."""
+    def _forward(self, tables: list[BlockTable], tokens: list[list[int]]):  # -> [rows, vocab]
+        """Feed each table its tokens (the engine batches the pass with other sessions'); the logits after each
+        one's last."""
         self.passes += 1
-        return self.drafter.runner.forward(self.cache, [Work(t, k, num_logits=1) for t, k in zip(tables, tokens)])
+        return (yield DraftPass(self.drafter, tables, tokens))
 
     @staticmethod
     def _expand(frontier, log_q, spec: SpecConfig, generator, sample: bool, root: bool, groups):
@@ -175,6 +193,7 @@ class NgramDrafter:
 
     def propose(self, rows, padded, pads, processors, spec, depths, log_softmax, generator=None, sample=False,
                 exclude=None, beams=None):
+        yield from ()  # a generator like every session's propose, that needs no forward
         trees = []
         for tokens, pad, depth in zip(padded, pads, depths):
             tree = DraftTree.root_only(tokens[-1])

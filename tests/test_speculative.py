@@ -161,6 +161,17 @@ def test_speculative_streamer_sees_the_same_tokens():
         engine.generate(**_inputs(), streamer=Collect())
 
 
+def _alone(propose):
+    """Run a session's propose generator by itself, each draft pass its own forward: the trees."""
+    logits = None
+    while True:
+        try:
+            draft_pass = propose.send(logits)
+        except StopIteration as done:
+            return done.value
+        logits = draft_pass.drafter.runner.forward(draft_pass.drafter.cache, draft_pass.works())
+
+
 def test_beam_drafts_keep_the_best_nodes_per_prompt_over_all_its_beams():
     """Under beam search the draft searches all of a prompt's beams at once: each depth keeps the `width` best
     nodes by beam score + cumulative draft log-probability, and a beam that is not live grows nothing."""
@@ -169,8 +180,8 @@ def test_beam_drafts_keep_the_best_nodes_per_prompt_over_all_its_beams():
     beams = [[5, 9, 14], [5, 9, 30], [5, 9, 41]]  # three beams of one prompt, the root last
     scores = [-0.1, -2.0, NEG]  # the third is not live (transformers' impossible score)
     session = DraftModelDrafter(draft, VOCAB, EngineConfig(), num_blocks=64).session(len(beams))
-    trees = session.propose([0, 1, 2], beams, [0, 0, 0], LogitsProcessorList(), spec, [2, 2, 2], log_softmax=True,
-                            beams=[(0, s) for s in scores])
+    trees = _alone(session.propose([0, 1, 2], beams, [0, 0, 0], LogitsProcessorList(), spec, [2, 2, 2],
+                                   log_softmax=True, beams=[(0, s) for s in scores]))
     session.end()
     assert len(trees[2]) == 1
     with torch.no_grad():

@@ -35,12 +35,12 @@ class BeamDecoding(Decoding):
 
     # --- one round ----------------------------------------------------------------------------------------
 
-    def plan(self) -> list[Work]:
+    def plan(self):  # a generator -> list[Work]
         beams = self.params.num_beams
         self.round_rows = [p * beams + b for g in self.groups for p in g.prompts for b in range(beams)]
         scores = [s for g in self.groups for s in g.running_scores.flatten().tolist()]
         depths = [min(self.depth, self.params.max_length - len(self.rows[r].tokens) - 1) for r in self.round_rows]
-        trees = self.propose(self.round_rows, depths, beams=[(r // beams, s) for r, s in zip(self.round_rows, scores)])
+        trees = yield from self.propose(self.round_rows, depths, beams=[(r // beams, s) for r, s in zip(self.round_rows, scores)])
         self.trees = dict(zip(self.round_rows, trees))
         self.starts = {r: self.rows[r].table.length for r in self.round_rows}
         return [tree_work(self.rows[r].table, self.trees[r]) for r in self.round_rows]

@@ -11,6 +11,7 @@ select and commit. Finished requests free their blocks at once. `add_request` an
 thread; `step` from one at a time."""
 import itertools
 import threading
+from collections import defaultdict
 import time
 
 import torch
@@ -145,12 +146,7 @@ class EngineCore:
     def _round(self, running: list[Decoding], outputs: list) -> list[Decoding]:
         """Every request's round in one target forward."""
         planned, works = [], []
-        for state in running:
-            try:
-                mine = state.plan()
-            except Exception as error:  # noqa: BLE001: a request's own failure (a processor, the draft) is its own
-                outputs.append(self._fail(state, error))
-                continue
+        for state, mine in self._plan(running, outputs):
             planned.append((state, len(works), len(mine)))
             works += mine
         logits = self._forward(works, [s for s, _, _ in planned], outputs) if works else None
@@ -161,9 +157,41 @@ class EngineCore:
             state.stats.target_passes += 1
             try:
                 state.absorb(list(per_work[first:first + count]))
-            except Exception as error:  # noqa: BLE001
+            except Exception as error:  # noqa: BLE001: a request's own failure (a processor, a criterion)
                 outputs.append(self._fail(state, error))
         return [s for s, _, _ in planned if s.request_id in self.requests]
+
+    def _plan(self, running: list[Decoding], outputs: list) -> list[tuple[Decoding, list[Work]]]:
+        """Every request's works for this round. Their plans run side by side: the draft passes they ask for
+        at each depth go through one forward per draft model."""
+        plans, waiting = {}, {}
+        for state in running:
+            self._advance(state, state.plan(), None, waiting, plans, outputs)
+        while waiting:
+            by_drafter = defaultdict(list)
+            for state, (plan, draft_pass) in waiting.items():
+                by_drafter[id(draft_pass.drafter)].append((state, plan, draft_pass))
+            waiting = {}
+            for items in by_drafter.values():
+                drafter = items[0][2].drafter
+                works = [w for _, _, draft_pass in items for w in draft_pass.works()]
+                try:
+                    logits = drafter.runner.forward(drafter.cache, works)
+                except Exception as error:  # noqa: BLE001: the draft's forward fails every request in it
+                    outputs += [self._fail(state, error) for state, _, _ in items]
+                    continue
+                for (state, plan, _), part in zip(items, logits.split([len(p.tables) for _, _, p in items])):
+                    self._advance(state, plan, part, waiting, plans, outputs)
+        return [(s, plans[s]) for s in running if s in plans]
+
+    def _advance(self, state: Decoding, plan, value, waiting: dict, plans: dict, outputs: list) -> None:
+        """Send a plan what it waited for: it asks for its next draft pass, or returns its works."""
+        try:
+            waiting[state] = (plan, plan.send(value))
+        except StopIteration as done:
+            plans[state] = done.value
+        except Exception as error:  # noqa: BLE001: a request's own failure (a processor, the draft's sampling)
+            outputs.append(self._fail(state, error))
 
     def _forward(self, works: list[Work], states: list[Decoding], outputs: list) -> torch.Tensor | None:
         """The target forward; if it fails, so does every request in it."""

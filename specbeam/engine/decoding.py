@@ -3,6 +3,9 @@ target's paged cache, their prefill, its draft session, and the round protocol e
 
     choose_depth() -> blocks_needed() -> plan() -> [one target forward shared with other requests] -> absorb()
 
+`plan` is a generator that yields the draft passes it needs before it returns its works, so that the core runs
+every request's draft passes of one depth as one draft forward.
+
 A row's last token is its root: not in the cache yet, it is fed with the row's draft tree (a tree of the root
 alone is a plain decoding step). Preemption drops a request's blocks and keeps its tokens; the next prefill
 recomputes their K/V."""
@@ -125,7 +128,8 @@ class Decoding:
         else:
             self.depth = self.policy.choose() if self.policy is not None else self.spec.depth
 
-    def plan(self) -> list[Work]:
+    def plan(self):  # a generator -> list[Work]
+        """This round's works: each row's root and draft tree. Yields the draft passes it needs first."""
         raise NotImplementedError
 
     def absorb(self, logits: list[torch.Tensor]) -> None:
@@ -136,13 +140,14 @@ class Decoding:
         if self.policy is not None and self.draft is not None:
             self.policy.record(self.depth, self.stats.steps - steps_before, seconds)
 
-    def propose(self, rows: list[int], depths: list[int], beams=None) -> list[DraftTree]:
-        """Draft trees under `rows` (root-only where the depth is 0 or there is no draft)."""
+    def propose(self, rows: list[int], depths: list[int], beams=None):  # a generator -> list[DraftTree]
+        """Draft trees under `rows` (root-only where the depth is 0 or there is no draft); yields the draft
+        passes it needs (see `specbeam.drafters`)."""
         padded = [self.rows[r].tokens for r in rows]
         if self.draft is None or max(depths, default=0) == 0:
             return [DraftTree.root_only(p[-1]) for p in padded]
         mode = self.params.mode
-        trees = self.draft.propose(
+        trees = yield from self.draft.propose(
             rows, padded, [self.pads[r] for r in rows], self.request.logits_processor, self.spec, depths,
             log_softmax=mode == "beam", generator=self.generator, sample=mode == "sample",
             exclude=self.request.config._eos_token_tensor if mode == "beam" else None, beams=beams,

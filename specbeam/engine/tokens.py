@@ -24,11 +24,11 @@ class TokenDecoding(Decoding):
 
     # --- one round ----------------------------------------------------------------------------------------
 
-    def plan(self) -> list[Work]:
+    def plan(self):  # a generator -> list[Work]
         self.round_rows = [r for r, row in enumerate(self.rows) if row.table is not None]
         max_length = self.params.max_length
         depths = [min(self.depth, max_length - len(self.rows[r].tokens) - 1) for r in self.round_rows]
-        self.trees = self.propose(self.round_rows, depths)
+        self.trees = yield from self.propose(self.round_rows, depths)
         self.starts = [self.rows[r].table.length for r in self.round_rows]
         return [tree_work(self.rows[r].table, t) for r, t in zip(self.round_rows, self.trees)]
 
