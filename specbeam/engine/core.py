@@ -12,6 +12,7 @@ thread; `step` from one at a time."""
 import itertools
 import threading
 from collections import defaultdict
+from typing import Callable
 import time
 
 import torch
@@ -74,10 +75,10 @@ class EngineCore:
         spec = self.spec.for_beams(request.params.num_beams) if request.params.mode == BEAM else self.spec
         kind = BeamDecoding if request.params.mode == BEAM else TokenDecoding
         # a seeded request's draws depend on its trees' shapes: it drafts at the fixed depth, whatever runs beside it
-        policy = None if generator is not None else self._depth_policy(drafter, request)
+        policies = None if generator is not None else self._depth_policies(drafter, request)
         if generator is None and request.params.mode == SAMPLE:
             generator = _fresh_generator()
-        state = kind(request, self.cache, drafter, spec, policy, streamer, generator)
+        state = kind(request, self.cache, drafter, spec, policies, streamer, generator)
         self._check_fits(state)
         return state
 
@@ -251,12 +252,18 @@ class EngineCore:
                 self.drafters[key] = DraftModelDrafter(draft, vocab, self.config, 2 * self.cache.allocator.num_blocks)
         return self.drafters[key]
 
-    def _depth_policy(self, drafter, request) -> DepthPolicy | None:
-        """One policy per drafter, decoding mode and batch size (costs differ between them), kept across calls."""
+    def _depth_policies(self, drafter, request) -> Callable[[int], DepthPolicy] | None:
+        """Policies kept across requests, one per drafter, decoding mode, batch size and load (costs differ
+        between them): alone, key (drafter, mode, batch); beside `load` other rows, the load's power of 2 too."""
         if drafter is None or not self.spec.adaptive:
             return None
         key = (id(drafter), request.params.mode, len(request.prompts))
-        return self.depth_policies.setdefault(key, DepthPolicy(self.spec.depth))
+
+        def policy(load: int) -> DepthPolicy:
+            return self.depth_policies.setdefault(key + ((load.bit_length(),) if load else ()),
+                                                  DepthPolicy(self.spec.depth))
+
+        return policy
 
     def _pool_blocks(self) -> int:
         budget = self.config.max_cache_bytes
@@ -282,7 +289,7 @@ class EngineCore:
 
     def _check_fits(self, state: Decoding) -> None:
         """A prompt that cannot fit in the whole pool is refused before any work."""
-        state.choose_depth()
+        state.choose_depth(0)
         needed = state.prefill_blocks() + state.blocks_needed()[0]
         total = self.cache.allocator.num_blocks
         if needed > total:

@@ -10,6 +10,7 @@ A row's last token is its root: not in the cache yet, it is fed with the row's d
 alone is a plain decoding step). Preemption drops a request's blocks and keeps its tokens; the next prefill
 recomputes their K/V."""
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -35,13 +36,16 @@ class Decoding:
     """What every mode shares. Subclasses build `self.rows` in `after_prefill` and define plan / absorb."""
 
     def __init__(self, request: Request, cache: PagedKVCache, drafter, spec: SpecConfig,
-                 policy: DepthPolicy | None, streamer=None, generator: torch.Generator | None = None):
+                 policies: Callable[[int], DepthPolicy] | None, streamer=None,
+                 generator: torch.Generator | None = None):
+        """policies: the depth policy for a load (rows of the other running requests); None: a fixed depth."""
         self.request, self.cache, self.drafter, self.spec = request, cache, drafter, spec
-        self.policy, self.streamer, self.generator = policy, streamer, generator
+        self.policies, self.streamer, self.generator = policies, streamer, generator
+        self.policy: DepthPolicy | None = None  # the one that chose this round's depth
         self.params = request.params
         self.stats = DecodeStats()
         self.rows: list[Row] | None = None  # None until the prompts are prefilled
-        num_rows = request.input_ids.shape[0]
+        self.num_rows = num_rows = request.input_ids.shape[0]
         self.pads = [request.input_ids.shape[1] - len(p) for p in request.prompts for _ in
                      range(self.params.rows_per_prompt)]
         self.draft = drafter.session(num_rows) if drafter is not None else None
@@ -122,11 +126,15 @@ class Decoding:
 
     # --- rounds -----------------------------------------------------------------------------------------
 
-    def choose_depth(self) -> None:
+    def choose_depth(self, load: int) -> None:
+        """This round's draft depth, with `load` rows of other requests in the same forwards."""
         if self.draft is None:
             self.depth = 0
+        elif self.policies is None:
+            self.depth = self.spec.depth
         else:
-            self.depth = self.policy.choose() if self.policy is not None else self.spec.depth
+            self.policy = self.policies(load)
+            self.depth = self.policy.choose()
 
     def plan(self):  # a generator -> list[Work]
         """This round's works: each row's root and draft tree. Yields the draft passes it needs first."""
@@ -137,7 +145,7 @@ class Decoding:
 
     def record_round(self, steps_before: int, seconds: float) -> None:
         """Tell the depth policy how many steps this round advanced in how long."""
-        if self.policy is not None and self.draft is not None:
+        if self.policy is not None:
             self.policy.record(self.depth, self.stats.steps - steps_before, seconds)
 
     def propose(self, rows: list[int], depths: list[int], beams=None):  # a generator -> list[DraftTree]

@@ -19,8 +19,9 @@ class Scheduler:
     def schedule(self) -> list[tuple[Decoding, Exception]]:
         """Fill `running` for this step; returns the requests that cannot run even alone, with their error."""
         failures = []
+        rows = _rows(self.running)
         for state in self.running:
-            state.choose_depth()
+            state.choose_depth(rows - state.num_rows)
         while self.running and not self._fits(self.running):
             victim = self.running.pop()
             if not self.running:
@@ -31,7 +32,7 @@ class Scheduler:
             self.preemptions += 1
         while self.waiting and (not self.running or _rows(self.running + [self.waiting[0]]) <= self.max_num_seqs):
             state = self.waiting[0]
-            state.choose_depth()
+            state.choose_depth(_rows(self.running))
             if self._fits(self.running + [state]):
                 self.running.append(self.waiting.popleft())
             elif not self.running:
@@ -59,7 +60,7 @@ class Scheduler:
 
 
 def _rows(states: list[Decoding]) -> int:
-    return sum(s.request.input_ids.shape[0] for s in states)
+    return sum(s.num_rows for s in states)
 
 
 def too_large(state: Decoding, cache: PagedKVCache) -> ValueError:
