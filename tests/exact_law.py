@@ -100,9 +100,9 @@ def lookup_prompt(model, processors: LogitsProcessorList, head=(3, 1), middle: i
     accepted at depth 2 as often as a lookup can be."""
     pairs = [(b, c) for b in range(model.config.vocab_size) for c in range(model.config.vocab_size)
              if (b, c) != tuple(head)]  # (head) itself would make the lookup match later in the prompt
-    prompts = torch.tensor([[*head, b, c, middle, *head] for b, c in pairs])
+    prompts = torch.tensor([[*head, b, c, middle, *head] for b, c in pairs], device=model.device)
     first = next_token_probs(model, prompts, processors)
-    drafted = torch.tensor(pairs)
+    drafted = torch.tensor(pairs, device=model.device)
     second = next_token_probs(model, torch.cat([prompts, drafted[:, :1]], dim=1), processors)
     likelihood = first.gather(1, drafted[:, :1])[:, 0] * second.gather(1, drafted[:, 1:])[:, 0]
     return prompts[int(likelihood.argmax())][None]
