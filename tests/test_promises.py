@@ -14,7 +14,7 @@ import specbeam
 from specbeam import Engine, ops
 from specbeam.config import SpecConfig
 from specbeam.validation import UnsupportedOptionError
-from parity import assert_same_beams, assert_same_tokens, run_both
+from parity import assert_same_beams, assert_same_tokens
 from test_speculative import drafts
 from test_speculative_processors import DiscourageRecent
 from tiny_models import PAD, VOCAB, left_padded_batch, tiny_model
@@ -32,19 +32,35 @@ def _engine(draft: str | None, **options) -> Engine:
     return Engine(tiny_model("llama"), draft_model=None if draft is None else drafts()[draft], spec=SPEC, **options)
 
 
-def _same_as_transformers(engine: Engine, mode: dict, **kwargs) -> None:
-    """engine's generate equals transformers' on the same call: greedy tokens and scores, or beams and their scores."""
-    model, inputs = tiny_model("llama"), {**_inputs(), **kwargs}
-    reference, ours = run_both(model, engine, **inputs, **mode)
-    if mode.get("num_beams", 1) > 1:
+MODES = {"greedy": dict(do_sample=False), "beam": dict(num_beams=3, num_return_sequences=2)}
+CALLS = {  # generate's arguments beyond the inputs and the mode
+    "plain": lambda: {},
+    "bad-words": lambda: dict(bad_words_ids=_bad_words()),
+    "user-processor": lambda: dict(logits_processor=LogitsProcessorList([DiscourageRecent()])),
+    "repetition-penalty": lambda: dict(repetition_penalty=1.2),
+}
+
+
+def _call(mode: str, call: str) -> dict:
+    return dict(**_inputs(), **MODES[mode], **CALLS[call](), return_dict_in_generate=True, output_scores=True,
+                output_logits=True)
+
+
+@functools.cache
+def _reference(mode: str, call: str):
+    """transformers' own output of the call (one for every engine)."""
+    return tiny_model("llama").generate(**_call(mode, call))
+
+
+def _assert_same_as_transformers(engine: Engine, mode: str, call: str) -> None:
+    """engine's generate equals transformers' on the same call: greedy tokens and scores, or beams and their
+    scores; every KV block is free afterwards."""
+    model, reference, ours = tiny_model("llama"), _reference(mode, call), engine.generate(**_call(mode, call))
+    if mode == "beam":
         assert_same_beams(model, reference, ours)
     else:
-        eos = inputs.get("eos_token_id", model.generation_config.eos_token_id)
-        assert_same_tokens(reference, ours, inputs["input_ids"].shape[1], PAD, eos)
+        assert_same_tokens(reference, ours, _inputs()["input_ids"].shape[1], PAD, model.generation_config.eos_token_id)
     assert engine.cache.allocator.num_free == engine.cache.allocator.num_blocks
-
-
-GREEDY, BEAM = dict(do_sample=False), dict(num_beams=3, num_return_sequences=2)
 
 
 # --- bad_words_ids ---------------------------------------------------------------------------------------------
@@ -56,10 +72,11 @@ def _bad_words() -> list[list[int]]:
     return [[int(generated[0, 3])], generated[1, 4:6].tolist()]
 
 
-@pytest.mark.parametrize("mode", [GREEDY, BEAM], ids=["greedy", "beam"])
+@pytest.mark.parametrize("mode", MODES)
 def test_bad_words_ids_match_transformers(mode):
-    """bad_words_ids (a single token and a two-token sequence) give transformers' own output."""
-    _same_as_transformers(_engine(None), mode, bad_words_ids=_bad_words())
+    """bad_words_ids (a single token and a two-token sequence) give transformers' own output, which they change."""
+    assert not torch.equal(_reference(mode, "bad-words").sequences, _reference(mode, "plain").sequences)
+    _assert_same_as_transformers(_engine(None), mode, "bad-words")
 
 
 @pytest.mark.parametrize("draft", [None, "perturbed", "ngram"])
@@ -87,10 +104,11 @@ class NextOfLast(LogitsProcessor):
         return torch.full_like(scores, float("-inf")).scatter(1, allowed, scores.gather(1, allowed))
 
 
-@pytest.mark.parametrize("mode", [GREEDY, BEAM], ids=["greedy", "beam"])
+@pytest.mark.parametrize("mode", MODES)
 def test_user_logits_processor_matches_transformers(mode):
-    """A user processor that reads the prefix gives transformers' own output."""
-    _same_as_transformers(_engine(None), mode, logits_processor=LogitsProcessorList([DiscourageRecent()]))
+    """A user processor that reads the prefix gives transformers' own output, which it changes."""
+    assert not torch.equal(_reference(mode, "user-processor").sequences, _reference(mode, "plain").sequences)
+    _assert_same_as_transformers(_engine(None), mode, "user-processor")
 
 
 @pytest.mark.parametrize("draft", [None, "perfect", "perturbed", "ngram"])
@@ -203,10 +221,10 @@ def test_patched_generate_hands_refused_options_to_transformers(option):
 
 @pytest.mark.parametrize("block_size", [1, 5])
 @pytest.mark.parametrize("draft", [None, "perfect"])
-@pytest.mark.parametrize("mode", [GREEDY, BEAM], ids=["greedy", "beam"])
+@pytest.mark.parametrize("mode", MODES)
 def test_a_non_default_block_size_matches_transformers(block_size, draft, mode):
     """KV blocks of 1 or 5 slots (prompts, forks and draft trees cross block boundaries) change nothing."""
-    _same_as_transformers(_engine(draft, block_size=block_size), mode, repetition_penalty=1.2)
+    _assert_same_as_transformers(_engine(draft, block_size=block_size), mode, "repetition-penalty")
 
 
 # --- the torch reference when the C++ extension is absent -------------------------------------------------------
@@ -220,8 +238,8 @@ def without_cpp(monkeypatch):
 
 
 @pytest.mark.parametrize("draft", [None, "perturbed", "ngram"])
-@pytest.mark.parametrize("mode", [GREEDY, BEAM], ids=["greedy", "beam"])
+@pytest.mark.parametrize("mode", MODES)
 def test_engine_without_the_cpp_extension_matches_transformers(without_cpp, draft, mode):
     """Without specbeam._C the engine runs on the torch reference, plain and speculative, and still gives
     transformers' own output."""
-    _same_as_transformers(_engine(draft), mode)
+    _assert_same_as_transformers(_engine(draft), mode, "plain")
