@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from specbeam.assets import PAIR_DIR, load_default_pair
-from specbeam.cli import main
+from specbeam.cli import demo, main
+from specbeam.cli.modes import DEFAULT_MODES
 from test_trace_html import page_data
 
 TARGET, DRAFT = str(PAIR_DIR / "target"), str(PAIR_DIR / "draft")  # the tokenizer is their sibling directory
@@ -44,11 +45,29 @@ def test_shipped_prompts_end_at_a_line_break_and_give_the_next_line():
     assert all(c["prompt"].endswith("\n") and c["answer"].strip() and "\n" not in c["answer"] for c in cases)
 
 
-def test_demo_writes_both_pictures_and_matches_transformers(tmp_path, capsys):
+def _completion(target, tokenizer, prompt: str, max_new_tokens: int, **kwargs) -> str:
+    """transformers' own completion of the prompt, decoded."""
+    inputs = tokenizer(prompt, return_tensors="pt")
+    out = target.generate(**inputs, max_new_tokens=max_new_tokens, **kwargs)
+    return tokenizer.decode(out[0, inputs.input_ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_demo_writes_both_pictures_and_matches_transformers(pair, tmp_path, capsys):
+    """The demo prints transformers' own greedy and beam completions as identical to specbeam's, and for
+    sampling transformers' completion from its seed."""
+    target, _, tokenizer = pair
     assert main(["demo", "--max-new-tokens", "8", "--out", str(tmp_path)]) == 0
-    rows = table_rows(capsys.readouterr().out, ["greedy", "beam 4", "sample"])
+    out = capsys.readouterr().out
+    rows = table_rows(out, ["greedy", "beam 4", "sample"])
     assert rows["greedy"].endswith("identical") and rows["beam 4"].endswith("identical")
-    assert rows["sample"].endswith("same distribution")
+    for label in ("greedy", "beam 4"):
+        mode = {m.label: m for m in DEFAULT_MODES.values()}[label]
+        text = _completion(target, tokenizer, demo.PROMPT, 8, **mode.generate_kwargs())
+        assert f"--- {label}: transformers = specbeam ---\n{text}\n" in out
+    torch.manual_seed(demo.SEED)
+    text = _completion(target, tokenizer, demo.PROMPT, 8, **DEFAULT_MODES["sample"].generate_kwargs())
+    assert any(f"--- sample: {name} ---\n{text}\n" in out
+               for name in (f"transformers (seed {demo.SEED})", "transformers = specbeam"))
     for name in ("beam_tree.png", "acceptance.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     assert page_data(tmp_path / "beam_tree.html")["prompts"][0]["returned"]  # the page beside the PNGs
@@ -83,16 +102,26 @@ def test_a_trace_needs_beam_search(tmp_path, capsys):
     assert "--trace draws a beam search" in capsys.readouterr().err and not (tmp_path / "t.html").exists()
 
 
-def test_eval_on_two_prompts(tmp_path, capsys):
+def test_eval_on_two_prompts(pair, tmp_path, capsys):
     prompts, results = tmp_path / "two.jsonl", tmp_path / "results.json"
     prompts.write_text("".join(PROMPTS.read_text().splitlines(keepends=True)[:2]))
     assert main(["eval", "--model", TARGET, "--draft", DRAFT, "--prompts", str(prompts), "--max-new-tokens", "8",
                  "--threads", "1", "--json", str(results)]) == 0
     rows = table_rows(capsys.readouterr().out, ["greedy", "beam 4", "sample"])
-    assert rows["greedy"].endswith("2/2") and rows["beam 4"].endswith("2/2") and rows["sample"].endswith("n/a")
+    assert rows["greedy"].endswith("2/2") and rows["beam 4"].endswith("2/2")
     by_mode = {r["mode"]: r for r in json.loads(results.read_text())}
     assert by_mode["greedy"]["equal_to_transformers"] == by_mode["beam 4"]["equal_to_transformers"] == 2
     assert all(r["answered"] == 2 and r["latency_seconds"]["p50"] > 0 for r in by_mode.values())
+    cases = [json.loads(line) for line in prompts.read_text().splitlines()]
+    target, _, tokenizer = pair
+    for label in ("greedy", "beam 4"):  # exact matches: transformers' completions' first lines against the answers
+        kwargs = {m.label: m for m in DEFAULT_MODES.values()}[label].generate_kwargs()
+        first_lines = [_completion(target, tokenizer, c["prompt"], 8, **kwargs).split("\n", 1)[0] for c in cases]
+        expected = sum(line.strip() == c["answer"].strip() for line, c in zip(first_lines, cases))
+        assert by_mode[label]["exact_matches"] == expected
+        assert rows[label].split()[-2] == f"{expected}/2"
+    for result in by_mode.values():  # drafted tokens accepted per round: the acceptance rates by depth added up
+        assert result["accepted_per_round"] == pytest.approx(sum(result["acceptance_by_depth"]))
 
 
 def test_chat_without_a_template_fails_clearly(capsys):

@@ -1,6 +1,7 @@
 """The engine on a CUDA GPU, where every op runs its compiled Triton kernel: greedy, beam search and their
 speculative forms give transformers' own output on the same GPU (float32, tf32 off); speculative sampling
-keeps the target's distribution. Needs a GPU and `TRITON_INTERPRET=0`; CI has neither and skips this file."""
+at a fixed depth 2 keeps the target's joint law of 3 tokens. Needs a GPU and `TRITON_INTERPRET=0`; CI has
+neither and skips this file."""
 import copy
 import os
 
@@ -8,6 +9,8 @@ import pytest
 import torch
 
 from specbeam import Engine, ops
+from specbeam.config import SpecConfig
+from exact_law import VOCAB8, cells, exact_joint, lookup_prompt, marginal, pooled, sampling_processors, vocab8_model
 from tiny_models import PAD, left_padded_batch, tiny_model
 
 pytestmark = pytest.mark.skipif(
@@ -55,15 +58,30 @@ def test_engine_on_cuda_equals_transformers(models, mode, draft):
     assert engine.cache.allocator.num_free == engine.cache.allocator.num_blocks
 
 
-def test_speculative_sampling_on_cuda_keeps_the_first_token_distribution(models, fit_pvalue):
-    """4000 one-token samples through the speculative path against the target's exact softmax."""
-    target, perturbed = models
-    input_ids = torch.tensor([[5, 17, 33, 8]], device="cuda")
+SAMPLING = dict(temperature=0.7, top_k=6)
+
+
+def speculative_sampling_counts(device: str, draft: str):
+    """3 tokens sampled 4000 times through trees of fixed depth 2 on the vocab-8 model (float32 on `device`), from
+    a draft that agrees often (two chains) or n-gram lookup: (cell counts, the exact law, acceptance by depth)."""
+    target = vocab8_model().float().to(device)
+    draft_model = vocab8_model(noise=0.01).float().to(device) if draft == "model" else "ngram"
+    processors = sampling_processors(**SAMPLING)
+    prompt = lookup_prompt(target, processors) if draft == "ngram" else torch.tensor([[3, 1, 3, 1, 3]], device=device)
+    engine = Engine(target, draft_model=draft_model, spec=SpecConfig(depth=2, width=2, adaptive=False))
     with torch.inference_mode():
-        probs = target(input_ids).logits[0, -1].double().softmax(-1)
-        engine = Engine(target, draft_model=perturbed)
-        batch = input_ids.expand(500, -1)
-        draws = torch.cat([engine.generate(batch, do_sample=True, top_k=0, max_new_tokens=1,
-                                           pad_token_id=PAD)[:, -1] for _ in range(8)])
-    counts = torch.bincount(draws.cpu(), minlength=probs.numel())
-    assert fit_pvalue(counts, probs) > 1e-3
+        law = exact_joint(target, prompt.to(device), processors, 3)
+        out = engine.generate(prompt.to(device), do_sample=True, max_new_tokens=3, num_return_sequences=4000,
+                              generator=torch.Generator(device).manual_seed(0), return_dict_in_generate=True,
+                              **SAMPLING)
+    return cells(out.sequences, prompt.shape[1], VOCAB8), law, out.stats.accepted_by_depth
+
+
+@pytest.mark.parametrize("draft", ["model", "ngram"])
+def test_speculative_sampling_on_cuda_fits_the_exact_joint_law(draft, fit_pvalue):
+    """Through the Triton kernels, drafted tokens verified at depth 2: the law of 3 sampled tokens, and of the
+    first 2, fits the exact law from transformers' processors on every prefix (`exact_law`)."""
+    counts, law, accepted = speculative_sampling_counts("cuda", draft)
+    assert len(accepted) >= 2 and accepted[1] > 0
+    for tokens in (3, 2):
+        assert fit_pvalue(*pooled(marginal(counts, VOCAB8, tokens), marginal(law, VOCAB8, tokens))) > 1e-3

@@ -79,6 +79,27 @@ def test_a_perfect_draft_halves_the_target_passes(mode):
     assert out.stats.draft_passes > 0 and out.stats.accepted_by_depth[0] > 0
 
 
+def test_a_perfect_chain_draft_is_accepted_to_its_full_depth():
+    """A perfect draft as a chain of fixed depth 3 (its greedy path) is accepted whole in every round, so the
+    target runs once per 4 tokens after the prefill."""
+    model = tiny_model("llama")
+    spec = SpecConfig(depth=3, width=1, branch=1, adaptive=False)
+    out = Engine(model, draft_model=drafts()["perfect"], spec=spec).generate(
+        **_inputs(), eos_token_id=None, do_sample=False, return_dict_in_generate=True)
+    stats = out.stats
+    assert stats.rounds > 0 and stats.accepted_by_depth == [stats.rounds] * 3
+    assert stats.target_passes <= 1 + -(-NEW_TOKENS // 4)
+
+
+def test_a_perfect_draft_takes_beam_search_to_its_full_depth():
+    """Under beam search a perfect draft at a fixed depth 3 covers every beam the target keeps, to depth 3 in
+    some round."""
+    model = tiny_model("llama")
+    out = Engine(model, draft_model=drafts()["perfect"], spec=SpecConfig(depth=3, adaptive=False)).generate(
+        **_inputs(), eos_token_id=None, num_beams=4, return_dict_in_generate=True)
+    assert len(out.stats.accepted_by_depth) == 3 and out.stats.accepted_by_depth[2] > 0
+
+
 def test_draft_with_another_vocabulary_is_refused():
     other = tiny_model("qwen2")  # same vocabulary size: fine
     Engine(tiny_model("llama"), draft_model=other)
@@ -129,12 +150,16 @@ def test_speculative_sampling_with_a_disagreeing_draft_fits_the_exact_distributi
 
 
 def test_tree_shape_follows_spec_config():
+    """Trees hold at most node_budget drafted nodes, `depth` deep; a perfect draft fills them every round (2 nodes
+    at depth 1, the budget's other 3 at depth 2), its first token is accepted every round, and depth 2 too."""
     model = tiny_model("llama")
     spec = SpecConfig(depth=3, width=3, branch=2, node_budget=5, adaptive=False)
     out = Engine(model, draft_model=drafts()["perfect"], spec=spec).generate(
         **_inputs(), do_sample=False, return_dict_in_generate=True)
-    assert out.stats.drafted_tokens <= 5 * out.stats.rounds
-    assert len(out.stats.accepted_by_depth) <= 3
+    stats = out.stats
+    assert 0 < stats.rounds and 2 * stats.rounds <= stats.drafted_tokens <= 5 * stats.rounds
+    assert 2 <= len(stats.accepted_by_depth) <= 3
+    assert stats.accepted_by_depth[0] == stats.rounds and stats.accepted_by_depth[1] > 0
     with pytest.raises(ValueError, match="depth"):
         SpecConfig(depth=0)
 
