@@ -42,7 +42,7 @@ def check_attention_mask(attention_mask, input_ids: torch.Tensor) -> None:
         raise ValueError("attention_mask leaves a prompt empty: every row needs at least one 1")
     # left padding: once a row's mask turns 1 it stays 1
     if bool((mask[:, :-1] & ~mask[:, 1:]).any()):
-        raise ValueError("attention_mask must be left padding (0s, then 1s); right padding and holes are not supported")
+        raise UnsupportedOptionError("attention_mask with right padding or holes", "is not supported: pad on the left")
 
 
 def _check_positive_int(name: str, value, minimum: int = 1) -> None:
