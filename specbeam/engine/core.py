@@ -9,6 +9,7 @@ pool), prefills what was admitted, lets every running request plan its round (it
 the root alone is a plain step), runs one target forward over all of them, and hands each request its logits to
 select and commit. Finished requests free their blocks at once. `add_request` and `abort` may be called from any
 thread; `step` from one at a time."""
+import copy
 import itertools
 import threading
 from collections import defaultdict
@@ -119,8 +120,8 @@ class EngineCore:
         outputs += [self._fail(state, error) for state, error in failures]
         if not running:
             return outputs
-        start = time.perf_counter()
         running = self._prefill(running, outputs)
+        start = time.perf_counter()  # the depth policies weigh rounds, not prefills
         steps_before = [s.stats.steps for s in running]
         running = self._round(running, outputs)
         seconds = time.perf_counter() - start
@@ -260,8 +261,13 @@ class EngineCore:
         key = (id(drafter), request.params.mode, len(request.prompts))
 
         def policy(load: int) -> DepthPolicy:
-            return self.depth_policies.setdefault(key + ((load.bit_length(),) if load else ()),
-                                                  DepthPolicy(self.spec.depth))
+            bucket = key + ((load.bit_length(),) if load else ())
+            if bucket not in self.depth_policies:  # start from what the nearest load learned, if any
+                known = [k for k in self.depth_policies if k[:3] == key]
+                nearest = min(known, key=lambda k: abs(_bucket(k) - _bucket(bucket)), default=None)
+                self.depth_policies[bucket] = (DepthPolicy(self.spec.depth) if nearest is None else
+                                               copy.deepcopy(self.depth_policies[nearest]))
+            return self.depth_policies[bucket]
 
         return policy
 
@@ -299,6 +305,11 @@ class EngineCore:
                 f"{self.config.max_cache_bytes or total * self.cache.block_bytes}): shorten the prompt or the "
                 "batch, or raise max_cache_bytes"
             )
+
+
+def _bucket(key: tuple) -> int:
+    """The load bucket of a depth policy's key (0: alone)."""
+    return key[3] if len(key) > 3 else 0
 
 
 def _fresh_generator() -> torch.Generator:
