@@ -57,8 +57,10 @@ class PagedKVCache:
 
     def __init__(self, num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, device):
         shape = (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim)
-        # zeroed, so that no slot ever holds a nan: masked-out keys get weight 0, and 0 * nan would not be 0
-        self.pool = _zeros(shape, dtype, torch.device(device))
+        # zeroed, so that no slot ever holds a nan: masked-out keys get weight 0, and 0 * nan would not be 0;
+        # an ordinary tensor even when made in inference mode, since the engine's thread writes it
+        with torch.inference_mode(False):
+            self.pool = _zeros(shape, dtype, torch.device(device))
         self.block_size = block_size
         self.allocator = BlockAllocator(num_blocks)
         self.pending: list[tuple[int, int]] = []  # copies on write not done yet: (source block, new block)

@@ -211,3 +211,13 @@ def test_a_request_that_alone_exhausts_the_pool_fails_clearly_and_the_next_one_r
     reference = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=20, num_beams=2)
     assert torch.equal(engine.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=20, num_beams=2), reference)
     _assert_no_leak(engine)
+
+
+def test_an_engine_made_and_called_in_inference_mode_works():
+    """The engine's thread writes the pool and the requests' state in place: they are ordinary tensors even when
+    the engine and the call are made under torch.inference_mode."""
+    model, prompt = tiny_model("llama"), torch.tensor([[5, 6, 7]])
+    with torch.inference_mode():
+        engine = Engine(model)
+        out = engine.generate(prompt, max_new_tokens=5, num_beams=2, pad_token_id=PAD)
+    assert torch.equal(out, model.generate(prompt, max_new_tokens=5, num_beams=2, pad_token_id=PAD))

@@ -58,11 +58,16 @@ class EngineCore:
         """Validate a `generate` call (ValueError / TypeError before any work) and queue it."""
         return self.add(self.prepare(input_ids, generation_config, **kwargs), request_id)
 
-    def prepare(self, inputs=None, generation_config=None, logits_processor=None, stopping_criteria=None,
-                prefix_allowed_tokens_fn=None, synced_gpus=None, assistant_model=None, streamer=None,
-                negative_prompt_ids=None, negative_prompt_attention_mask=None, custom_generate=None,
-                **kwargs) -> Decoding:
-        """The decoding state of one `generate` call, validated; nothing runs yet."""
+    def prepare(self, *args, **kwargs) -> Decoding:
+        """The decoding state of one `generate` call, validated; nothing runs yet. Its tensors are ordinary ones
+        even when the caller is in inference mode: the engine's thread updates them in place."""
+        with torch.inference_mode(False), torch.no_grad():
+            return self._prepare(*args, **kwargs)
+
+    def _prepare(self, inputs=None, generation_config=None, logits_processor=None, stopping_criteria=None,
+                 prefix_allowed_tokens_fn=None, synced_gpus=None, assistant_model=None, streamer=None,
+                 negative_prompt_ids=None, negative_prompt_attention_mask=None, custom_generate=None,
+                 **kwargs) -> Decoding:
         generator = kwargs.pop("generator", None)
         extra = dict(
             prefix_allowed_tokens_fn=prefix_allowed_tokens_fn, synced_gpus=synced_gpus,
