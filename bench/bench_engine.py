@@ -2,32 +2,19 @@
 forward costs almost nothing, the rounds that beam search over a batch needs with a perfect draft, and what
 many callers gain from sharing the target's forwards. `extra_info` records ms per step / round and ratios."""
 import copy
-import functools
 import threading
-import time
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
-
+from models import DEVICE, one_layer_llama
 from specbeam import Engine, SpecConfig
 from specbeam.assets import load_default_pair
 
 NEW_TOKENS = 256
 
 
-@functools.cache
-def one_layer_llama() -> LlamaForCausalLM:
-    """1 layer, hidden 16: the forward costs almost nothing, so the time is the engine's own."""
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=512, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
-                         eos_token_id=None, pad_token_id=0, bos_token_id=1)
-    return LlamaForCausalLM(config).eval()
-
-
 def _prompts(batch: int) -> torch.Tensor:  # [batch, 8]
-    return torch.randint(2, 512, (batch, 8), generator=torch.Generator().manual_seed(batch))
+    return torch.randint(2, 512, (batch, 8), generator=torch.Generator().manual_seed(batch)).to(DEVICE)
 
 
 OVERHEAD = {
@@ -73,42 +60,31 @@ def _pair_calls(count: int) -> list[dict]:
                  **modes[i % len(modes)]) for i in range(count)]
 
 
-@pytest.mark.parametrize("how", ["sequential", "concurrent"])
-def test_eight_callers_on_the_shipped_pair(benchmark, how):
+def _threads(engine: Engine, calls: list[dict]) -> None:
+    """Every call from its own thread, all at once."""
+    threads = [threading.Thread(target=engine.generate, kwargs=call) for call in calls]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def _steps(engine: Engine, calls: list[dict]) -> None:
+    """Every call added to the step API at once, stepped to the end."""
+    for call in calls:
+        engine.add_request(**call)
+    while engine.has_unfinished_requests():
+        engine.step()
+
+
+@pytest.mark.parametrize("count, together", [(8, _threads), (64, _steps)], ids=["8-threads", "64-step-api"])
+@pytest.mark.parametrize("how", ["one after another", "together"])
+def test_many_callers_on_the_shipped_pair(benchmark, count, together, how):
     target, draft, _ = load_default_pair()
-    engine, calls = Engine(target, draft_model=draft), _pair_calls(8)
-
-    def sequential():
-        for call in calls:
-            engine.generate(**call)
-
-    def concurrent():
-        threads = [threading.Thread(target=engine.generate, kwargs=call) for call in calls]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-
-    benchmark.group = "8 callers, shipped pair"
-    benchmark.pedantic(sequential if how == "sequential" else concurrent, warmup_rounds=1, rounds=3)
-
-
-@pytest.mark.parametrize("how", ["sequential generate", "step API"])
-def test_64_requests_on_the_shipped_pair(benchmark, how):
-    target, draft, _ = load_default_pair()
-    engine, calls = Engine(target, draft_model=draft), _pair_calls(64)
-
-    def through_steps():
-        for call in calls:
-            engine.add_request(**call)
-        tokens = 0
-        while engine.has_unfinished_requests():
-            tokens += sum(len(t) for out in engine.step() for t in out.new_token_ids)
-        return tokens
-
-    benchmark.group = "64 requests, shipped pair"
-    if how == "step API":
-        benchmark.pedantic(through_steps, warmup_rounds=1, rounds=3)
+    engine, calls = Engine(target, draft_model=draft), _pair_calls(count)
+    benchmark.group = f"{count} requests, shipped pair"
+    if how == "together":
+        benchmark.pedantic(together, args=(engine, calls), warmup_rounds=1, rounds=3)
     else:
         benchmark.pedantic(lambda: [engine.generate(**c) for c in calls], warmup_rounds=1, rounds=3)
-    benchmark.extra_info["requests_per_s"] = 64 / benchmark.stats.stats.median
+    benchmark.extra_info["requests_per_s"] = count / benchmark.stats.stats.median

@@ -52,6 +52,9 @@ class SamplingParams:
     length_penalty: float = 1.0
     early_stopping: bool | str = False
     pad_token_id: int | None = None
+    # sampling: (temperature, top_k, top_p, min_p) for the fused filter `ops.filter_probs`, which then stands in
+    # for transformers' warpers; None where a warper it does not implement is set (typical_p, epsilon, eta)
+    warpers: tuple[float, int, float, float] | None = None
 
     @classmethod
     def from_generation_config(cls, config: GenerationConfig) -> "SamplingParams":
@@ -68,12 +71,24 @@ class SamplingParams:
             length_penalty=config.length_penalty,
             early_stopping=config.early_stopping,
             pad_token_id=None if pad is None else int(pad),
+            warpers=_fused_warpers(config) if mode == SAMPLE else None,
         )
 
     @property
     def rows_per_prompt(self) -> int:
         """Sequences decoded per prompt: the beams, or the independent samples."""
         return self.num_beams if self.mode == BEAM else self.num_return_sequences
+
+
+def _fused_warpers(config: GenerationConfig) -> tuple[float, int, float, float] | None:
+    """transformers' temperature, top-k, top-p and min-p as `ops.filter_probs` takes them, unless another
+    warper is set."""
+    others = (config.typical_p not in (None, 1.0) or config.epsilon_cutoff not in (None, 0.0)
+              or config.eta_cutoff not in (None, 0.0))
+    if others:
+        return None
+    return (config.temperature if config.temperature is not None else 1.0, config.top_k or 0,
+            config.top_p if config.top_p is not None else 1.0, config.min_p or 0.0)
 
 
 @dataclass(frozen=True)

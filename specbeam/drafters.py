@@ -68,11 +68,12 @@ class DraftSession:
         self.tables = [BlockTable() for _ in range(self.num_rows)]
         self.fed = [{} for _ in range(self.num_rows)]
 
-    def propose(self, rows, padded, pads, processors, spec, depths, log_softmax, generator=None, sample=False,
+    def propose(self, rows, padded, pads, processors, spec, depths, log_softmax, generator=None, sample=None,
                 exclude=None, beams=None):
         """rows: drafter row indices; padded: each row's full left-padded tokens, root last; pads: left pads
         per row; depths: the deepest tree each row may grow; exclude: tokens never worth drafting (eos under
         beam search: a beam that ends is a finished hypothesis, never a running beam). One tree per row.
+        sample (sampling): processed scores [rows, vocab] -> the probabilities q children are drawn from.
 
         beams (beam search): per row, (its prompt, its running beam score). Each depth then keeps the `width`
         best nodes per prompt, over all of its beams' trees, by beam score + cumulative draft log-probability:
@@ -96,7 +97,7 @@ class DraftSession:
             prefixes = [padded[i] + [trees[i].tokens[n] for n in trees[i].path(node)[1:]] for i, node, _ in frontier]
             scores = process_rows(processors, prefixes, logits.float(), [rows[i] for i, _, _ in frontier],
                                   self.num_rows, log_softmax)
-            log_q = torch.log_softmax(scores, dim=-1)
+            log_q = torch.log_softmax(scores, dim=-1) if sample is None else sample(scores).log()
             if exclude is not None:
                 log_q[:, exclude] = float("-inf")
             if sample:
@@ -191,7 +192,7 @@ class NgramDrafter:
     def commit(self, origins) -> None:
         pass
 
-    def propose(self, rows, padded, pads, processors, spec, depths, log_softmax, generator=None, sample=False,
+    def propose(self, rows, padded, pads, processors, spec, depths, log_softmax, generator=None, sample=None,
                 exclude=None, beams=None):
         yield from ()  # a generator like every session's propose, that needs no forward
         trees = []

@@ -1,5 +1,6 @@
 """Turns the arguments of `generate` into a validated `Request`: transformers' own `GenerationConfig`,
 logits processors and stopping criteria, and the prompts with their left padding stripped."""
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -87,7 +88,7 @@ def build_request(model, inputs, generation_config, logits_processor, stopping_c
     rows = params.rows_per_prompt
     padded = input_ids.repeat_interleave(rows, dim=0)
     processors = model._get_logits_processor(
-        generation_config=config,
+        generation_config=_without_warpers(config) if params.warpers is not None else config,
         input_ids_seq_length=length,
         encoder_input_ids=padded,
         logits_processor=logits_processor if logits_processor is not None else LogitsProcessorList(),
@@ -101,6 +102,13 @@ def build_request(model, inputs, generation_config, logits_processor, stopping_c
     )
     prompts = [row[mask.bool()] for row, mask in zip(input_ids, attention_mask)]
     return Request(padded, prompts, config, params, processors, criteria)
+
+
+def _without_warpers(config: GenerationConfig) -> GenerationConfig:
+    """The config whose processors leave out the warpers that the fused filter applies instead."""
+    config = copy.deepcopy(config)
+    config.do_sample = False  # transformers adds its warpers only when sampling
+    return config
 
 
 def _pop_input_ids(inputs, kwargs) -> torch.Tensor:

@@ -125,3 +125,27 @@ def test_two_token_frequencies_fit_the_exact_distribution():
     support = joint > 0
     expected = joint[support] * samples
     assert chisquare(observed[support], expected * observed[support].sum() / expected.sum()).pvalue > 1e-3
+
+
+def test_sampling_goes_through_the_fused_filter_and_reports_transformers_warped_scores(monkeypatch):
+    """temperature / top-k / top-p / min-p run as `ops.filter_probs` (not transformers' warpers), and the scores
+    a sampled step reports are transformers' own warped scores for that prefix."""
+    from specbeam import ops
+
+    model = tiny_model("llama")
+    calls = []
+    fused = ops.filter_probs
+    monkeypatch.setattr(ops, "filter_probs", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    prompt = torch.tensor([[5, 9, 11, 3]])
+    warpers = dict(temperature=0.7, top_k=6, top_p=0.9, min_p=0.05)
+    out = Engine(model).generate(prompt, do_sample=True, max_new_tokens=5, return_dict_in_generate=True,
+                                 output_scores=True, generator=torch.Generator().manual_seed(2), **warpers)
+    assert calls
+    warp = model._get_logits_processor(generation_config=model.generation_config.__class__(do_sample=True, **warpers),
+                                       input_ids_seq_length=4, encoder_input_ids=prompt,
+                                       logits_processor=LogitsProcessorList(), device="cpu", model_kwargs={})
+    for step, scores in enumerate(out.scores):
+        prefix = out.sequences[:, : 4 + step]
+        with torch.no_grad():
+            logits = model(prefix).logits[:, -1].float()
+        torch.testing.assert_close(scores, warp(prefix, logits), rtol=1e-5, atol=1e-5)

@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from specbeam import ops
 from specbeam.cache import BlockTable, PagedKVCache
 from specbeam.config import SpecConfig
 from specbeam.depth_policy import DepthPolicy
@@ -157,12 +158,21 @@ class Decoding:
         mode = self.params.mode
         trees = yield from self.draft.propose(
             rows, padded, [self.pads[r] for r in rows], self.request.logits_processor, self.spec, depths,
-            log_softmax=mode == "beam", generator=self.generator, sample=mode == "sample",
+            log_softmax=mode == "beam", generator=self.generator,
+            sample=self.sampling_probs if mode == "sample" else None,
             exclude=self.request.config._eos_token_tensor if mode == "beam" else None, beams=beams,
         )
         self.stats.drafted_tokens += sum(len(t) - 1 for t in trees)
         self.stats.draft_passes = self.draft.passes
         return trees
+
+    def sampling_probs(self, scores: torch.Tensor) -> torch.Tensor:  # [rows, vocab] processed -> probabilities
+        """The distribution sampling draws from: the fused temperature / top-k / top-p / min-p filter, or a
+        softmax where transformers' own warpers are among the processors."""
+        if self.params.warpers is None:
+            return scores.softmax(dim=-1)
+        temperature, top_k, top_p, min_p = self.params.warpers
+        return ops.filter_probs(scores, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
 
     def count_accepted(self, depth: int) -> None:
         self.stats.rounds += 1

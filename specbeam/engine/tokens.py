@@ -39,7 +39,7 @@ class TokenDecoding(Decoding):
         paths, next_tokens = self._verify(processed)
         accepted = {}
         for i, r in enumerate(self.round_rows):
-            self._accept(r, self.trees[i], paths[i], next_tokens[i], processed[i], logits[i])
+            self._accept(r, self.trees[i], paths[i], next_tokens[i], self._reported(processed[i]), logits[i])
             row = self.rows[r]
             if row.table is not None:
                 self.cache.keep_path(row.table, self.starts[i], paths[i])
@@ -60,6 +60,14 @@ class TokenDecoding(Decoding):
                                  len(self.rows), log_softmax=False)
         return list(processed.split([len(t) for t in self.trees]))
 
+    def _reported(self, processed: torch.Tensor) -> torch.Tensor:  # [nodes, vocab] -> [nodes, vocab]
+        """What `output_scores` reports at each node: under the fused filter, transformers' warped scores (the
+        logits over the temperature where the filter keeps a token, -inf elsewhere)."""
+        if self.params.warpers is None or not self.request.config.output_scores:
+            return processed
+        kept = self.sampling_probs(processed) > 0
+        return (processed / self.params.warpers[0]).masked_fill(~kept, float("-inf"))
+
     def _verify(self, processed: list[torch.Tensor]) -> tuple[list[list[int]], list[int]]:
         """Batched tree verification: each tree's accepted path (node indices) and the token after it."""
         trees = self.trees
@@ -72,8 +80,9 @@ class TokenDecoding(Decoding):
         if self.params.mode == SAMPLE:
             q = torch.stack([_draft_probs(t, scores.shape[-1], width) for t in trees])
             uniform, noise = self._uniforms(parents.shape), self._uniforms(parents.shape[:1])
+            p = self.sampling_probs(scores.flatten(0, 1)).view(scores.shape)
             path, accepted, next_token = ops.stochastic_verify(
-                parents, num_nodes, tokens, scores.softmax(dim=-1), q.to(device), uniform.to(device), noise.to(device))
+                parents, num_nodes, tokens, p, q.to(device), uniform.to(device), noise.to(device))
         else:
             path, accepted, next_token = ops.greedy_verify(parents, num_nodes, tokens, scores.argmax(dim=-1))
         paths = [p[: a + 1] for p, a in zip(path.tolist(), accepted.tolist())]
