@@ -80,8 +80,8 @@ class BeamDecoding(Decoding):
                 self._end_search(group, g)
             stopped = [g for g in stop if not done[g]]
             if stopped:
-                running_on.append(self._commit(group.split(stopped), [origin[g * beams + b] for g in stopped
-                                                                     for b in range(beams)]))
+                part = group if len(stopped) == group.batch else group.split(stopped)
+                running_on.append(self._commit(part, [origin[g * beams + b] for g in stopped for b in range(beams)]))
             going = [g for g in range(group.batch) if g not in stop]
             if not going:
                 return running_on

@@ -71,6 +71,8 @@ class TokenDecoding(Decoding):
     def _verify(self, processed: list[torch.Tensor]) -> tuple[list[list[int]], list[int]]:
         """Batched tree verification: each tree's accepted path (node indices) and the token after it."""
         trees = self.trees
+        if self.params.mode != SAMPLE and all(len(t) == 1 for t in trees):  # plain greedy steps: the argmax
+            return [[0]] * len(trees), torch.cat(processed).argmax(dim=-1).tolist()
         width = max(len(t) for t in trees)
         scores = torch.stack([torch.nn.functional.pad(s, (0, 0, 0, width - s.shape[0])) for s in processed])
         device = scores.device  # the verify kernel runs where the target's scores are
