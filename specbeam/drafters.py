@@ -35,7 +35,10 @@ class DraftPass:
 class DraftModelDrafter:
     """A draft model and its paged cache of `num_blocks` blocks."""
 
-    def __init__(self, model, target_vocab_size: int, config: EngineConfig, num_blocks: int):
+    def __init__(self, model, target_vocab_size: int, config: EngineConfig, num_blocks: int,
+                 max_bytes: int | None = None):
+        """num_blocks: the pool's blocks (twice the target's: a draft tree forks a block per node), within
+        max_bytes if given."""
         vocab = model.config.get_text_config().vocab_size
         if vocab != target_vocab_size:
             raise ValueError(
@@ -43,6 +46,8 @@ class DraftModelDrafter:
                 "speculative decoding needs the same vocabulary"
             )
         self.runner, self.block_size, self.vocab_size = ModelRunner(model, config), config.block_size, vocab
+        if max_bytes is not None:
+            num_blocks = min(num_blocks, max_bytes // (self.runner.bytes_per_token() * config.block_size))
         self.cache = self.runner.new_cache(num_blocks, config.block_size)
 
     def session(self, num_rows: int) -> "DraftSession":
@@ -115,7 +120,7 @@ class DraftSession:
                 self.fed[rows[i]][node] = table
         return self._with_draft_probs(trees, q, sample)
 
-    def _with_draft_probs(self, trees: list[DraftTree], q: list[dict], sample: bool) -> list[DraftTree]:
+    def _with_draft_probs(self, trees: list[DraftTree], q: list[dict], sample) -> list[DraftTree]:
         """Under sampling, each tree carries the q its children were drawn from ([num_nodes, vocab])."""
         if sample:
             for tree, probs in zip(trees, q):
@@ -151,11 +156,12 @@ class DraftSession:
         return (yield DraftPass(self.drafter, tables, tokens))
 
     @staticmethod
-    def _expand(frontier, log_q, spec: SpecConfig, generator, sample: bool, root: bool, groups):
+    def _expand(frontier, log_q, spec: SpecConfig, generator, sample, root: bool, groups):  # log_q: [frontier, vocab]
         """Children of the frontier: (tree, parent node, token, score), the `width` best per group of trees."""
         if sample:  # i.i.d. draws from q: `width` chains under the root, one child per deeper node
             draws = 1 if not root else spec.width
-            tokens = torch.multinomial(log_q.exp(), draws, replacement=True, generator=generator)
+            probs = log_q.exp().to(generator.device)  # drawn where the request's generator is
+            tokens = torch.multinomial(probs, draws, replacement=True, generator=generator).to(log_q.device)
             return [(i, node, int(t), 0.0) for (i, node, _), row in zip(frontier, tokens) for t in row]
         top = torch.topk(log_q, min(spec.branch, log_q.shape[-1]), dim=-1)
         candidates = {}

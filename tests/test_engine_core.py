@@ -134,7 +134,7 @@ def test_preemption_recomputes_and_changes_no_output(draft):
     model = tiny_model("llama")
     block_bytes = 16 * Engine(model).runner.bytes_per_token()
     engine = Engine(model, draft_model=perturbed_draft() if draft else None,
-                    spec=SpecConfig(depth=2, adaptive=False), max_cache_bytes=30 * block_bytes)
+                    spec=SpecConfig(depth=2, adaptive=False), max_cache_bytes=16 * block_bytes)
     solo = [engine.generate(**_fresh(c)) for c in _long_calls()]
     ids = [engine.add_request(**_fresh(c)) for c in _long_calls()]
     results = {}
@@ -221,3 +221,48 @@ def test_an_engine_made_and_called_in_inference_mode_works():
         engine = Engine(model)
         out = engine.generate(prompt, max_new_tokens=5, num_beams=2, pad_token_id=PAD)
     assert torch.equal(out, model.generate(prompt, max_new_tokens=5, num_beams=2, pad_token_id=PAD))
+
+
+def test_a_request_that_fits_with_plain_steps_runs_in_a_pool_too_small_for_its_drafts():
+    """Drafting rounds wait for plain steps when only those fit: never a failure."""
+    model, draft = tiny_model("llama"), tiny_model("llama", seed=1)
+    pool = 40 * 16 * Engine(model).runner.bytes_per_token()
+    engine = Engine(model, draft_model=draft, spec=SpecConfig(depth=4, adaptive=False), max_cache_bytes=pool)
+    kwargs = dict(num_beams=4, max_new_tokens=10, pad_token_id=PAD, eos_token_id=2)
+    prompt = torch.tensor([[5, 6, 7, 8, 9]])
+    assert torch.equal(engine.generate(prompt, **kwargs), model.generate(prompt, **kwargs))
+    _assert_no_leak(engine)
+
+
+def test_a_preempted_request_recomputes_its_shared_prompt_once():
+    """Four samples of one long prompt, preempted by an older request: recomputed, they share the prompt's blocks
+    again, so they fit the pool as they did the first time."""
+    model = tiny_model("llama")
+    engine = Engine(model, max_cache_bytes=16 * 16 * Engine(model).runner.bytes_per_token())
+    generator = torch.Generator().manual_seed(0)
+    common = dict(pad_token_id=PAD, eos_token_id=2, suppress_tokens=[2])
+    older = engine.add_request(torch.randint(3, 97, (1, 8), generator=generator), max_new_tokens=150, **common)
+    younger = engine.add_request(torch.randint(3, 97, (1, 64), generator=generator), do_sample=True,
+                                 num_return_sequences=4, max_new_tokens=20, **common)
+    errors = {}
+    while engine.has_unfinished_requests():
+        errors.update({out.request_id: out.error for out in engine.step() if out.finished})
+    assert engine.core.metrics()["preemptions"] > 0 and errors == {older: None, younger: None}
+    _assert_no_leak(engine)
+
+
+def test_a_step_that_breaks_fails_its_requests_and_the_engine_goes_on():
+    engine = Engine(tiny_model("llama"))
+    step, calls = engine.core.step, []
+
+    def breaks_once():
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("a bug in a step")
+        return step()
+
+    engine.core.step = breaks_once
+    with pytest.raises(RuntimeError, match="a bug in a step"):
+        engine.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=5, pad_token_id=PAD)
+    assert engine.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=5, pad_token_id=PAD).shape == (1, 8)
+    _assert_no_leak(engine)

@@ -83,7 +83,7 @@ class EngineCore:
         # a seeded request's draws depend on its trees' shapes: it drafts at the fixed depth, whatever runs beside it
         policies = None if generator is not None else self._depth_policies(drafter, request)
         if generator is None and request.params.mode == SAMPLE:
-            generator = _fresh_generator()
+            generator = _fresh_generator(self.runner.device)
         state = kind(request, self.cache, drafter, spec, policies, streamer, generator)
         self._check_fits(state)
         return state
@@ -125,29 +125,33 @@ class EngineCore:
         outputs += [self._fail(state, error) for state, error in failures]
         if not running:
             return outputs
+        self.cache.allocator.peak_used = self.cache.allocator.num_used
         running = self._prefill(running, outputs)
         start = time.perf_counter()  # the depth policies weigh rounds, not prefills
-        steps_before = [s.stats.steps for s in running]
+        steps_before = {state: state.stats.steps for state in running}
         running = self._round(running, outputs)
         seconds = time.perf_counter() - start
-        used = self.cache.allocator.num_used
-        for state, before in zip(running, steps_before):
-            state.record_round(before, seconds)
-            state.stats.kv_blocks_peak = max(state.stats.kv_blocks_peak, used)  # the pool's, while it ran
+        peak = self.cache.allocator.peak_used
+        for state in running:
+            state.record_round(steps_before[state], seconds)
+            state.stats.kv_blocks_peak = max(state.stats.kv_blocks_peak, peak)  # the pool's, while it ran
             state.stats.kv_bytes_peak = state.stats.kv_blocks_peak * self.cache.block_bytes
             outputs.append(self._output(state))
         return outputs
 
     def _prefill(self, running: list[Decoding], outputs: list) -> list[Decoding]:
-        """K/V of the prompts just admitted (and of preempted requests' tokens), in one forward."""
+        """K/V of the prompts just admitted, and of preempted requests' tokens: the prompts in one forward,
+        then the rows' own tokens past them in another."""
         states = [s for s in running if s.needs_prefill]
-        works = {id(s): s.prefill_works() for s in states}
-        flat = [w for s in states for w in works[id(s)]]
-        failed = self._forward(flat, states, outputs) is None if flat else False
-        for state in states:
-            state.stats.target_passes += bool(works[id(state)])
-            if not failed:
+        while states:
+            works = {state: state.prefill_works() for state in states}
+            flat = [w for state in states for w in works[state]]
+            if flat and self._forward(flat, states, outputs) is None:
+                break
+            for state in states:
+                state.stats.target_passes += bool(works[state])
                 state.after_prefill()
+            states = [s for s in states if s.needs_prefill]
         return [s for s in running if s.request_id in self.requests]
 
     def _round(self, running: list[Decoding], outputs: list) -> list[Decoding]:
@@ -205,6 +209,7 @@ class EngineCore:
         try:
             return self.runner.forward(self.cache, works)
         except Exception as error:  # noqa: BLE001
+            self.cache.pending = []  # copies on write for blocks the failed requests give back
             outputs += [self._fail(state, error) for state in states]
             return None
 
@@ -219,6 +224,11 @@ class EngineCore:
         self._retire(state)
         return RequestOutput(state.request_id, new_tokens, new_logits, finished=True, result=result)
 
+    def fail_all(self, error: Exception) -> list[RequestOutput]:
+        """Fail every request (the engine's own step broke): each caller hears why, and the pools are free."""
+        self.cache.pending = []
+        return [self._fail(state, error) for state in list(self.requests.values())]
+
     def _fail(self, state: Decoding, error: Exception) -> RequestOutput:
         if isinstance(error, FloatingPointError):
             self.cache.zero(state.tables())  # the model wrote non-finite K/V: keep them from any later request
@@ -227,6 +237,8 @@ class EngineCore:
 
     def _retire(self, state: Decoding) -> None:
         state.release()
+        if state.streamer is not None:
+            state.streamer.end()
         self.totals.add(state.stats)
         with self.lock:
             self.scheduler.remove(state)
@@ -255,7 +267,8 @@ class EngineCore:
                     raise ValueError(f'draft_model must be a model or "ngram", got {draft!r}')
                 self.drafters[key] = NgramDrafter(vocab)
             else:
-                self.drafters[key] = DraftModelDrafter(draft, vocab, self.config, 2 * self.cache.allocator.num_blocks)
+                self.drafters[key] = DraftModelDrafter(draft, vocab, self.config, 2 * self.cache.allocator.num_blocks,
+                                                       max_bytes=self._draft_bytes())
         return self.drafters[key]
 
     def _depth_policies(self, drafter, request) -> Callable[[int], DepthPolicy] | None:
@@ -275,6 +288,12 @@ class EngineCore:
             return self.depth_policies[bucket]
 
         return policy
+
+    def _draft_bytes(self) -> int | None:
+        """On a GPU, the draft's pool gets at most half of what is free once the target's is made."""
+        if self.runner.device.type != "cuda":
+            return None
+        return int(DEVICE_CACHE_SHARE * torch.cuda.mem_get_info(self.runner.device)[0])
 
     def _pool_blocks(self) -> int:
         budget = self.config.max_cache_bytes
@@ -299,8 +318,8 @@ class EngineCore:
             )
 
     def _check_fits(self, state: Decoding) -> None:
-        """A prompt that cannot fit in the whole pool is refused before any work."""
-        state.choose_depth(0)
+        """A prompt that cannot fit in the whole pool is refused before any work (a plain first step: a round
+        that drafts can always wait for a plain one)."""
         needed = state.prefill_blocks() + state.blocks_needed()[0]
         total = self.cache.allocator.num_blocks
         if needed > total:
@@ -317,6 +336,7 @@ def _bucket(key: tuple) -> int:
     return key[3] if len(key) > 3 else 0
 
 
-def _fresh_generator() -> torch.Generator:
-    """A request's own random stream, seeded from torch's global one (so `torch.manual_seed` still seeds it)."""
-    return torch.Generator().manual_seed(int(torch.randint(2**62, (1,))))
+def _fresh_generator(device: torch.device) -> torch.Generator:
+    """A request's own random stream on the model's device, seeded from torch's global one (so
+    `torch.manual_seed` still seeds it)."""
+    return torch.Generator(device=device).manual_seed(int(torch.randint(2**62, (1,))))

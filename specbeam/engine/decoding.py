@@ -24,10 +24,11 @@ from specbeam.stats import DecodeStats
 from specbeam.tree import DraftTree
 
 
-@dataclass
+@dataclass(eq=False)
 class Row:
     """One sequence: its K/V (`table`) and every token so far, left padding included; tokens[-1] is the root."""
 
+    index: int  # in the request: prompt * rows_per_prompt + its beam or sample
     tokens: list[int]
     pad: int
     table: BlockTable | None = None  # None: released (finished, or its prompt's search ended)
@@ -54,35 +55,47 @@ class Decoding:
         self.depth = 0
         self.finished = False
         self.needs_prefill = True  # the prompts, or after a preemption every live row's tokens
+        self.forked = False  # during a prefill: the rows have forked their prompts' tables
 
     # --- prefill ----------------------------------------------------------------------------------------
 
     def prefill_works(self) -> list[Work]:
-        """K/V of every token before each root: the prompts (shared by their rows), or after a preemption
-        each live row's own tokens."""
-        if self.rows is None:
-            self.prompt_tables = [BlockTable() for _ in self.request.prompts]
-            return [Work(t, p[:-1].tolist(), 0) for t, p in zip(self.prompt_tables, self.request.prompts) if len(p) > 1]
-        return [Work(row.table, row.tokens[row.pad:-1], 0) for row in self.live_rows() if len(row.tokens) - row.pad > 1]
-
-    def prefill_blocks(self) -> int:
-        """Blocks the prefill takes (an upper bound)."""
-        size = self.cache.block_size
-        if self.rows is None:
-            return sum(-(-len(p) // size) + 1 for p in self.request.prompts)
-        return sum(-(-len(r.tokens) // size) + 1 for r in self.live_rows())
+        """K/V of every token before each root, in up to two forwards: first each prompt once (its rows share
+        it), then, after a preemption, each live row's own tokens past its prompt."""
+        if not self.forked:
+            prompts = self._prompts_to_prefill()
+            self.prompt_tables = [BlockTable() if p in prompts else None for p in range(len(self.request.prompts))]
+            return [Work(t, p[:-1].tolist(), 0) for t, p in zip(self.prompt_tables, self.request.prompts)
+                    if t is not None and len(p) > 1]
+        return [Work(row.table, row.tokens[row.pad + len(prompt) - 1:-1], 0)
+                for row, prompt in self._live_with_prompts() if len(row.tokens) - row.pad > len(prompt)]
 
     def after_prefill(self) -> None:
-        """The first time: every row forks its prompt's table."""
-        self.needs_prefill = False
-        if self.rows is not None:
-            return
-        rows_per_prompt, padded = self.params.rows_per_prompt, self.request.input_ids.tolist()
-        self.rows = [Row(padded[r], self.pads[r], self.cache.fork(self.prompt_tables[r // rows_per_prompt]))
-                     for r in range(len(padded))]
+        """After the prompts, every live row forks its prompt's table; its own tokens, if any, come next."""
+        if not self.forked:
+            if self.rows is None:
+                padded = self.request.input_ids.tolist()
+                self.rows = [Row(r, padded[r], self.pads[r], BlockTable()) for r in range(len(padded))]
+            for row, prompt in self._live_with_prompts():
+                row.table = self.cache.fork(self.prompt_tables[self._prompt_of(row)])
+            self.forked = True
+            if any(len(row.tokens) - row.pad > len(prompt) for row, prompt in self._live_with_prompts()):
+                return
         for table in self.prompt_tables:
-            self.cache.release(table)
-        self.prompt_tables = []
+            if table is not None:
+                self.cache.release(table)
+        self.prompt_tables, self.forked, self.needs_prefill = [], False, False
+
+    def _prompts_to_prefill(self) -> set[int]:
+        if self.rows is None:
+            return set(range(len(self.request.prompts)))
+        return {self._prompt_of(r) for r in self.live_rows()}
+
+    def _prompt_of(self, row: "Row") -> int:
+        return row.index // self.params.rows_per_prompt
+
+    def _live_with_prompts(self) -> list[tuple["Row", torch.Tensor]]:
+        return [(r, self.request.prompts[self._prompt_of(r)]) for r in self.live_rows()]
 
     # --- blocks -----------------------------------------------------------------------------------------
 
@@ -98,32 +111,64 @@ class Decoding:
     def preempt(self) -> None:
         """Give every block back and keep the tokens: the next prefill recomputes their K/V."""
         self.release()
+        for row in self.rows or []:
+            if row.table is not None:
+                row.table = BlockTable()  # live, empty until the prefill
         self.needs_prefill = True
 
     def release(self) -> None:
-        """Free every block this request holds, in the target's cache and the draft's."""
+        """Free every block this request holds, in the target's cache and the draft's (live rows keep an
+        empty table)."""
         for table in self.prompt_tables:
-            self.cache.release(table)
+            if table is not None:
+                self.cache.release(table)
         self.prompt_tables = []
         for row in self.rows or []:
             if row.table is not None:
                 self.cache.release(row.table)
-                row.table = BlockTable()
         if self.draft is not None:
             self.draft.end()
 
     def tables(self) -> list[BlockTable]:
-        return self.prompt_tables + [r.table for r in self.rows or [] if r.table is not None]
+        return [t for t in self.prompt_tables if t is not None] + [r.table for r in self.rows or [] if r.table]
 
     def blocks_needed(self) -> tuple[int, int]:
-        """(target, draft) blocks the next round may take at most: its tree's slots (and, under beam search,
-        the copies its new beams make), each with a block for copy on write."""
+        """(target, draft) blocks the next round may take at most: per row, the blocks its tree's slots reach
+        past its table, a copy on write of a shared last block, and under beam search with a tree the copies its
+        new beams' paths may make."""
         nodes = self.spec.max_nodes if self.depth > 0 else 1
-        per_row = (-(-nodes // self.cache.block_size) + 1) * (2 if self.params.num_beams > 1 else 1)
-        ids = self.request.input_ids
-        lengths = [len(r.tokens) for r in self.live_rows()] if self.rows else [ids.shape[1]] * ids.shape[0]
-        draft = 0 if self.depth == 0 else self.drafter.blocks_needed(lengths, nodes)
-        return per_row * len(lengths), draft
+        rows = self.live_rows() if self.rows else [Row(r, t, pad) for r, (t, pad) in
+                                                    enumerate(zip(self.request.input_ids.tolist(), self.pads))]
+        target = sum(self._row_blocks(row, nodes) for row in rows)
+        if self.params.num_beams > 1 and self.depth > 0:
+            target += len(rows) * (-(-nodes // self.cache.block_size) + 1)
+        draft = 0 if self.depth == 0 else self.drafter.blocks_needed([len(r.tokens) for r in rows], nodes)
+        return target, draft
+
+    def _row_blocks(self, row: Row, nodes: int) -> int:
+        """Blocks a row's round takes: those its slots reach past its table, and the copy of a shared last
+        block. A row not prefilled yet will hold every token before its root, its prompt's blocks shared."""
+        size, table = self.cache.block_size, row.table
+        if table is not None and table.blocks:
+            length, shared = table.length, self.cache.allocator.refcount[table.blocks[-1]] > 1
+        else:
+            length = len(row.tokens) - row.pad - 1
+            own = length >= len(self.request.prompts[row.index // self.params.rows_per_prompt])
+            shared = not own and self.params.rows_per_prompt > 1
+        grown = -(-(length + nodes) // size) - -(-length // size)
+        return grown + bool(length % size and shared)
+
+    def prefill_blocks(self) -> int:
+        """Blocks the prefill takes: each prompt once, then each row's own tokens past it (its copy of the
+        prompt's last, shared block included)."""
+        size = self.cache.block_size
+        prompts = sum(-(-(len(self.request.prompts[p]) - 1) // size) for p in self._prompts_to_prefill())
+        rows = 0
+        for row, prompt in (self._live_with_prompts() if self.rows else []):
+            shared_length, length = len(prompt) - 1, len(row.tokens) - row.pad - 1
+            if length > shared_length:
+                rows += -(-length // size) - -(-shared_length // size) + bool(shared_length % size)
+        return prompts + rows
 
     # --- rounds -----------------------------------------------------------------------------------------
 
@@ -136,6 +181,12 @@ class Decoding:
         else:
             self.policy = self.policies(load)
             self.depth = self.policy.choose()
+
+    def plain_step(self) -> None:
+        """Make this round a plain step, to save blocks, unless the draws depend on the trees' shapes (a sampling
+        request at a fixed depth: seeded, its draws must not depend on what runs beside it)."""
+        if self.params.mode != "sample" or self.policies is not None:
+            self.depth = 0
 
     def plan(self):  # a generator -> list[Work]
         """This round's works: each row's root and draft tree. Yields the draft passes it needs first."""

@@ -59,7 +59,12 @@ class EngineLoop:
                     self.wake.wait()
                 if self.closed and not self.core.has_unfinished_requests():
                     return
-            for output in self.core.step():
+            try:
+                outputs = self.core.step()
+            except Exception as error:  # noqa: BLE001: a bug in the loop fails what runs, not every later call
+                log.exception("specbeam: an engine step failed; failing the requests it held")
+                outputs = self.core.fail_all(error)
+            for output in outputs:
                 self._deliver(output)
 
     def _deliver(self, output: RequestOutput) -> None:

@@ -22,6 +22,9 @@ class Scheduler:
         rows = _rows(self.running)
         for state in self.running:
             state.choose_depth(rows - state.num_rows)
+        if not self._fits(self.running):  # a plain step for everyone before anyone is preempted
+            for state in self.running:
+                state.plain_step()
         while self.running and not self._fits(self.running):
             victim = self.running.pop()
             if not self.running:
@@ -33,6 +36,8 @@ class Scheduler:
         while self.waiting and (not self.running or _rows(self.running + [self.waiting[0]]) <= self.max_num_seqs):
             state = self.waiting[0]
             state.choose_depth(_rows(self.running))
+            if not self._fits(self.running + [state]):
+                state.plain_step()  # a plain first step, if only that fits
             if self._fits(self.running + [state]):
                 self.running.append(self.waiting.popleft())
             elif not self.running:
@@ -63,11 +68,17 @@ def _rows(states: list[Decoding]) -> int:
     return sum(s.num_rows for s in states)
 
 
+def _longest(state: Decoding) -> int:
+    if state.rows:
+        return max(len(r.tokens) - r.pad for r in state.rows)
+    return max(len(p) for p in state.request.prompts)
+
+
 def too_large(state: Decoding, cache: PagedKVCache) -> ValueError:
     params, size = state.params, cache.block_size
     return ValueError(
         f"this request alone needs more KV blocks than the whole pool holds ({cache.allocator.num_blocks} blocks of "
         f"{size} tokens, {cache.allocator.num_blocks * cache.block_bytes / 2**20:.1f} MiB; EngineConfig."
-        f"max_cache_bytes sets it): it reached {max(len(r.tokens) for r in state.rows or []) if state.rows else 0} "
-        f"tokens of max_length {params.max_length}; lower max_new_tokens, num_beams or the batch"
+        f"max_cache_bytes sets it): it holds {_longest(state)} tokens of max_length {params.max_length}; lower "
+        f"max_new_tokens, num_beams or the batch, or shorten the prompt"
     )

@@ -111,7 +111,8 @@ class TokenDecoding(Decoding):
         self.raw[r].append(logits[None])
         if self.streamer is not None:
             self.streamer.put(torch.tensor([token]))
-        stop = self.request.stopping_criteria(torch.tensor([row.tokens]), self.history(self.scores[r]))
+        sequence = torch.tensor([row.tokens], device=self.request.input_ids.device)
+        stop = self.request.stopping_criteria(sequence, self.history(self.scores[r]))
         if bool(stop[0]):
             self.release_row(row)  # its blocks are free at once
         self.stats.steps = max(self.stats.steps, len(self.scores[r]))
@@ -129,8 +130,6 @@ class TokenDecoding(Decoding):
         return new, logits
 
     def result(self):
-        if self.streamer is not None:
-            self.streamer.end()
         config = self.request.config
         sequences, scores, raw = self._assemble()
         if not config.return_dict_in_generate:
