@@ -56,16 +56,10 @@ class BeamSearch:
         self.hits_stop = torch.zeros((self.batch, beams), dtype=torch.bool, device=device)
         self.running_origin = torch.full((self.batch, beams, GROWTH), -1, dtype=torch.int32, device=device)
         self.finished_origin = self.running_origin.clone()
-        self.done = False
         self.prompts = list(range(self.batch))  # the prompts of the caller's batch that this search holds
 
     def running_sequences(self) -> torch.Tensor:  # [batch * beams, cur_len]
         return self.running[:, :, : self.cur_len].flatten(0, 1)
-
-    def active_prompts(self) -> torch.Tensor:  # [batch] bool
-        """Prompts whose hypotheses can still change; the others are frozen until the search ends."""
-        full = self.is_finished.all(dim=1) & (self.params.early_stopping is True)
-        return self.can_improve[:, 0] & ~full
 
     def step(self, log_probs: torch.Tensor, criteria: StoppingCriteriaList, scores) -> TraceStep:
         """log_probs: [batch * beams, vocab], processed. Returns what happened, for the trace; afterwards
@@ -93,7 +87,7 @@ class BeamSearch:
 
         entered = self._update_finished(cand_seqs, cand_scores, cand_origin, hits)
         self.cur_len += 1
-        self._update_done()
+        self._update_can_improve()
         return TraceStep(cand_beam, cand_token, cand_scores, survivors, entered)
 
     def _grow(self) -> None:
@@ -109,9 +103,13 @@ class BeamSearch:
         return (local + torch.arange(self.batch, device=local.device)[:, None] * self.params.num_beams).flatten()
 
     def prompts_done(self) -> torch.Tensor:  # [batch] bool
-        """Per prompt, transformers' stopping rule as if it were searched alone."""
-        full = self.is_finished.all(dim=1) & (self.params.early_stopping is True)
-        return ~(self.can_improve[:, 0] & ~full & ~self.hits_stop.all(dim=1))
+        """Per prompt, transformers' stopping rule as if it were searched alone: nothing can improve, or the
+        hypotheses are full under early_stopping=True, or every candidate hit a stopping criterion."""
+        return ~(self.can_improve[:, 0] & ~self._full() & ~self.hits_stop.all(dim=1))
+
+    def _full(self) -> torch.Tensor:  # [batch] bool
+        """early_stopping=True: a prompt whose finished hypotheses are all set takes no more."""
+        return self.is_finished.all(dim=1) & (self.params.early_stopping is True)
 
     def split(self, keep: list[int]) -> "BeamSearch":
         """A search over the prompts `keep` (indices into this one's batch), their state as it is now."""
@@ -127,8 +125,7 @@ class BeamSearch:
         beams, generated = self.params.num_beams, self.cur_len + 1 - self.prompt_len
         just_finished = hits & self.is_top_beam[None, :]
         scores = cand_scores / (generated**self.params.length_penalty)
-        full = self.is_finished.all(dim=-1, keepdim=True) & (self.params.early_stopping is True)
-        scores = scores + full.to(torch.float32) * NEG  # early_stopping=True: a full set takes no more
+        scores = scores + self._full()[:, None].to(torch.float32) * NEG  # early_stopping=True: full takes no more
         scores = scores + (~self.can_improve).to(torch.float32) * NEG  # nothing can beat the set
         scores = scores + (~just_finished) * NEG  # still running: not a hypothesis
         merged_scores = torch.cat((self.finished_scores, scores), dim=1)
@@ -143,8 +140,9 @@ class BeamSearch:
         entered.scatter_(1, (best - beams + 1).clamp(min=0), (best >= beams) & self.is_finished)
         return entered[:, 1:]
 
-    def _update_done(self) -> None:
-        """transformers' early-stopping heuristic, then its stopping rule for the whole search."""
+    def _update_can_improve(self) -> None:
+        """transformers' early-stopping heuristic: can a prompt's running beams still beat its worst finished
+        hypothesis? (`prompts_done` then applies its stopping rule.)"""
         params = self.params
         if params.early_stopping == "never" and params.length_penalty > 0.0:
             best_length = params.max_length - self.prompt_len
@@ -153,10 +151,6 @@ class BeamSearch:
         best_running = self.running_scores[:, :1] / (best_length**params.length_penalty)
         worst_finished = torch.where(self.is_finished, self.finished_scores.min(dim=1, keepdim=True)[0], NEG)
         self.can_improve = self.can_improve & (best_running > worst_finished).any(dim=-1, keepdim=True)
-        improvement_possible = bool(self.can_improve.any())
-        open_beam = not (bool(self.is_finished.all()) and params.early_stopping is True)
-        valid_continuations = not bool(self.hits_stop.all())
-        self.done = not (improvement_possible and open_beam and valid_continuations)
 
     def results(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The best `num_return_sequences` hypotheses: sequences [batch * n, length], scores [batch * n],

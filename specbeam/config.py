@@ -13,8 +13,8 @@ class EngineConfig:
     block_size: KV slots per block. max_cache_bytes: the target's KV pool, allocated once (None: 256 MiB on
     the CPU, paged in only as used; half the free memory on a GPU); the draft's pool holds twice as many blocks.
     Requests take blocks as their tokens are committed, so max_new_tokens is a limit, not an allocation.
-    max_num_seqs: sequences (rows: beams, samples, prompts) running at once at most. attention_backend: "reference", "cpp" or
-    "triton" forces one (None: Triton on CUDA, else the C++ extension when built, else the reference).
+    max_num_seqs: sequences (rows: beams, samples, prompts) running at once at most.
+    attention_backend: "reference", "cpp" or "triton" forces one (None: Triton on CUDA, else the C++ extension when built, else the reference).
     lean_decoder: run Llama, Mistral and Qwen2 through `specbeam.lean_decoder` (the same maths without
     transformers' module machinery); False runs every model's own forward. It takes the weights when the
     engine is made (with the C++ extension, a copy packed for its linear kernel, in bfloat16 where that is

@@ -54,7 +54,8 @@ class DraftModelDrafter:
         return DraftSession(self, num_rows)
 
     def blocks_needed(self, lengths: list[int], nodes: int) -> int:
-        """Draft blocks a round may take at most: per row, its unfed tokens and a block per drafted node."""
+        """Draft blocks a round may take at most: per row, its tokens (an upper bound on those not fed yet)
+        and a block per drafted node (each node's table copies its parent's last block)."""
         return sum(-(-n // self.block_size) + 2 + nodes for n in lengths)
 
 

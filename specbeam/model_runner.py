@@ -143,7 +143,8 @@ def pack(cache: PagedKVCache, works: list[Work], device, attention_backend: str 
     )
     step = StepMetadata(cache, torch.tensor(sum(slots, []), device=device), plan)
     tokens = torch.tensor([t for w in works for t in w.tokens], device=device)
-    return PackedBatch(tokens, torch.tensor(positions, device=device), torch.tensor(logit_rows, dtype=torch.long, device=device), step)
+    rows = torch.tensor(logit_rows, dtype=torch.long, device=device)
+    return PackedBatch(tokens, torch.tensor(positions, device=device), rows, step)
 
 
 def _pad_tables(tables: list[BlockTable]) -> torch.Tensor:  # [num_seqs, max_blocks]

@@ -40,7 +40,8 @@ class BeamDecoding(Decoding):
         self.round_rows = [p * beams + b for g in self.groups for p in g.prompts for b in range(beams)]
         scores = [s for g in self.groups for s in g.running_scores.flatten().tolist()]
         depths = [min(self.depth, self.params.max_length - len(self.rows[r].tokens) - 1) for r in self.round_rows]
-        trees = yield from self.propose(self.round_rows, depths, beams=[(r // beams, s) for r, s in zip(self.round_rows, scores)])
+        groups = [(r // beams, s) for r, s in zip(self.round_rows, scores)]  # (prompt, running beam score)
+        trees = yield from self.propose(self.round_rows, depths, beams=groups)
         self.trees = dict(zip(self.round_rows, trees))
         self.starts = {r: self.rows[r].table.length for r in self.round_rows}
         return [tree_work(self.rows[r].table, self.trees[r]) for r in self.round_rows]

@@ -125,7 +125,7 @@ class Decoding:
         self.prompt_tables = []
         for row in self.rows or []:
             if row.table is not None:
-                self.cache.release(row.table)
+                self.cache.release(row.table)  # the row stays live: its table is empty, not gone
         if self.draft is not None:
             self.draft.end()
 

@@ -48,7 +48,7 @@ class TokenDecoding(Decoding):
             self.draft.commit([(r, accepted.get(r, [0])) for r in range(len(self.rows))])
         self.finished = all(row.table is None for row in self.rows)
 
-    def _process(self, logits: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _process(self, logits: list[torch.Tensor]) -> list[torch.Tensor]:  # per tree: [nodes, vocab]
         """The request's logits processors at every node, each with its own prefix (the row's tokens and the
         node's path)."""
         prefixes, entry_rows = [], []
@@ -68,7 +68,7 @@ class TokenDecoding(Decoding):
         kept = self.sampling_probs(processed) > 0
         return (processed / self.params.warpers[0]).masked_fill(~kept, float("-inf"))
 
-    def _verify(self, processed: list[torch.Tensor]) -> tuple[list[list[int]], list[int]]:
+    def _verify(self, processed: list[torch.Tensor]) -> tuple[list[list[int]], list[int]]:  # per tree: [nodes, vocab]
         """Batched tree verification: each tree's accepted path (node indices) and the token after it."""
         trees = self.trees
         if self.params.mode != SAMPLE and all(len(t) == 1 for t in trees):  # plain greedy steps: the argmax
@@ -94,7 +94,8 @@ class TokenDecoding(Decoding):
         """U(0, 1) draws from the request's generator, on the generator's device."""
         return torch.rand(shape, generator=self.generator, device=self.generator.device)
 
-    def _accept(self, r: int, tree: DraftTree, path: list[int], next_token: int, processed, logits) -> None:
+    def _accept(self, r: int, tree: DraftTree, path: list[int], next_token: int,
+                processed: torch.Tensor, logits: torch.Tensor) -> None:  # [tree nodes, vocab] each
         """Emit the accepted drafted tokens, then the recovered or bonus token, until the row stops."""
         emitted = [tree.tokens[n] for n in path[1:]] + [next_token]
         if len(tree) > 1:
@@ -104,7 +105,7 @@ class TokenDecoding(Decoding):
                 return
             self._emit(r, token, processed[node], logits[node])
 
-    def _emit(self, r: int, token: int, scores: torch.Tensor, logits: torch.Tensor) -> None:
+    def _emit(self, r: int, token: int, scores: torch.Tensor, logits: torch.Tensor) -> None:  # [vocab] each
         row = self.rows[r]
         row.tokens.append(token)
         self.scores[r].append(scores[None])  # [1, vocab], as a one-row batch's score history holds them
