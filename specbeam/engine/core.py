@@ -132,8 +132,11 @@ class EngineCore:
         running = self._round(running, outputs)
         seconds = time.perf_counter() - start
         peak = self.cache.allocator.peak_used
+        total = sum(state.round_tokens for state in running) or 1
         for state in running:
-            state.record_round(steps_before[state], seconds)
+            # a request's share of the round's time is its share of the forward's tokens: deeper trees beside
+            # others cost what they add, not nothing
+            state.record_round(steps_before[state], seconds * state.round_tokens / total)
             state.stats.kv_blocks_peak = max(state.stats.kv_blocks_peak, peak)  # the pool's, while it ran
             state.stats.kv_bytes_peak = state.stats.kv_blocks_peak * self.cache.block_bytes
             outputs.append(self._output(state))
@@ -159,6 +162,7 @@ class EngineCore:
         planned, works = [], []
         for state, mine in self._plan(running, outputs):
             planned.append((state, len(works), len(mine)))
+            state.round_tokens = sum(len(w.tokens) for w in mine)
             works += mine
         logits = self._forward(works, [s for s, _, _ in planned], outputs) if works else None
         if logits is None:

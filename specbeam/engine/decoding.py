@@ -53,6 +53,7 @@ class Decoding:
         self.draft = drafter.session(num_rows) if drafter is not None else None
         self.prompt_tables: list[BlockTable] = []
         self.depth = 0
+        self.round_tokens = 0  # tokens this round feeds the target
         self.finished = False
         self.needs_prefill = True  # the prompts, or after a preemption every live row's tokens
         self.forked = False  # during a prefill: the rows have forked their prompts' tables
