@@ -124,27 +124,27 @@ class PackedBatch:
 
 
 def pack(cache: PagedKVCache, works: list[Work], device, attention_backend: str | None) -> PackedBatch:
-    """Reserve every work's slots (copy on write included) and lay the forward out flat."""
+    """Reserve every work's slots (copy on write included) and lay the forward out flat: the per-token and
+    per-sequence integers travel to the device as one tensor."""
     starts = [w.table.length for w in works]
-    slots = [cache.reserve(w.table, len(w.tokens)) for w in works]
+    slots = [slot for w in works for slot in cache.reserve(w.table, len(w.tokens))]
     cache.flush()
     counts = [len(w.tokens) for w in works]
+    query_start_loc = [0, *itertools.accumulate(counts)]
     positions = [s + d for s, w, n in zip(starts, works, counts) for d in (w.depths or range(n))]
-    query_start_loc = torch.tensor([0, *itertools.accumulate(counts)])
-    logit_rows = [q - k for q, w in zip(query_start_loc[1:].tolist(), works) for k in range(w.num_logits, 0, -1)]
+    logit_rows = [q - k for q, w in zip(query_start_loc[1:], works) for k in range(w.num_logits, 0, -1)]
+    tokens = [t for w in works for t in w.tokens]
+    seq_lens = [w.table.length for w in works]
+    flat = torch.tensor(tokens + positions + slots + logit_rows + seq_lens + query_start_loc, dtype=torch.long,
+                        device=device)
+    tokens, positions, slots, logit_rows, seq_lens, query_start_loc = flat.split(
+        [len(tokens), len(positions), len(slots), len(logit_rows), len(seq_lens), len(query_start_loc)])
     masks = None if all(w.tree_mask is None for w in works) else _pack_tree_masks(works)
     plan = ops.plan_attention(
-        _pad_tables([w.table for w in works]).to(device),
-        torch.tensor([w.table.length for w in works], device=device),
-        query_start_loc.to(device),
-        None if masks is None else masks.to(device),
-        cache.block_size,
-        backend=attention_backend,
+        _pad_tables([w.table for w in works]).to(device), seq_lens, query_start_loc,
+        None if masks is None else masks.to(device), cache.block_size, backend=attention_backend,
     )
-    step = StepMetadata(cache, torch.tensor(sum(slots, []), device=device), plan)
-    tokens = torch.tensor([t for w in works for t in w.tokens], device=device)
-    rows = torch.tensor(logit_rows, dtype=torch.long, device=device)
-    return PackedBatch(tokens, torch.tensor(positions, device=device), rows, step)
+    return PackedBatch(tokens, positions, logit_rows, StepMetadata(cache, slots, plan))
 
 
 def _pad_tables(tables: list[BlockTable]) -> torch.Tensor:  # [num_seqs, max_blocks]
