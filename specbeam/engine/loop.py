@@ -9,7 +9,6 @@ from specbeam.engine.decoding import Decoding
 from specbeam.outputs import RequestOutput
 
 log = logging.getLogger("specbeam")
-IDLE_SECONDS = 1.0
 
 
 class EngineLoop:
@@ -50,19 +49,15 @@ class EngineLoop:
             for request_id in list(self.callbacks):
                 self.core.abort(request_id)
             self.wake.notify()
-        thread = self.thread
-        if thread is not None:
-            thread.join()
+        if self.thread is not None:
+            self.thread.join()
 
     def _run(self) -> None:
-        """Step while there is work; after IDLE_SECONDS without any, the thread ends (the next submit starts
-        another), so that an engine nobody uses can be garbage collected."""
         while True:
             with self.wake:
-                if not self.core.has_unfinished_requests() and not self.closed:
-                    self.wake.wait(IDLE_SECONDS)
-                if not self.core.has_unfinished_requests():
-                    self.thread = None
+                while not self.core.has_unfinished_requests() and not self.closed:
+                    self.wake.wait()
+                if self.closed and not self.core.has_unfinished_requests():
                     return
             try:
                 outputs = self.core.step()
