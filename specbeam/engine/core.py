@@ -297,14 +297,13 @@ class EngineCore:
         """On a GPU, the draft's pool gets at most half of what is free once the target's is made."""
         if self.runner.device.type != "cuda":
             return None
-        return int(DEVICE_CACHE_SHARE * torch.cuda.mem_get_info(self.runner.device)[0])
+        return int(DEVICE_CACHE_SHARE * _device_free(self.runner.device))
 
     def _pool_blocks(self) -> int:
         budget = self.config.max_cache_bytes
         if budget is None:
             device = self.runner.device
-            budget = (int(DEVICE_CACHE_SHARE * torch.cuda.mem_get_info(device)[0]) if device.type == "cuda"
-                      else DEFAULT_CPU_CACHE_BYTES)
+            budget = int(DEVICE_CACHE_SHARE * _device_free(device)) if device.type == "cuda" else DEFAULT_CPU_CACHE_BYTES
         return budget // (self.runner.bytes_per_token() * self.config.block_size)
 
     def _check(self, request, streamer, generator) -> None:
@@ -333,6 +332,11 @@ class EngineCore:
                 f"{self.config.max_cache_bytes or total * self.cache.block_bytes}): shorten the prompt or the "
                 "batch, or raise max_cache_bytes"
             )
+
+
+def _device_free(device: torch.device) -> int:
+    """Bytes a new pool can take on a GPU: what the driver has free and what torch's allocator holds unused."""
+    return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 def _bucket(key: tuple) -> int:

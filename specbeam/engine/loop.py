@@ -2,6 +2,7 @@
 the server) share its forwards: each submits a request with a callback and gets that request's outputs."""
 import logging
 import threading
+import weakref
 from typing import Callable
 
 from specbeam.engine.core import EngineCore
@@ -31,7 +32,8 @@ class EngineLoop:
             request_id = self.core.add(state)
             self.callbacks[request_id] = on_output
             if self.thread is None:
-                self.thread = threading.Thread(target=self._run, name="specbeam-engine", daemon=True)
+                self.thread = threading.Thread(target=_run, args=(weakref.ref(self), self.wake),
+                                               name="specbeam-engine", daemon=True)
                 self.thread.start()
             self.wake.notify()
         return request_id
@@ -52,20 +54,15 @@ class EngineLoop:
         if self.thread is not None:
             self.thread.join()
 
-    def _run(self) -> None:
-        while True:
-            with self.wake:
-                while not self.core.has_unfinished_requests() and not self.closed:
-                    self.wake.wait()
-                if self.closed and not self.core.has_unfinished_requests():
-                    return
-            try:
-                outputs = self.core.step()
-            except Exception as error:  # noqa: BLE001: a bug in the loop fails what runs, not every later call
-                log.exception("specbeam: an engine step failed; failing the requests it held")
-                outputs = self.core.fail_all(error)
-            for output in outputs:
-                self._deliver(output)
+    def _step(self) -> None:
+        """One step of the core; a step that breaks fails the requests it held, and the loop goes on."""
+        try:
+            outputs = self.core.step()
+        except Exception as error:  # noqa: BLE001
+            log.exception("specbeam: an engine step failed; failing the requests it held")
+            outputs = self.core.fail_all(error)
+        for output in outputs:
+            self._deliver(output)
 
     def _deliver(self, output: RequestOutput) -> None:
         with self.wake:
@@ -77,3 +74,21 @@ class EngineLoop:
         except Exception:  # a caller's callback must not stop everyone's loop
             log.exception("specbeam: the output callback of %s failed; aborting it", output.request_id)
             self.core.abort(output.request_id)
+
+
+def _run(loop_ref: "weakref.ref[EngineLoop]", wake: threading.Condition) -> None:
+    """The loop's thread. While idle it holds its loop only weakly, so that an engine nobody uses any more is
+    garbage collected with its pools (the thread then waits for ever: a thread that ran OpenMP regions must not
+    end before the process does)."""
+    while True:
+        with wake:
+            while True:
+                loop = loop_ref()
+                if loop is not None and (loop.core.has_unfinished_requests() or loop.closed):
+                    break
+                del loop
+                wake.wait()
+        if loop.closed and not loop.core.has_unfinished_requests():
+            return
+        loop._step()
+        del loop
