@@ -16,7 +16,7 @@ import torch
 
 from specbeam import ops
 from specbeam.cache import BlockTable, PagedKVCache
-from specbeam.config import SpecConfig
+from specbeam.config import BEAM, SAMPLE, SpecConfig
 from specbeam.depth_policy import DepthPolicy
 from specbeam.model_runner import Work
 from specbeam.request import Request
@@ -111,10 +111,7 @@ class Decoding:
 
     def preempt(self) -> None:
         """Give every block back and keep the tokens: the next prefill recomputes their K/V."""
-        self.release()
-        for row in self.rows or []:
-            if row.table is not None:
-                row.table = BlockTable()  # live, empty until the prefill
+        self.release()  # live rows keep their tables, emptied
         self.needs_prefill = True
 
     def release(self) -> None:
@@ -131,7 +128,8 @@ class Decoding:
             self.draft.end()
 
     def tables(self) -> list[BlockTable]:
-        return [t for t in self.prompt_tables if t is not None] + [r.table for r in self.rows or [] if r.table]
+        rows = [r.table for r in self.live_rows()] if self.rows else []
+        return [t for t in self.prompt_tables if t is not None] + rows
 
     def blocks_needed(self) -> tuple[int, int]:
         """(target, draft) blocks the next round may take at most: per row, the blocks its tree's slots reach
@@ -186,7 +184,7 @@ class Decoding:
     def plain_step(self) -> None:
         """Make this round a plain step, to save blocks, unless the draws depend on the trees' shapes (a sampling
         request at a fixed depth: seeded, its draws must not depend on what runs beside it)."""
-        if self.params.mode != "sample" or self.policies is not None:
+        if self.params.mode != SAMPLE or self.policies is not None:
             self.depth = 0
 
     def plan(self):  # a generator -> list[Work]
@@ -210,9 +208,9 @@ class Decoding:
         mode = self.params.mode
         trees = yield from self.draft.propose(
             rows, padded, [self.pads[r] for r in rows], self.request.logits_processor, self.spec, depths,
-            log_softmax=mode == "beam", generator=self.generator,
-            sample=self.sampling_probs if mode == "sample" else None,
-            exclude=self.request.config._eos_token_tensor if mode == "beam" else None, beams=beams,
+            log_softmax=mode == BEAM, generator=self.generator,
+            sample=self.sampling_probs if mode == SAMPLE else None,
+            exclude=self.request.config._eos_token_tensor if mode == BEAM else None, beams=beams,
         )
         self.stats.drafted_tokens += sum(len(t) - 1 for t in trees)
         self.stats.draft_passes = self.draft.passes

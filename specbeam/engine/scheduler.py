@@ -3,7 +3,7 @@ blocks fit in the pool; when they do not, the youngest running request is preemp
 tokens kept; it waits at the head of the queue and its K/V are recomputed when it is admitted again). Then
 waiting requests are admitted in order while their prefill and first round fit. A request never fails because
 another one holds the memory: only a request that cannot fit in the whole pool on its own does."""
-from collections import deque
+from collections import Counter, deque
 
 from specbeam.cache import PagedKVCache
 from specbeam.engine.decoding import Decoding
@@ -22,11 +22,15 @@ class Scheduler:
         rows = _rows(self.running)
         for state in self.running:
             state.choose_depth(rows - state.num_rows)
-        if not self._fits(self.running):  # a plain step for everyone before anyone is preempted
+        needs = {state: self._need(state) for state in self.running}
+        if not _fits(sum(needs.values(), Counter())):  # a plain step for everyone before anyone is preempted
             for state in self.running:
                 state.plain_step()
-        while self.running and not self._fits(self.running):
+            needs = {state: self._need(state) for state in self.running}
+        total = sum(needs.values(), Counter())
+        while self.running and not _fits(total):
             victim = self.running.pop()
+            total -= needs.pop(victim)
             if not self.running:
                 failures.append((victim, too_large(victim, self.cache)))
                 break
@@ -36,10 +40,13 @@ class Scheduler:
         while self.waiting and (not self.running or _rows(self.running + [self.waiting[0]]) <= self.max_num_seqs):
             state = self.waiting[0]
             state.choose_depth(_rows(self.running))
-            if not self._fits(self.running + [state]):
+            need = self._need(state)
+            if not _fits(total + need):
                 state.plain_step()  # a plain first step, if only that fits
-            if self._fits(self.running + [state]):
+                need = self._need(state)
+            if _fits(total + need):
                 self.running.append(self.waiting.popleft())
+                total += need
             elif not self.running:
                 failures.append((self.waiting.popleft(), too_large(state, self.cache)))
             else:
@@ -52,16 +59,18 @@ class Scheduler:
         elif state in self.waiting:
             self.waiting.remove(state)
 
-    def _fits(self, states: list[Decoding]) -> bool:
-        """Whether one round of `states` (and the prefills they need) fits in the free blocks of every pool."""
-        target = sum(s.blocks_needed()[0] + (s.prefill_blocks() if s.needs_prefill else 0) for s in states)
-        if target > self.cache.allocator.num_free:
-            return False
-        drafts = {}
-        for s in states:
-            if s.draft is not None and s.depth > 0:
-                drafts.setdefault(id(s.drafter), [s.drafter, 0])[1] += s.blocks_needed()[1]
-        return all(needed <= drafter.cache.allocator.num_free for drafter, needed in drafts.values() if needed)
+    def _need(self, state: Decoding) -> Counter:
+        """Blocks per pool (the target's, the draft's) that one round of `state`, and its prefill, may take."""
+        target, draft = state.blocks_needed()
+        need = Counter({self.cache: target + (state.prefill_blocks() if state.needs_prefill else 0)})
+        if draft:
+            need[state.drafter.cache] += draft
+        return need
+
+
+def _fits(need: Counter) -> bool:
+    """Whether the blocks needed from each pool are free in it."""
+    return all(blocks <= cache.allocator.num_free for cache, blocks in need.items())
 
 
 def _rows(states: list[Decoding]) -> int:
