@@ -19,8 +19,12 @@ class TokenDecoding(Decoding):
         num_rows = self.request.input_ids.shape[0]
         self.scores, self.raw = [[] for _ in range(num_rows)], [[] for _ in range(num_rows)]
         self.sent = [0] * num_rows  # per row, generated tokens already handed out
-        if self.streamer is not None:
+
+    def after_prefill(self) -> None:
+        """The streamer hears the prompt once it is admitted (a request refused before any work sends nothing)."""
+        if self.rows is None and self.streamer is not None:
             self.streamer.put(self.request.input_ids.cpu())
+        super().after_prefill()
 
     # --- one round ----------------------------------------------------------------------------------------
 
