@@ -101,8 +101,9 @@ class SpecConfig:
     per node (top-branch by draft probability). node_budget: drafted nodes per tree at most. Beam search widens
     width to at least 2 num_beams and branch to num_beams, so that a draft that agrees with the target covers
     every beam the target keeps (it picks its beams among 2 num_beams candidates).
-    adaptive: each round drafts 0..depth deep, whichever has advanced fastest on this machine so far
-    (`specbeam.depth_policy`); False: always `depth`.
+    adaptive: each round drafts the tree of depth 0..depth and width 1..width (beam search: depth only) with the
+    most expected tokens per second, from the pass costs and the acceptance measured on this machine so far
+    (`specbeam.tree_policy`); False: always `depth` and `width`.
     """
 
     depth: int = 4

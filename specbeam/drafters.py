@@ -17,6 +17,7 @@ from specbeam.config import EngineConfig, SpecConfig
 from specbeam.model_runner import ModelRunner, Work
 from specbeam.processing import process_rows
 from specbeam.tree import DraftTree
+from specbeam.tree_policy import PassCost
 
 
 @dataclass
@@ -49,6 +50,7 @@ class DraftModelDrafter:
         if max_bytes is not None:
             num_blocks = min(num_blocks, max_bytes // (self.runner.bytes_per_token() * config.block_size))
         self.cache = self.runner.new_cache(num_blocks, config.block_size)
+        self.pass_cost = PassCost()  # seconds of a draft pass by the tokens it feeds
 
     def session(self, num_rows: int) -> "DraftSession":
         return DraftSession(self, num_rows)
@@ -186,6 +188,7 @@ class NgramDrafter:
 
     def __init__(self, vocab_size: int, max_ngram: int = 3):
         self.vocab_size, self.max_ngram = vocab_size, max_ngram
+        self.pass_cost = PassCost({1: 0.0})  # no forward: its lookups cost next to nothing
 
     def session(self, num_rows: int) -> "NgramDrafter":
         return self  # no state per request

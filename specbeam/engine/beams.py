@@ -51,6 +51,7 @@ class BeamDecoding(Decoding):
         check_finite(torch.cat(logits), self.stats.steps)
         self.logits = dict(zip(self.round_rows, logits))
         self.draft_origins = [(r, [0]) for r in range(len(self.rows))]
+        self.seen = []  # the tree policy's observations, per prompt (`_end_round`)
         self.groups = [g for group in self.groups for g in self._replay(group)]
         if self.draft is not None:
             self.draft.commit(self.draft_origins)
@@ -76,7 +77,7 @@ class BeamDecoding(Decoding):
                 walked[r].update(node for node in path if node is not None)
             stop = [g for g in range(group.batch) if done[g] or not inside[g]]
             for g in stop:
-                self._end_round(group.prompts[g], first[group.prompts[g]], replayed, walked)
+                self._end_round(group.prompts[g], first[group.prompts[g]], replayed, walked, done[g])
             for g in (g for g in stop if done[g]):
                 self._end_search(group, g)
             stopped = [g for g in stop if not done[g]]
@@ -113,13 +114,18 @@ class BeamDecoding(Decoding):
         steps = len(self.scores[group.prompts[0]])
         return tuple(torch.cat([self.scores[p][t] for p in group.prompts]) for t in range(steps))
 
-    def _end_round(self, p: int, first_step: int, replayed: int, walked: dict) -> None:
-        """Count what prompt p's round accepted and record its drafted trees for the trace."""
+    def _end_round(self, p: int, first_step: int, replayed: int, walked: dict, ended: bool) -> None:
+        """Count what prompt p's round accepted and record its drafted trees for the trace. For the tree policy:
+        the replay went on past depths 1 .. replayed - 1 and, unless the search ended, stopped at the next one
+        if it was drafted."""
         beams = self.params.num_beams
         rows = [p * beams + b for b in range(beams)]
         trees = [self.trees[r] for r in rows]
         if any(len(t) > 1 for t in trees):
             self.count_accepted(replayed - 1)
+            self.seen += [(d, 0, 1) for d in range(1, replayed)]
+            if not ended and replayed <= max(max(t.depths()) for t in trees):
+                self.seen.append((replayed, None, 1))
         self.traces[p].drafts += draft_rounds(first_step, rows, trees, [walked[r] for r in rows], beams)
 
     def _end_search(self, group: BeamSearch, g: int) -> None:
@@ -151,6 +157,10 @@ class BeamDecoding(Decoding):
         for r, tokens in zip(rows, group.running_sequences().tolist()):
             self.rows[r].tokens = tokens
         return group
+
+    def num_trees(self) -> int:
+        """A prompt's beams' trees are drafted together: one per running prompt."""
+        return sum(g.batch for g in self.groups)
 
     # --- output -------------------------------------------------------------------------------------------
 

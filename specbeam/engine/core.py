@@ -9,18 +9,16 @@ pool), prefills what was admitted, lets every running request plan its round (it
 the root alone is a plain step), runs one target forward over all of them, and hands each request its logits to
 select and commit. Finished requests free their blocks at once. `add_request` and `abort` may be called from any
 thread; `step` from one at a time."""
-import copy
 import itertools
 import threading
-from collections import defaultdict
-from typing import Callable
 import time
+from collections import defaultdict
 
 import torch
 from transformers import PreTrainedModel
 
+from specbeam.cache import BlockTable, PagedKVCache
 from specbeam.config import BEAM, SAMPLE, EngineConfig, SpecConfig
-from specbeam.depth_policy import DepthPolicy
 from specbeam.drafters import DraftModelDrafter, NgramDrafter
 from specbeam.engine.beams import BeamDecoding
 from specbeam.engine.decoding import Decoding
@@ -30,6 +28,7 @@ from specbeam.model_runner import ModelRunner, Work
 from specbeam.outputs import RequestOutput
 from specbeam.request import build_request
 from specbeam.stats import DecodeStats
+from specbeam.tree_policy import BEAMS, CALIBRATION_TOKENS, GREEDY, SAMPLING, Acceptance, PassCost, TreePolicy, TreeShape
 
 DEFAULT_CPU_CACHE_BYTES = 256 * 2**20  # the target's KV pool on the CPU (paged in only as it is used)
 DEVICE_CACHE_SHARE = 0.5  # of the device's free memory, on a GPU
@@ -44,7 +43,8 @@ class EngineCore:
         self.cache = self.runner.new_cache(self._pool_blocks(), self.config.block_size)
         self.scheduler = Scheduler(self.cache, self.config.max_num_seqs)
         self.drafters: dict = {}
-        self.depth_policies: dict[tuple, DepthPolicy] = {}
+        self.target_cost = PassCost()  # seconds of a round by the tokens it feeds the target
+        self.tree_policies: dict[tuple, TreePolicy] = {}  # per (drafter, mode, beams)
         self.drafter = None if draft_model is None else self.make_drafter(draft_model)
         self.requests: dict[str, Decoding] = {}
         self.lock = threading.Lock()  # guards the queue and the request table against other threads
@@ -80,11 +80,11 @@ class EngineCore:
         self._check(request, streamer, generator)
         spec = self.spec.for_beams(request.params.num_beams) if request.params.mode == BEAM else self.spec
         kind = BeamDecoding if request.params.mode == BEAM else TokenDecoding
-        # a seeded request's draws depend on its trees' shapes: it drafts at the fixed depth, whatever runs beside it
-        policies = None if generator is not None else self._depth_policies(drafter, request)
+        # a seeded request's draws depend on its trees' shapes: it drafts the fixed tree, whatever runs beside it
+        policy = None if generator is not None else self._tree_policy(drafter, request, spec)
         if generator is None and request.params.mode == SAMPLE:
             generator = _fresh_generator(self.runner.device)
-        state = kind(request, self.cache, drafter, spec, policies, streamer, generator)
+        state = kind(request, self.cache, drafter, spec, policy, streamer, generator)
         self._check_fits(state)
         return state
 
@@ -119,6 +119,8 @@ class EngineCore:
     @torch.no_grad()
     def step(self) -> list[RequestOutput]:
         outputs = self._take_aborted()
+        if self.tree_policies:
+            self._calibrate()
         with self.lock:
             failures = self.scheduler.schedule()
             running = list(self.scheduler.running)
@@ -127,16 +129,9 @@ class EngineCore:
             return outputs
         self.cache.allocator.peak_used = self.cache.allocator.num_used
         running = self._prefill(running, outputs)
-        start = time.perf_counter()  # the depth policies weigh rounds, not prefills
-        steps_before = {state: state.stats.steps for state in running}
         running = self._round(running, outputs)
-        seconds = time.perf_counter() - start
         peak = self.cache.allocator.peak_used
-        total = sum(state.round_tokens for state in running) or 1
         for state in running:
-            # a request's share of the round's time is its share of the forward's tokens: deeper trees beside
-            # others cost what they add, not nothing
-            state.record_round(steps_before[state], seconds * state.round_tokens / total)
             state.stats.kv_blocks_peak = max(state.stats.kv_blocks_peak, peak)  # the pool's, while it ran
             state.stats.kv_bytes_peak = state.stats.kv_blocks_peak * self.cache.block_bytes
             outputs.append(self._output(state))
@@ -164,23 +159,29 @@ class EngineCore:
             planned.append((state, len(works), len(mine)))
             state.round_tokens = sum(len(w.tokens) for w in mine)
             works += mine
-        logits = self._forward(works, [s for s, _, _ in planned], outputs) if works else None
+        logits = self._forward(works, [s for s, _, _ in planned], outputs, self.target_cost) if works else None
         if logits is None:
             return []
         per_work = logits.split([w.num_logits for w in works])
         for state, first, count in planned:
             state.stats.target_passes += 1
+            start = time.perf_counter()
             try:
                 state.absorb(list(per_work[first:first + count]))
             except Exception as error:  # noqa: BLE001: a request's own failure (a processor, a criterion)
                 outputs.append(self._fail(state, error))
-        return [s for s, _, _ in planned if s.request_id in self.requests]
+            state.overhead += time.perf_counter() - start
+        running = [s for s, _, _ in planned if s.request_id in self.requests]
+        for state in running:
+            state.report_round()
+        return running
 
     def _plan(self, running: list[Decoding], outputs: list) -> list[tuple[Decoding, list[Work]]]:
         """Every request's works for this round. Their plans run side by side: the draft passes they ask for
         at each depth go through one forward per draft model."""
         plans, waiting = {}, {}
         for state in running:
+            state.overhead = 0.0
             self._advance(state, state.plan(), None, waiting, plans, outputs)
         while waiting:
             by_drafter = defaultdict(list)
@@ -191,7 +192,7 @@ class EngineCore:
                 drafter = items[0][2].drafter
                 works = [w for _, _, draft_pass in items for w in draft_pass.works()]
                 try:
-                    logits = drafter.runner.forward(drafter.cache, works)
+                    logits = _timed_forward(drafter.runner, drafter.cache, works, drafter.pass_cost)
                 except Exception as error:  # noqa: BLE001: the draft's forward fails every request in it
                     outputs += [self._fail(state, error) for state, _, _ in items]
                     continue
@@ -201,17 +202,20 @@ class EngineCore:
 
     def _advance(self, state: Decoding, plan, value, waiting: dict, plans: dict, outputs: list) -> None:
         """Send a plan what it waited for: it asks for its next draft pass, or returns its works."""
+        start = time.perf_counter()
         try:
             waiting[state] = (plan, plan.send(value))
         except StopIteration as done:
             plans[state] = done.value
         except Exception as error:  # noqa: BLE001: a request's own failure (a processor, the draft's sampling)
             outputs.append(self._fail(state, error))
+        state.overhead += time.perf_counter() - start
 
-    def _forward(self, works: list[Work], states: list[Decoding], outputs: list) -> torch.Tensor | None:
-        """The target forward; if it fails, so does every request in it."""
+    def _forward(self, works: list[Work], states: list[Decoding], outputs: list,
+                 cost: PassCost | None = None) -> torch.Tensor | None:
+        """The target forward (timed into `cost`, if given); if it fails, so does every request in it."""
         try:
-            return self.runner.forward(self.cache, works)
+            return _timed_forward(self.runner, self.cache, works, cost)
         except Exception as error:  # noqa: BLE001
             self.cache.pending = []  # copies on write for blocks the failed requests give back
             outputs += [self._fail(state, error) for state in states]
@@ -275,23 +279,31 @@ class EngineCore:
                                                        max_bytes=self._draft_bytes())
         return self.drafters[key]
 
-    def _depth_policies(self, drafter, request) -> Callable[[int], DepthPolicy] | None:
-        """Policies kept across requests, one per drafter, decoding mode, batch size and load (costs differ
-        between them): alone, key (drafter, mode, batch); beside `load` other rows, the load's power of 2 too."""
+    def _tree_policy(self, drafter, request, spec: SpecConfig) -> TreePolicy | None:
+        """The policy sizing the trees of requests of this drafter and mode, kept across requests (None: the
+        fixed tree of `spec`). The widths it chooses from: 1 .. spec.width (an n-gram draft proposes one chain;
+        beam search drafts `spec.width` nodes per prompt and depth)."""
         if drafter is None or not self.spec.adaptive:
             return None
-        key = (id(drafter), request.params.mode, len(request.prompts))
+        mode, beams = request.params.mode, request.params.num_beams
+        key = (id(drafter), mode, beams)
+        if key not in self.tree_policies:
+            kind = BEAMS if mode == BEAM else SAMPLING if mode == SAMPLE else GREEDY
+            widths = (1,) if isinstance(drafter, NgramDrafter) else (spec.width,) if kind == BEAMS else \
+                tuple(range(1, spec.width + 1))
+            shape = TreeShape(kind, 1 if isinstance(drafter, NgramDrafter) else spec.branch, beams)
+            acceptance = Acceptance(spec.depth, 1 if kind == BEAMS else widths[-1])
+            self.tree_policies[key] = TreePolicy(shape, acceptance, self.target_cost, drafter.pass_cost, widths)
+        return self.tree_policies[key]
 
-        def policy(load: int) -> DepthPolicy:
-            bucket = key + ((load.bit_length(),) if load else ())
-            if bucket not in self.depth_policies:  # start from what the nearest load learned, if any
-                known = [k for k in self.depth_policies if k[:3] == key]
-                nearest = min(known, key=lambda k: abs(_bucket(k) - _bucket(bucket)), default=None)
-                self.depth_policies[bucket] = (DepthPolicy(self.spec.depth) if nearest is None else
-                                               copy.deepcopy(self.depth_policies[nearest]))
-            return self.depth_policies[bucket]
-
-        return policy
+    def _calibrate(self) -> None:
+        """Measure the target's and each draft's pass costs at first use, on scratch K/V freed at once (a step
+        that finds too few free blocks leaves it to a later one)."""
+        pools = [(self.runner, self.cache, self.target_cost)] + [
+            (d.runner, d.cache, d.pass_cost) for d in self.drafters.values() if isinstance(d, DraftModelDrafter)]
+        for runner, cache, cost in pools:
+            if not cost.known and cache.allocator.num_free * cache.block_size >= max(CALIBRATION_TOKENS):
+                cost.calibrate(lambda n: _scratch_forward(runner, cache, n))
 
     def _draft_bytes(self) -> int | None:
         """On a GPU, the draft's pool gets at most half of what is free once the target's is made."""
@@ -339,9 +351,25 @@ def _device_free(device: torch.device) -> int:
     return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
-def _bucket(key: tuple) -> int:
-    """The load bucket of a depth policy's key (0: alone)."""
-    return key[3] if len(key) > 3 else 0
+def _timed_forward(runner: ModelRunner, cache: PagedKVCache, works: list[Work], cost: PassCost | None) -> torch.Tensor:
+    """runner.forward; with `cost`, its seconds (once the device is done) go to that pass-cost curve."""
+    if cost is None:
+        return runner.forward(cache, works)
+    start = time.perf_counter()
+    logits = runner.forward(cache, works)
+    if logits.is_cuda:
+        torch.cuda.synchronize(logits.device)
+    cost.record(sum(len(w.tokens) for w in works), time.perf_counter() - start)
+    return logits
+
+
+def _scratch_forward(runner: ModelRunner, cache: PagedKVCache, tokens: int) -> None:
+    """A forward of `tokens` new tokens, all scored, whose K/V are dropped; it returns once they are computed."""
+    table = BlockTable()
+    try:
+        runner.forward(cache, [Work(table, [0] * tokens, tokens)])[-1, 0].item()
+    finally:
+        cache.release(table)
 
 
 def _fresh_generator(device: torch.device) -> torch.Generator:

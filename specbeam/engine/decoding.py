@@ -1,7 +1,7 @@
 """A request's decoding state, which the core advances one round at a time: its rows (sequences) in the
 target's paged cache, their prefill, its draft session, and the round protocol every mode follows:
 
-    choose_depth() -> blocks_needed() -> plan() -> [one target forward shared with other requests] -> absorb()
+    choose_shape() -> blocks_needed() -> plan() -> [one target forward shared with other requests] -> absorb()
 
 `plan` is a generator that yields the draft passes it needs before it returns its works, so that the core runs
 every request's draft passes of one depth as one draft forward.
@@ -9,19 +9,18 @@ every request's draft passes of one depth as one draft forward.
 A row's last token is its root: not in the cache yet, it is fed with the row's draft tree (a tree of the root
 alone is a plain decoding step). Preemption drops a request's blocks and keeps its tokens; the next prefill
 recomputes their K/V."""
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, replace
 
 import torch
 
 from specbeam import ops
 from specbeam.cache import BlockTable, PagedKVCache
 from specbeam.config import BEAM, SAMPLE, SpecConfig
-from specbeam.depth_policy import DepthPolicy
 from specbeam.model_runner import Work
 from specbeam.request import Request
 from specbeam.stats import DecodeStats
 from specbeam.tree import DraftTree
+from specbeam.tree_policy import TreePolicy
 
 
 @dataclass(eq=False)
@@ -38,12 +37,10 @@ class Decoding:
     """What every mode shares. Subclasses build `self.rows` in `after_prefill` and define plan / absorb."""
 
     def __init__(self, request: Request, cache: PagedKVCache, drafter, spec: SpecConfig,
-                 policies: Callable[[int], DepthPolicy] | None, streamer=None,
-                 generator: torch.Generator | None = None):
-        """policies: the depth policy for a load (rows of the other running requests); None: a fixed depth."""
+                 policy: TreePolicy | None, streamer=None, generator: torch.Generator | None = None):
+        """policy: sizes each round's draft tree; None: the tree of `spec` (its depth and width) every round."""
         self.request, self.cache, self.drafter, self.spec = request, cache, drafter, spec
-        self.policies, self.streamer, self.generator = policies, streamer, generator
-        self.policy: DepthPolicy | None = None  # the one that chose this round's depth
+        self.policy, self.streamer, self.generator = policy, streamer, generator
         self.params = request.params
         self.stats = DecodeStats()
         self.rows: list[Row] | None = None  # None until the prompts are prefilled
@@ -52,8 +49,10 @@ class Decoding:
                      range(self.params.rows_per_prompt)]
         self.draft = drafter.session(num_rows) if drafter is not None else None
         self.prompt_tables: list[BlockTable] = []
-        self.depth = 0
+        self.depth, self.width = 0, spec.width  # this round's tree
         self.round_tokens = 0  # tokens this round feeds the target
+        self.overhead = 0.0  # seconds of this round's own work besides the forwards
+        self.seen: list[tuple[int, int | None, int]] = []  # this round's acceptance, for the tree policy
         self.finished = False
         self.needs_prefill = True  # the prompts, or after a preemption every live row's tokens
         self.forked = False  # during a prefill: the rows have forked their prompts' tables
@@ -135,7 +134,7 @@ class Decoding:
         """(target, draft) blocks the next round may take at most: per row, the blocks its tree's slots reach
         past its table, a copy on write of a shared last block, and under beam search with a tree the copies its
         new beams' paths may make."""
-        nodes = self.spec.max_nodes if self.depth > 0 else 1
+        nodes = self.round_spec.max_nodes if self.depth > 0 else 1
         rows = self.live_rows() if self.rows else [Row(r, t, pad) for r, (t, pad) in
                                                     enumerate(zip(self.request.input_ids.tolist(), self.pads))]
         target = sum(self._row_blocks(row, nodes) for row in rows)
@@ -171,21 +170,33 @@ class Decoding:
 
     # --- rounds -----------------------------------------------------------------------------------------
 
-    def choose_depth(self, load: int) -> None:
-        """This round's draft depth, with `load` rows of other requests in the same forwards."""
+    def choose_shape(self, load: int) -> None:
+        """This round's tree, beside `load` tokens of other requests in the same forward."""
         if self.draft is None:
             self.depth = 0
-        elif self.policies is None:
-            self.depth = self.spec.depth
+        elif self.policy is None:
+            self.depth, self.width = self.spec.depth, self.spec.width
         else:
-            self.policy = self.policies(load)
-            self.depth = self.policy.choose()
+            self.depth, self.width = self.policy.choose(self.num_trees(), load)
+
+    def num_trees(self) -> int:
+        """The trees a round drafts: one per live row (beam search: per running prompt)."""
+        return len(self.live_rows()) if self.rows else self.num_rows
+
+    @property
+    def round_spec(self) -> SpecConfig:
+        return replace(self.spec, width=self.width) if self.width != self.spec.width else self.spec
 
     def plain_step(self) -> None:
         """Make this round a plain step, to save blocks, unless the draws depend on the trees' shapes (a sampling
         request at a fixed depth: seeded, its draws must not depend on what runs beside it)."""
-        if self.params.mode != SAMPLE or self.policies is not None:
+        if self.params.mode != SAMPLE or self.policy is not None:
             self.depth = 0
+
+    def report_round(self) -> None:
+        """Tell the tree policy what this round cost besides the forwards and what it accepted."""
+        if self.policy is not None:
+            self.policy.observe(self.depth, self.overhead, self.seen if self.depth else [])
 
     def plan(self):  # a generator -> list[Work]
         """This round's works: each row's root and draft tree. Yields the draft passes it needs first."""
@@ -193,11 +204,6 @@ class Decoding:
 
     def absorb(self, logits: list[torch.Tensor]) -> None:
         raise NotImplementedError
-
-    def record_round(self, steps_before: int, seconds: float) -> None:
-        """Tell the depth policy how many steps this round advanced in how long."""
-        if self.policy is not None:
-            self.policy.record(self.depth, self.stats.steps - steps_before, seconds)
 
     def propose(self, rows: list[int], depths: list[int], beams=None):  # a generator -> list[DraftTree]
         """Draft trees under `rows` (root-only where the depth is 0 or there is no draft); yields the draft
@@ -207,7 +213,7 @@ class Decoding:
             return [DraftTree.root_only(p[-1]) for p in padded]
         mode = self.params.mode
         trees = yield from self.draft.propose(
-            rows, padded, [self.pads[r] for r in rows], self.request.logits_processor, self.spec, depths,
+            rows, padded, [self.pads[r] for r in rows], self.request.logits_processor, self.round_spec, depths,
             log_softmax=mode == BEAM, generator=self.generator,
             sample=self.sampling_probs if mode == SAMPLE else None,
             exclude=self.request.config._eos_token_tensor if mode == BEAM else None, beams=beams,

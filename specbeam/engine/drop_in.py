@@ -33,7 +33,7 @@ class Engine:
         self.core = EngineCore(model, draft_model, spec, EngineConfig(**options))
         self.loop = EngineLoop(self.core)
         self.config, self.spec, self.runner = self.core.config, self.core.spec, self.core.runner
-        self.cache, self.drafter, self.depth_policies = self.core.cache, self.core.drafter, self.core.depth_policies
+        self.cache, self.drafter, self.tree_policies = self.core.cache, self.core.drafter, self.core.tree_policies
         self.add_request, self.step, self.abort = self.core.add_request, self.core.step, self.core.abort
         self.has_unfinished_requests = self.core.has_unfinished_requests
         self._calls = threading.local()

@@ -19,9 +19,9 @@ class Scheduler:
     def schedule(self) -> list[tuple[Decoding, Exception]]:
         """Fill `running` for this step; returns the requests that cannot run even alone, with their error."""
         failures = []
-        rows = _rows(self.running)
+        load = sum(state.round_tokens for state in self.running)  # tokens the last round fed
         for state in self.running:
-            state.choose_depth(rows - state.num_rows)
+            state.choose_shape(load - state.round_tokens)
         needs = {state: self._need(state) for state in self.running}
         if not _fits(sum(needs.values(), Counter())):  # a plain step for everyone before anyone is preempted
             for state in self.running:
@@ -39,7 +39,7 @@ class Scheduler:
             self.preemptions += 1
         while self.waiting and (not self.running or _rows(self.running + [self.waiting[0]]) <= self.max_num_seqs):
             state = self.waiting[0]
-            state.choose_depth(_rows(self.running))
+            state.choose_shape(sum(s.round_tokens for s in self.running))
             need = self._need(state)
             if not _fits(total + need):
                 state.plain_step()  # a plain first step, if only that fits

@@ -50,6 +50,9 @@ class TokenDecoding(Decoding):
             accepted[r] = paths[i]
         if self.draft is not None:
             self.draft.commit([(r, accepted.get(r, [0])) for r in range(len(self.rows))])
+        if self.policy is not None and self.depth:
+            self.seen = [seen for tree, path in zip(self.trees, paths) if len(tree) > 1
+                         for seen in self.policy.shape.observations(tree, path)]
         self.finished = all(row.table is None for row in self.rows)
 
     def _process(self, logits: list[torch.Tensor]) -> list[torch.Tensor]:  # per tree: [nodes, vocab]

@@ -1,0 +1,256 @@
+"""Trees sized by cost: each round drafts the tree shape (depth D, width w) with the most expected tokens per
+second, from what is measured on this machine as the engine runs.
+
+- Pass costs. T(n), the seconds of a target forward feeding n tokens, and D(n) of a draft pass: the curve's shape
+  is timed once at first use for n = 1 .. 32 (the fastest of three sweeps), linear between those counts and along the
+  last slope past them; its scale follows every forward since (a running mean of measured / shape), so that a
+  machine that slows down or speeds up as a whole keeps the curve's shape. A request that shares a forward with
+  others feeding `load` tokens pays its share, T(load + n) * n / (load + n).
+- Overhead. The request's own work in a round besides the forwards (planning its trees, selecting, committing),
+  per depth the least of its last rounds (a depth not run yet: the nearest one's).
+- Acceptance per depth and width. Each drafted depth d ranks its nodes (greedy: by draft probability; sampling:
+  the order the verifier tries the root's children). A round tells, for each depth its accepted path reached,
+  at which rank the target's token stood there, or that it was not among the w drafted (censored: its rank is
+  >= w). The hazard h[d][k] = P(rank = k | rank >= k) counts the rounds that could see rank k at depth d,
+  shrunk towards the same rank's rate over all depths, itself shrunk towards a Beta(alpha, beta) prior:
+      m_k = (sum_d hits[d][k] + alpha) / (sum_d at_risk[d][k] + alpha + beta)
+      h[d][k] = (hits[d][k] + (alpha + beta) m_k) / (at_risk[d][k] + alpha + beta)
+      P_d(w) = 1 - prod_{k < w} (1 - h[d][k])          the token is among the first w at depth d
+      E(D, w) = sum_{d <= D} prod_{j <= d} P_j(w_j)   accepted drafted tokens per round
+  so a depth not drafted yet is expected to accept as the shallower ones do; `explore` tries the neighbours of
+  the best shape now and then, and old rounds fade by `memory`.
+
+A round with u trees (rows; under beam search, prompts with B roots each) of `nodes(D, w)` drafted nodes then
+advances u (1 + E(D, w)) tokens in T_share(u (roots + nodes)) plus the draft's share of one pass over the roots
+and D - 1 over the frontier, plus the overhead; D = 0 is a plain step. Which shape runs never changes the output
+(every shape is lossless), only the speed; the policy draws from its own `random.Random`, never from torch's
+generators, so seeded sampling stays reproducible."""
+import math
+import random
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from specbeam.tree import DraftTree
+
+GREEDY, SAMPLING, BEAMS = "greedy", "sampling", "beams"  # how a mode's trees grow, see `TreeShape`
+CALIBRATION_TOKENS = (1, 2, 4, 8, 16, 32)
+
+
+@dataclass
+class PassCost:
+    """T(n) = scale * shape(n): seconds a pass feeding n tokens takes."""
+
+    shape: dict[int, float] = field(default_factory=dict)  # tokens -> seconds, as calibrated
+    scale: float = 1.0  # how the machine runs now against the calibration
+    memory: float = 0.9  # weight of the past in the scale's running mean
+
+    def calibrate(self, run: Callable[[int], None], sizes=CALIBRATION_TOKENS, repeats: int = 3) -> None:
+        """Time `run(n)` for each size n, `repeats` sweeps over the sizes (the first also warms up), and keep each
+        size's fastest: a burst of other work on the machine then spoils one sweep, not one size. A pass costs a
+        constant until the weights' streaming stops hiding the arithmetic, then grows about linearly, so only the
+        lower convex hull of the times is kept (a time above it met a busy machine)."""
+        times = dict.fromkeys(sizes, math.inf)
+        for _ in range(repeats):
+            for n in sizes:
+                start = time.perf_counter()
+                run(n)
+                times[n] = min(times[n], max(time.perf_counter() - start, 1e-9))
+        self.shape = _lower_convex_hull(times)
+
+    @property
+    def known(self) -> bool:
+        return bool(self.shape)
+
+    def record(self, tokens: int, seconds: float) -> None:
+        """A pass of `tokens` took `seconds`: the scale moves towards what it says."""
+        if self.known:
+            self.scale = self.memory * self.scale + (1 - self.memory) * seconds / max(self._shape(tokens), 1e-12)
+
+    def __call__(self, tokens: float) -> float:
+        return self.scale * self._shape(tokens)
+
+    def _shape(self, tokens: float) -> float:
+        """Linear between the counts calibrated and along the last slope past the largest."""
+        counts = sorted(self.shape)
+        if len(counts) == 1 or tokens <= counts[0]:
+            return self.shape[counts[0]]
+        low, high = next(((a, b) for a, b in zip(counts, counts[1:]) if tokens <= b), counts[-2:])
+        slope = max(self.shape[high] - self.shape[low], 0.0) / (high - low)
+        return self.shape[low] + slope * (tokens - low)
+
+    def share(self, own: float, load: float) -> float:
+        """What feeding `own` tokens beside `load` others costs: the pass, split by tokens."""
+        return self(own + load) * own / (own + load)
+
+
+def _lower_convex_hull(points: dict[int, float]) -> dict[int, float]:
+    """The points on the lower convex hull of (n, seconds) (Andrew's monotone chain, lower half)."""
+    hull: list[tuple[int, float]] = []
+    for n, y in sorted(points.items()):
+        # drop the last point while it lies on or above the segment from the one before it to (n, y)
+        while len(hull) >= 2 and (hull[-1][1] - hull[-2][1]) * (n - hull[-2][0]) >= (y - hull[-2][1]) * (hull[-1][0] - hull[-2][0]):
+            hull.pop()
+        hull.append((n, y))
+    return dict(hull)
+
+
+@dataclass
+class Overhead:
+    """Seconds of a request's own work per round besides the forwards, per depth: the least of its last
+    `window` rounds (a first round's warm-up, or a stall, is not what the depth costs)."""
+
+    window: int = 8
+    samples: dict[int, deque] = field(default_factory=dict)
+
+    def record(self, depth: int, seconds: float) -> None:
+        self.samples.setdefault(depth, deque(maxlen=self.window)).append(seconds)
+
+    def __call__(self, depth: int) -> float:
+        """The depth's, or the nearest measured depth's (the deeper on a tie); 0 before any round."""
+        if not self.samples:
+            return 0.0
+        return min(self.samples[min(self.samples, key=lambda d: (abs(d - depth), -d))])
+
+
+@dataclass
+class Acceptance:
+    """Hazards of the target's token's rank among each depth's drafted nodes (module docstring)."""
+
+    max_depth: int
+    max_width: int
+    prior: tuple[float, float] = (1.0, 1.0)  # Beta(alpha, beta) on each hazard
+    memory: float = 0.98  # weight of the past, per round
+    hits: list[list[float]] = field(default_factory=list)  # [depth - 1][rank]
+    at_risk: list[list[float]] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.hits = self.hits or [[0.0] * self.max_width for _ in range(self.max_depth)]
+        self.at_risk = self.at_risk or [[0.0] * self.max_width for _ in range(self.max_depth)]
+
+    def fade(self) -> None:
+        """One round passed: older observations weigh less."""
+        for counts in (self.hits, self.at_risk):
+            for row in counts:
+                row[:] = [self.memory * c for c in row]
+
+    def record(self, depth: int, rank: int | None, width: int) -> None:
+        """At `depth`, the target's token stood at `rank` among the `width` nodes drafted there (None: not
+        among them)."""
+        seen = min(width, self.max_width) if rank is None else rank + 1
+        for k in range(seen):
+            self.at_risk[depth - 1][k] += 1.0
+        if rank is not None and rank < self.max_width:
+            self.hits[depth - 1][rank] += 1.0
+
+    def hazard(self, depth: int, rank: int) -> float:
+        """h[d][k], shrunk towards rank k's rate over every depth (module docstring)."""
+        alpha, beta = self.prior
+        hits, at_risk = sum(row[rank] for row in self.hits), sum(row[rank] for row in self.at_risk)
+        pooled = (hits + alpha) / (at_risk + alpha + beta)
+        return (self.hits[depth - 1][rank] + (alpha + beta) * pooled) / (self.at_risk[depth - 1][rank] + alpha + beta)
+
+    def within(self, depth: int, width: int) -> float:
+        """P_d(w): the target's token is among the first `width` drafted at `depth`."""
+        missed = 1.0
+        for k in range(width):
+            missed *= 1.0 - self.hazard(depth, k)
+        return 1.0 - missed
+
+    def expected_accepted(self, widths: list[int]) -> float:
+        """E: accepted drafted tokens of a round whose depth d ranks widths[d - 1] nodes."""
+        total, reached = 0.0, 1.0
+        for depth, width in enumerate(widths, start=1):
+            reached *= self.within(depth, width)
+            total += reached
+        return total
+
+
+@dataclass(frozen=True)
+class TreeShape:
+    """How a mode's tree of depth D and width w is laid out: per depth, the nodes the verifier ranks, and how
+    many nodes the tree and each draft pass after the first hold, per tree (beam search: per prompt)."""
+
+    kind: str  # GREEDY: top-w per depth, `branch` children per node; SAMPLING: w i.i.d. chains; BEAMS: per prompt
+    branch: int = 2
+    roots: int = 1  # roots per tree: 1, or the beams of a prompt
+
+    def ranked(self, depth: int, width: int) -> list[int]:
+        if self.kind == GREEDY:
+            return [min(width, self.branch**d) for d in range(1, depth + 1)]
+        if self.kind == SAMPLING:  # the root's w children are tried in turn; deeper, a chain's one child
+            return [width] + [1] * (depth - 1)
+        return [1] * depth  # beam search: a prompt's replay goes on past depth d or not
+
+    def nodes(self, depth: int, width: int) -> int:
+        if self.kind == GREEDY:
+            return sum(self.ranked(depth, width))
+        return depth * width
+
+    def observations(self, tree: DraftTree, path: list[int]) -> list[tuple[int, int | None, int]]:
+        """Where the target's token stood at each depth that the accepted `path` (node indices, root first)
+        reached, and at the first drafted depth where it was missing: (depth, rank or None, nodes ranked there).
+        Greedy ranks all of a depth's nodes in the tree's order (by cumulative draft probability); sampling, the
+        children of the path's node, in the order the verifier tries them."""
+        depth_of, seen = tree.depths(), []
+        for depth in range(1, max(depth_of) + 1):
+            ranked = [n for n in range(1, len(tree)) if depth_of[n] == depth
+                      and (self.kind == GREEDY or tree.parents[n] == path[depth - 1])]
+            if not ranked:
+                break
+            rank = ranked.index(path[depth]) if depth < len(path) else None
+            seen.append((depth, rank, len(ranked)))
+            if rank is None:
+                break
+        return seen
+
+
+@dataclass
+class TreePolicy:
+    """Chooses each round's (depth, width) for one drafter and one mode (module docstring)."""
+
+    shape: TreeShape
+    acceptance: Acceptance
+    target: PassCost
+    draft: PassCost
+    widths: tuple[int, ...]  # the widths to choose from, increasing
+    overhead: Overhead = field(default_factory=Overhead)
+    explore: float = 0.05  # chance that a round tries a neighbour of the best shape
+    rng: random.Random = field(default_factory=lambda: random.Random(0))
+
+    def rate(self, depth: int, width: int, trees: int, load: float) -> float:
+        """Expected tokens per second of a round of `trees` trees of this shape beside `load` other tokens."""
+        roots, tokens = trees * self.shape.roots, float(trees)
+        seconds = self.target.share(roots + trees * self.shape.nodes(depth, width), load) + self.overhead(depth)
+        if depth:
+            tokens += trees * self.acceptance.expected_accepted(self.shape.ranked(depth, width))
+            seconds += self.draft.share(roots, load) + (depth - 1) * self.draft.share(trees * width, load)
+        return tokens / seconds
+
+    def choose(self, trees: int, load: float) -> tuple[int, int]:
+        """The (depth, width) with the best rate; now and then one of its neighbours instead. Before the pass
+        costs are known: the deepest, widest tree."""
+        if not (self.target.known and self.draft.known):
+            return self.acceptance.max_depth, self.widths[-1]
+        shapes = [(0, self.widths[0])] + [(d, w) for d in range(1, self.acceptance.max_depth + 1) for w in self.widths]
+        best = max(shapes, key=lambda s: self.rate(*s, trees, load))
+        return self._neighbour(best) if self.rng.random() < self.explore else best
+
+    def observe(self, depth: int, overhead: float, seen: list[tuple[int, int | None, int]]) -> None:
+        """One round at `depth`: the request's own seconds besides the forwards, and its (depth, rank or None,
+        width) observations (`TreeShape.observations`)."""
+        self.overhead.record(depth, overhead)
+        if not depth:
+            return
+        self.acceptance.fade()
+        for d, rank, width in seen:
+            if d <= self.acceptance.max_depth:
+                self.acceptance.record(d, rank, width)
+
+    def _neighbour(self, shape: tuple[int, int]) -> tuple[int, int]:
+        depth, width = shape
+        i = self.widths.index(width)
+        options = [(d, width) for d in (depth - 1, depth + 1) if 0 <= d <= self.acceptance.max_depth]
+        options += [(depth, self.widths[j]) for j in (i - 1, i + 1) if depth and 0 <= j < len(self.widths)]
+        return self.rng.choice(options) if options else shape

@@ -1,0 +1,259 @@
+"""Trees sized by cost: the pass-cost curve, the acceptance hazards from censored ranks, the policy's choice of
+the shape with the most expected tokens per second; and whatever it picks, the output is the target's own."""
+import itertools
+import math
+import random
+
+import pytest
+import torch
+
+from parity import assert_same_beams, assert_same_tokens, run_both
+from specbeam import Engine
+from specbeam.config import BEAM, GREEDY, SAMPLE
+from specbeam.tree import DraftTree
+from specbeam.tree_policy import (BEAMS, SAMPLING, Acceptance, Overhead, PassCost, TreePolicy, TreeShape,
+                                  _lower_convex_hull)
+from specbeam.tree_policy import GREEDY as GREEDY_TREES
+from test_speculative import EOS_ONE, _inputs, drafts
+from tiny_models import PAD, tiny_model
+
+
+def test_pass_cost_is_linear_between_counts_and_follows_the_last_slope_past_them():
+    cost = PassCost({1: 1.0, 4: 2.0, 8: 6.0})
+    assert cost(0.5) == 1.0 and cost(1) == 1.0
+    assert cost(2) == pytest.approx(1 + 1 / 3) and cost(6) == pytest.approx(4.0)
+    assert cost(16) == pytest.approx(14.0)  # slope (6 - 2) / (8 - 4) past 8
+    assert cost.share(2, 6) == pytest.approx(6.0 * 2 / 8)  # T(8), split by tokens
+    cost.record(8, 12.0)  # twice the calibrated time: the scale moves a tenth of the way to 2, for every count
+    assert cost(1) == pytest.approx(1.1) and cost(16) == pytest.approx(14.0 * 1.1)
+
+
+def test_calibration_times_every_size_and_keeps_the_fastest():
+    calls, clock = [], [0.0]
+    durations = iter([0.03, 0.05, 0.02, 0.01, 0.012, 0.04, 0.02, 0.03, 0.025])  # three sweeps over 1, 2, 4
+
+    def run(n):
+        calls.append(n)
+        clock[0] += next(durations)
+
+    import specbeam.tree_policy as module
+    saved = module.time.perf_counter
+    module.time.perf_counter = lambda: clock[0]
+    try:
+        cost = PassCost()
+        assert not cost.known
+        cost.calibrate(run, sizes=(1, 2, 4))
+    finally:
+        module.time.perf_counter = saved
+    assert calls == [1, 2, 4] * 3 and cost.known
+    assert cost.shape == pytest.approx({1: 0.01, 2: 0.012, 4: 0.02})
+
+
+def test_calibration_keeps_the_lower_convex_hull_of_the_times():
+    times = {1: 1.0, 2: 1.1, 4: 3.0, 8: 2.0, 16: 4.0, 32: 8.5}  # 4 met a busy machine
+    hull = _lower_convex_hull(times)
+    assert hull == {1: 1.0, 2: 1.1, 8: 2.0, 16: 4.0, 32: 8.5}
+    assert _lower_convex_hull({1: 1.0, 2: 2.0, 3: 3.0}) == {1: 1.0, 3: 3.0}  # a point on a segment is implied
+    assert PassCost(hull)(4) == pytest.approx(1.1 + 0.9 * 2 / 6)
+
+
+def test_overhead_is_the_least_of_the_last_rounds_per_depth_and_the_nearest_depths_where_unmeasured():
+    overhead = Overhead(window=3)
+    assert overhead(3) == 0.0
+    overhead.record(0, 1.0)
+    for seconds in (9.0, 3.0, 4.0):  # a warm-up, then the depth's cost
+        overhead.record(2, seconds)
+    assert overhead(0) == 1.0 and overhead(2) == 3.0
+    assert overhead(1) == 3.0 and overhead(5) == 3.0  # a tie goes deeper
+    overhead.record(2, 5.0)
+    overhead.record(2, 6.0)  # the 3.0 left the window
+    assert overhead(2) == 4.0
+
+
+def test_acceptance_hazards_count_the_rounds_that_could_see_each_rank():
+    acceptance = Acceptance(max_depth=2, max_width=3)
+    for rank, width in [(0, 2), (1, 2), (None, 2), (0, 1), (None, 1)]:
+        acceptance.record(1, rank, width)
+    # rank 0: seen by all 5, hit twice; rank 1: seen by the two width-2 rounds past rank 0, hit once; rank 2:
+    # never. Each shrinks towards its rank's rate over all depths (with the Beta(1, 1) prior), weight 2.
+    pooled = [3 / 7, 2 / 4, 1 / 2]
+    assert acceptance.hazard(1, 0) == pytest.approx((2 + 2 * pooled[0]) / 7)
+    assert acceptance.hazard(1, 1) == pytest.approx((1 + 2 * pooled[1]) / 4)
+    assert acceptance.hazard(1, 2) == pytest.approx(1 / 2)
+    assert acceptance.hazard(2, 0) == pytest.approx(pooled[0])  # depth 2 unseen: as the shallower ones
+    first = 1 - (1 - acceptance.hazard(1, 0)) * (1 - acceptance.hazard(1, 1))
+    assert acceptance.within(1, 2) == pytest.approx(first)
+    assert acceptance.expected_accepted([2, 1]) == pytest.approx(first + first * pooled[0])
+    acceptance.fade()
+    assert acceptance.at_risk[0][0] == pytest.approx(5 * 0.98)
+
+
+def _tree(parents: list[int]) -> DraftTree:
+    return DraftTree(list(range(len(parents))), parents)
+
+
+def test_observations_rank_a_greedy_depth_and_a_sampling_nodes_children():
+    tree = _tree([-1, 0, 0, 1, 2, 3, 4])  # depth 1: 1, 2; depth 2: 3, 4; depth 3: 5, 6
+    greedy = TreeShape(GREEDY_TREES)
+    assert greedy.observations(tree, [0, 2, 4]) == [(1, 1, 2), (2, 1, 2), (3, None, 2)]
+    assert greedy.observations(tree, [0, 1, 3, 5]) == [(1, 0, 2), (2, 0, 2), (3, 0, 2)]
+    assert greedy.observations(tree, [0]) == [(1, None, 2)]
+    chains = _tree([-1, 0, 0, 0, 1, 2, 3])  # three i.i.d. chains of depth 2 under the root
+    sampling = TreeShape(SAMPLING)
+    assert sampling.observations(chains, [0, 3, 6]) == [(1, 2, 3), (2, 0, 1)]
+    assert sampling.observations(chains, [0, 2]) == [(1, 1, 3), (2, None, 1)]
+
+
+def _policy(kind=GREEDY_TREES, widths=(1, 2, 3), depth=5, target=None, draft=None, hits=0.7) -> TreePolicy:
+    acceptance = Acceptance(depth, widths[-1])
+    for d in range(1, depth + 1):  # a draft whose k-th node is the target's token with probability hits (1 - hits)^k
+        for k in range(widths[-1]):
+            acceptance.at_risk[d - 1][k] = 1000.0
+            acceptance.hits[d - 1][k] = 1000.0 * hits
+    target = target or PassCost({1: 1.0, 4: 1.1, 8: 1.5, 16: 3.0})
+    return TreePolicy(TreeShape(kind, branch=2), acceptance, target, draft or PassCost({1: 0.1}), widths, explore=0.0)
+
+
+def _rate(policy: TreePolicy, depth: int, width: int, trees: int, load: float) -> float:
+    """The rate written out: tokens over the target's share and the draft's passes."""
+    shape, acc = policy.shape, policy.acceptance
+    accepted = 0.0
+    if depth:
+        reached = 1.0
+        for d, w in enumerate(shape.ranked(depth, width), start=1):
+            reached *= 1 - math.prod(1 - acc.hazard(d, k) for k in range(w))
+            accepted += reached
+    own = trees * (shape.roots + shape.nodes(depth, width))
+    seconds = policy.target(own + load) * own / (own + load) + policy.overhead(depth)
+    if depth:
+        roots = trees * shape.roots
+        seconds += policy.draft(roots + load) * roots / (roots + load)
+        seconds += (depth - 1) * policy.draft(trees * width + load) * trees * width / (trees * width + load)
+    return trees * (1 + accepted) / seconds
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_policy_chooses_the_shape_with_the_most_tokens_per_second(seed):
+    rng = random.Random(seed)
+    kind = rng.choice([GREEDY_TREES, SAMPLING, BEAMS])
+    widths = (4,) if kind == BEAMS else (1, 2, 3)
+    counts = sorted(rng.sample(range(1, 40), 4))
+    target = PassCost({n: 0.01 * n ** rng.uniform(0.0, 1.2) + 0.05 for n in counts})
+    policy = _policy(kind, widths, target=target, draft=PassCost({1: rng.uniform(0.0, 0.03), 8: 0.05}),
+                     hits=rng.uniform(0.05, 0.95))
+    policy.shape = TreeShape(kind, branch=2, roots=4 if kind == BEAMS else 1)
+    policy.overhead.record(0, rng.uniform(0, 0.01))
+    policy.overhead.record(3, rng.uniform(0, 0.05))
+    trees, load = rng.randint(1, 4), rng.choice([0, 0, 10, 50])
+    shapes = [(0, widths[0])] + [(d, w) for d in range(1, 6) for w in widths]
+    best = max(shapes, key=lambda s: _rate(policy, *s, trees, load))
+    assert policy.choose(trees, load) == best
+    assert policy.rate(*best, trees, load) == pytest.approx(_rate(policy, *best, trees, load))
+
+
+def test_steep_passes_make_chains_flat_ones_wide_trees_and_a_useless_draft_plain_steps():
+    steep = PassCost({1: 1.0, 2: 1.5, 4: 2.5, 8: 4.5})
+    flat = PassCost({1: 1.0, 16: 1.05, 32: 2.0})
+    assert _policy(target=steep, hits=0.5).choose(1, 0)[1] == 1
+    depth, width = _policy(target=flat, hits=0.5).choose(1, 0)
+    assert width == 3 and depth == 5
+    assert _policy(target=flat, hits=0.0).choose(1, 0)[0] == 0
+    # beside a heavy load the share of extra tokens is what counts: past the knee, speculation does not pay
+    assert _policy(target=PassCost({1: 1.0, 64: 1.1, 128: 4.0}), hits=0.5).choose(1, 200)[0] == 0
+
+
+def test_exploration_tries_neighbours_of_the_best_shape():
+    policy = _policy(target=PassCost({1: 1.0, 2: 1.5, 4: 2.5, 8: 4.5}), hits=0.5)
+    best = policy.choose(1, 0)
+    policy.explore = 0.5
+    picks = {policy.choose(1, 0) for _ in range(300)}
+    assert best in picks and len(picks) > 1
+    assert all(abs(d - best[0]) + abs(w - best[1]) == 1 for d, w in picks - {best})
+
+
+class CyclingShapes:
+    """A stand-in policy: shapes in a fixed cycle, so that a run interleaves plain steps and drafting rounds
+    the same way every time (after each plain stretch the draft catches up on the tokens it has not seen)."""
+
+    shape = TreeShape(GREEDY_TREES)
+
+    def __init__(self, shapes: list[tuple[int, int]]):
+        self.shapes = itertools.cycle(shapes)
+
+    def choose(self, trees: int, load: float) -> tuple[int, int]:
+        return next(self.shapes)
+
+    def observe(self, depth, overhead, seen) -> None:
+        pass
+
+
+def _key(engine: Engine, mode: str, beams: int = 1) -> tuple:
+    return (id(engine.drafter), mode, beams)
+
+
+def test_a_policy_that_prefers_plain_steps_drafts_nothing_and_changes_nothing():
+    """Every round at depth 0 is a plain step: transformers' greedy and beam outputs, and for sampling the very
+    tokens of specbeam's plain sampling from the same seed (the same draws from the same distributions)."""
+    model, inputs = tiny_model("llama"), _inputs(eos=EOS_ONE)
+    engine = Engine(model, draft_model=drafts()["perturbed"])
+    reference = model.generate(**inputs, do_sample=False)
+    for mode in (dict(do_sample=False), dict(num_beams=4), dict(do_sample=True, top_k=0)):
+        name = BEAM if "num_beams" in mode else SAMPLE if mode.get("do_sample") else GREEDY
+        engine.tree_policies[_key(engine, name, mode.get("num_beams", 1))] = _policy(
+            BEAMS if name == BEAM else GREEDY_TREES, (8,) if name == BEAM else (1, 2), depth=4, hits=0.0)
+        torch.manual_seed(7)
+        out = engine.generate(**inputs, **mode, return_dict_in_generate=True)
+        assert out.stats.draft_passes == 0 and out.stats.rounds == 0
+        torch.manual_seed(7)
+        plain = Engine(model).generate(**inputs, **mode) if name == SAMPLE else model.generate(**inputs, **mode)
+        assert torch.equal(out.sequences, plain)
+        assert engine.cache.allocator.num_free == engine.cache.allocator.num_blocks
+    assert torch.equal(engine.generate(**inputs, do_sample=False), reference)
+
+
+@pytest.mark.parametrize("draft", ["perfect", "perturbed", "ngram"])
+@pytest.mark.parametrize("mode", [dict(do_sample=False), dict(num_beams=4, num_return_sequences=2),
+                                  dict(num_beams=8, length_penalty=0.0)], ids=["greedy", "beam4", "beam8"])
+def test_plain_steps_and_drafting_rounds_interleaved_give_the_target_alone(draft, mode):
+    model, inputs = tiny_model("llama"), _inputs(eos=EOS_ONE)
+    engine = Engine(model, draft_model=drafts()[draft])
+    beams = mode.get("num_beams", 1)
+    width = max(2, 2 * beams) if beams > 1 else 2
+    engine.tree_policies[_key(engine, BEAM if beams > 1 else GREEDY, beams)] = CyclingShapes(
+        [(2, width), (0, 1), (0, 1), (1, 1), (0, 1), (3, 1 if beams == 1 else width)])
+    reference, ours = run_both(model, engine, **inputs, **mode)
+    if beams > 1:
+        assert_same_beams(model, reference, ours)
+    else:
+        assert_same_tokens(reference, ours, inputs["input_ids"].shape[1], PAD, EOS_ONE)
+    assert ours.stats.drafted_tokens > 0
+    if draft == "perfect":  # drafted tokens were accepted, after plain stretches too
+        assert ours.stats.target_passes < ours.stats.steps
+    assert engine.cache.allocator.num_free == engine.cache.allocator.num_blocks
+
+
+def test_the_engine_measures_pass_costs_at_first_use():
+    model, inputs = tiny_model("llama"), _inputs(eos=EOS_ONE)
+    engine = Engine(model, draft_model=drafts()["perfect"])
+    engine.generate(**inputs, do_sample=False)
+    for cost in (engine.core.target_cost, engine.drafter.pass_cost):  # timed at 1 .. 32 tokens, the hull kept
+        assert {1, 32} <= set(cost.shape) <= {1, 2, 4, 8, 16, 32}
+    policy = engine.tree_policies[_key(engine, GREEDY)]
+    assert 0 < policy.overhead(0) < 1 and policy.target.scale != 1.0  # rounds were timed too
+    assert engine.cache.allocator.num_free == engine.cache.allocator.num_blocks
+
+
+@pytest.mark.parametrize("mode", [dict(do_sample=False), dict(do_sample=True), dict(num_beams=2)])
+def test_rounds_teach_the_policy_a_perfect_drafts_acceptance(mode):
+    model, inputs = tiny_model("llama"), _inputs(eos=EOS_ONE)
+    engine = Engine(model, draft_model=drafts()["perfect"])
+    # target passes that cost the same whatever they feed, a free draft: the deepest trees pay
+    engine.core.target_cost.shape, engine.drafter.pass_cost.shape = {1: 1.0, 64: 1.0}, {1: 0.0}
+    engine.core.target_cost.memory = engine.drafter.pass_cost.memory = 1.0  # and they stay so
+    out = engine.generate(**dict(inputs, max_new_tokens=12), **mode, min_new_tokens=12, return_dict_in_generate=True)
+    name = BEAM if "num_beams" in mode else SAMPLE if mode.get("do_sample") else GREEDY
+    acceptance = engine.tree_policies[_key(engine, name, mode.get("num_beams", 1))].acceptance
+    assert out.stats.rounds > 0 and out.stats.target_passes < out.stats.steps
+    assert acceptance.at_risk[0][0] > 0 and acceptance.at_risk[3][0] > 0  # it drafted 4 deep and saw it
+    # the perfect draft's tree holds the target's token (greedy, beams), or it is accepted with probability 1
+    assert all(acceptance.within(d, acceptance.max_width) > 0.6 for d in range(1, 5))
