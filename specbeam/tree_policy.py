@@ -6,8 +6,6 @@ second, from what is measured on this machine as the engine runs.
   last slope past them; its scale follows every forward since (a running mean of measured / shape), so that a
   machine that slows down or speeds up as a whole keeps the curve's shape. A request that shares a forward with
   others feeding `load` tokens pays its share, T(load + n) * n / (load + n).
-- Overhead. The request's own work in a round besides the forwards (planning its trees, selecting, committing),
-  per depth the least of its last rounds (a depth not run yet: the nearest one's).
 - Acceptance per depth and width. Each drafted depth d ranks its nodes (greedy: by draft probability; sampling:
   the order the verifier tries the root's children). A round tells, for each depth its accepted path reached,
   at which rank the target's token stood there, or that it was not among the w drafted (censored: its rank is
@@ -17,18 +15,21 @@ second, from what is measured on this machine as the engine runs.
       h[d][k] = (hits[d][k] + (alpha + beta) m_k) / (at_risk[d][k] + alpha + beta)
       P_d(w) = 1 - prod_{k < w} (1 - h[d][k])          the token is among the first w at depth d
       E(D, w) = sum_{d <= D} prod_{j <= d} P_j(w_j)   accepted drafted tokens per round
-  so a depth not drafted yet is expected to accept as the shallower ones do; `explore` tries the neighbours of
-  the best shape now and then, and old rounds fade by `memory`.
+  so a depth not drafted yet is expected to accept as the shallower ones do; old rounds fade by `memory`.
 
 A round with u trees (rows; under beam search, prompts with B roots each) of `nodes(D, w)` drafted nodes then
 advances u (1 + E(D, w)) tokens in T_share(u (roots + nodes)) plus the draft's share of one pass over the roots
-and D - 1 over the frontier, plus the overhead; D = 0 is a plain step. Which shape runs never changes the output
-(every shape is lossless), only the speed; the policy draws from its own `random.Random`, never from torch's
-generators, so seeded sampling stays reproducible."""
+and D - 1 over the frontier; D = 0 is a plain step. That model leaves out the request's own work (planning its
+trees, selecting, committing), which on a small model is most of a round: so each shape's rounds are also timed
+whole, and the model's rate is multiplied by the ratio of the tokens they advanced to the tokens the model
+expected in the time they took (discounted sums; for a drafting shape not run yet, the drafting shapes' sums). The model carries each shape's rate across loads and batch
+sizes and ranks the shapes not run yet; the ratio corrects it where it has run.
+
+Which shape runs never changes the output (every shape is lossless), only the speed; the policy draws from its
+own `random.Random`, never from torch's generators, so seeded sampling stays reproducible."""
 import math
 import random
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -94,24 +95,6 @@ def _lower_convex_hull(points: dict[int, float]) -> dict[int, float]:
             hull.pop()
         hull.append((n, y))
     return dict(hull)
-
-
-@dataclass
-class Overhead:
-    """Seconds of a request's own work per round besides the forwards, per depth: the least of its last
-    `window` rounds (a first round's warm-up, or a stall, is not what the depth costs)."""
-
-    window: int = 8
-    samples: dict[int, deque] = field(default_factory=dict)
-
-    def record(self, depth: int, seconds: float) -> None:
-        self.samples.setdefault(depth, deque(maxlen=self.window)).append(seconds)
-
-    def __call__(self, depth: int) -> float:
-        """The depth's, or the nearest measured depth's (the deeper on a tie); 0 before any round."""
-        if not self.samples:
-            return 0.0
-        return min(self.samples[min(self.samples, key=lambda d: (abs(d - depth), -d))])
 
 
 @dataclass
@@ -215,18 +198,33 @@ class TreePolicy:
     target: PassCost
     draft: PassCost
     widths: tuple[int, ...]  # the widths to choose from, increasing
-    overhead: Overhead = field(default_factory=Overhead)
-    explore: float = 0.05  # chance that a round tries a neighbour of the best shape
+    explore: float = 0.05  # chance that a round tries a neighbour of the best shape as fast as it
+    memory: float = 0.95  # weight of the past in each shape's sums of measured and modelled tokens
+    measured: dict[tuple[int, int], tuple[float, float]] = field(default_factory=dict)  # shape -> (tokens, modelled)
     rng: random.Random = field(default_factory=lambda: random.Random(0))
 
-    def rate(self, depth: int, width: int, trees: int, load: float) -> float:
-        """Expected tokens per second of a round of `trees` trees of this shape beside `load` other tokens."""
+    def modelled(self, depth: int, width: int, trees: int, load: float) -> float:
+        """Expected tokens per second of a round of `trees` trees of this shape beside `load` other tokens, by
+        the pass costs and the acceptance alone."""
         roots, tokens = trees * self.shape.roots, float(trees)
-        seconds = self.target.share(roots + trees * self.shape.nodes(depth, width), load) + self.overhead(depth)
+        seconds = self.target.share(roots + trees * self.shape.nodes(depth, width), load)
         if depth:
             tokens += trees * self.acceptance.expected_accepted(self.shape.ranked(depth, width))
             seconds += self.draft.share(roots, load) + (depth - 1) * self.draft.share(trees * width, load)
         return tokens / seconds
+
+    def ratio(self, depth: int, width: int) -> float:
+        """What this shape's rounds advanced over what the model expected in the time they took (a drafting
+        shape not run yet: the drafting shapes' together; a plain step not run yet: 1)."""
+        sums = [v for (d, w), v in self.measured.items() if (d, w) == (depth, width) or depth and d and
+                (depth, width) not in self.measured]
+        tokens, modelled = sum(t for t, _ in sums), sum(m for _, m in sums)
+        return tokens / modelled if modelled > 0 else 1.0
+
+    def rate(self, depth: int, width: int, trees: int, load: float) -> float:
+        """The modelled rate, corrected by what this shape's rounds measured against the model so far: the work
+        the model leaves out, per shape."""
+        return self.ratio(depth, width) * self.modelled(depth, width, trees, load)
 
     def choose(self, trees: int, load: float) -> tuple[int, int]:
         """The (depth, width) with the best rate; now and then one of its neighbours instead. Before the pass
@@ -234,23 +232,35 @@ class TreePolicy:
         if not (self.target.known and self.draft.known):
             return self.acceptance.max_depth, self.widths[-1]
         shapes = [(0, self.widths[0])] + [(d, w) for d in range(1, self.acceptance.max_depth + 1) for w in self.widths]
-        best = max(shapes, key=lambda s: self.rate(*s, trees, load))
-        return self._neighbour(best) if self.rng.random() < self.explore else best
+        rates = {shape: self.rate(*shape, trees, load) for shape in shapes}
+        best = max(shapes, key=rates.get)
+        # a neighbour as fast as the best runs one round in 1 / explore, a slower one less often by the square of
+        # its relative speed (each try costs what it is slower)
+        neighbour = self._neighbour(best)
+        if self.rng.random() < self.explore * (rates[neighbour] / rates[best]) ** 2:
+            return neighbour
+        return best
 
-    def observe(self, depth: int, overhead: float, seen: list[tuple[int, int | None, int]]) -> None:
-        """One round at `depth`: the request's own seconds besides the forwards, and its (depth, rank or None,
-        width) observations (`TreeShape.observations`)."""
-        self.overhead.record(depth, overhead)
-        if not depth:
+    def observe(self, depth: int, width: int, trees: int, load: float, tokens: int, seconds: float,
+                seen: list[tuple[int, int | None, int]]) -> None:
+        """A round of this shape over `trees` trees beside `load` tokens advanced `tokens` in `seconds` (the
+        request's share of the round), and accepted as `seen` says ((depth, rank or None, width) observations,
+        `TreeShape.observations`)."""
+        if depth:
+            self.acceptance.fade()
+            for d, rank, ranked in seen:
+                if d <= self.acceptance.max_depth:
+                    self.acceptance.record(d, rank, ranked)
+        if not (self.target.known and self.draft.known):
             return
-        self.acceptance.fade()
-        for d, rank, width in seen:
-            if d <= self.acceptance.max_depth:
-                self.acceptance.record(d, rank, width)
+        past_tokens, past_modelled = self.measured.get((depth, width), (0.0, 0.0))
+        modelled = seconds * self.modelled(depth, width, trees, load)  # the tokens the model expected in that time
+        self.measured[depth, width] = (self.memory * past_tokens + tokens, self.memory * past_modelled + modelled)
 
     def _neighbour(self, shape: tuple[int, int]) -> tuple[int, int]:
         depth, width = shape
         i = self.widths.index(width)
-        options = [(d, width) for d in (depth - 1, depth + 1) if 0 <= d <= self.acceptance.max_depth]
+        deepest = self.acceptance.max_depth
+        options = [(d, width if d else self.widths[0]) for d in (depth - 1, depth + 1) if 0 <= d <= deepest]
         options += [(depth, self.widths[j]) for j in (i - 1, i + 1) if depth and 0 <= j < len(self.widths)]
         return self.rng.choice(options) if options else shape

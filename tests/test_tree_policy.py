@@ -11,7 +11,7 @@ from parity import assert_same_beams, assert_same_tokens, run_both
 from specbeam import Engine
 from specbeam.config import BEAM, GREEDY, SAMPLE
 from specbeam.tree import DraftTree
-from specbeam.tree_policy import (BEAMS, SAMPLING, Acceptance, Overhead, PassCost, TreePolicy, TreeShape,
+from specbeam.tree_policy import (BEAMS, SAMPLING, Acceptance, PassCost, TreePolicy, TreeShape,
                                   _lower_convex_hull)
 from specbeam.tree_policy import GREEDY as GREEDY_TREES
 from test_speculative import EOS_ONE, _inputs, drafts
@@ -55,19 +55,6 @@ def test_calibration_keeps_the_lower_convex_hull_of_the_times():
     assert hull == {1: 1.0, 2: 1.1, 8: 2.0, 16: 4.0, 32: 8.5}
     assert _lower_convex_hull({1: 1.0, 2: 2.0, 3: 3.0}) == {1: 1.0, 3: 3.0}  # a point on a segment is implied
     assert PassCost(hull)(4) == pytest.approx(1.1 + 0.9 * 2 / 6)
-
-
-def test_overhead_is_the_least_of_the_last_rounds_per_depth_and_the_nearest_depths_where_unmeasured():
-    overhead = Overhead(window=3)
-    assert overhead(3) == 0.0
-    overhead.record(0, 1.0)
-    for seconds in (9.0, 3.0, 4.0):  # a warm-up, then the depth's cost
-        overhead.record(2, seconds)
-    assert overhead(0) == 1.0 and overhead(2) == 3.0
-    assert overhead(1) == 3.0 and overhead(5) == 3.0  # a tie goes deeper
-    overhead.record(2, 5.0)
-    overhead.record(2, 6.0)  # the 3.0 left the window
-    assert overhead(2) == 4.0
 
 
 def test_acceptance_hazards_count_the_rounds_that_could_see_each_rank():
@@ -124,12 +111,17 @@ def _rate(policy: TreePolicy, depth: int, width: int, trees: int, load: float) -
             reached *= 1 - math.prod(1 - acc.hazard(d, k) for k in range(w))
             accepted += reached
     own = trees * (shape.roots + shape.nodes(depth, width))
-    seconds = policy.target(own + load) * own / (own + load) + policy.overhead(depth)
+    seconds = policy.target(own + load) * own / (own + load)
     if depth:
         roots = trees * shape.roots
         seconds += policy.draft(roots + load) * roots / (roots + load)
         seconds += (depth - 1) * policy.draft(trees * width + load) * trees * width / (trees * width + load)
-    return trees * (1 + accepted) / seconds
+    sums = policy.measured.get((depth, width))
+    if sums is None and depth:
+        drafting = [v for (d, _), v in policy.measured.items() if d]
+        sums = tuple(map(sum, zip(*drafting))) if drafting else None
+    ratio = sums[0] / sums[1] if sums else 1.0
+    return ratio * trees * (1 + accepted) / seconds
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -142,9 +134,9 @@ def test_the_policy_chooses_the_shape_with_the_most_tokens_per_second(seed):
     policy = _policy(kind, widths, target=target, draft=PassCost({1: rng.uniform(0.0, 0.03), 8: 0.05}),
                      hits=rng.uniform(0.05, 0.95))
     policy.shape = TreeShape(kind, branch=2, roots=4 if kind == BEAMS else 1)
-    policy.overhead.record(0, rng.uniform(0, 0.01))
-    policy.overhead.record(3, rng.uniform(0, 0.05))
     trees, load = rng.randint(1, 4), rng.choice([0, 0, 10, 50])
+    policy.measured = {(0, widths[0]): (rng.uniform(5, 10), 10.0), (2, widths[-1]): (rng.uniform(2, 10), 10.0),
+                       (3, widths[0]): (rng.uniform(2, 10), 10.0)}
     shapes = [(0, widths[0])] + [(d, w) for d in range(1, 6) for w in widths]
     best = max(shapes, key=lambda s: _rate(policy, *s, trees, load))
     assert policy.choose(trees, load) == best
@@ -162,13 +154,39 @@ def test_steep_passes_make_chains_flat_ones_wide_trees_and_a_useless_draft_plain
     assert _policy(target=PassCost({1: 1.0, 64: 1.1, 128: 4.0}), hits=0.5).choose(1, 200)[0] == 0
 
 
-def test_exploration_tries_neighbours_of_the_best_shape():
+def test_measured_rounds_correct_the_model_per_shape():
+    policy = _policy(target=PassCost({1: 1.0, 8: 1.1, 16: 2.0}), hits=0.7)
+    best = policy.choose(1, 0)
+    assert best[0] > 0
+    modelled = policy.modelled(*best, 1, 0)
+    policy.observe(*best, 1, 0, tokens=1, seconds=2 / modelled, seen=[])  # its round ran at half the model's rate
+    assert policy.ratio(*best) == pytest.approx(0.5)
+    policy.observe(*best, 1, 0, tokens=1, seconds=1 / modelled, seen=[])  # sums: (0.95 + 1) / (0.95 * 2 + 1)
+    assert policy.ratio(*best) == pytest.approx(1.95 / 2.9)
+    policy.measured[best] = (1.0, 10.0)  # far slower than modelled: another shape runs; a drafting shape not run
+    assert policy.choose(1, 0) == (0, 1)  # yet takes the drafting shapes' ratio, 0.1, so plain steps win
+    assert policy.rate(3, 3, 1, 0) == pytest.approx(0.1 * policy.modelled(3, 3, 1, 0))
+
+
+def test_a_plain_step_neighbours_the_depth_one_trees_of_every_width():
+    policy = _policy()
+    assert policy._neighbour((1, 3)) in {(0, 1), (2, 3), (1, 2)}
+    assert {policy._neighbour((1, 3)) for _ in range(100)} == {(0, 1), (2, 3), (1, 2)}
+    assert {policy._neighbour((0, 1)) for _ in range(20)} == {(1, 1)}
+
+
+def test_exploration_tries_neighbours_of_the_best_shape_less_the_slower_they_are():
     policy = _policy(target=PassCost({1: 1.0, 2: 1.5, 4: 2.5, 8: 4.5}), hits=0.5)
     best = policy.choose(1, 0)
     policy.explore = 0.5
-    picks = {policy.choose(1, 0) for _ in range(300)}
-    assert best in picks and len(picks) > 1
-    assert all(abs(d - best[0]) + abs(w - best[1]) == 1 for d, w in picks - {best})
+    picks = [policy.choose(1, 0) for _ in range(4000)]
+    assert best in picks and len(set(picks)) > 1
+    assert all(abs(d - best[0]) + abs(w - best[1]) == 1 or d == 0 and w == 1 for d, w in set(picks) - {best})
+    for shape in set(picks) - {best}:  # chosen as a neighbour (1 of the k around best) with 0.5 (rate ratio)^2
+        around = [n for n in [(best[0] + 1, best[1]), (best[0] - 1, best[1]), (best[0], best[1] + 1),
+                              (best[0], best[1] - 1)] if 0 <= n[0] <= 5 and 1 <= n[1] <= 3 and (n[0] or n[1] == 1)]
+        expected = 0.5 * (policy.rate(*shape, 1, 0) / policy.rate(*best, 1, 0)) ** 2 / len(around)
+        assert abs(picks.count(shape) / 4000 - expected) < 0.03
 
 
 class CyclingShapes:
@@ -183,7 +201,7 @@ class CyclingShapes:
     def choose(self, trees: int, load: float) -> tuple[int, int]:
         return next(self.shapes)
 
-    def observe(self, depth, overhead, seen) -> None:
+    def observe(self, *round) -> None:
         pass
 
 
@@ -239,7 +257,7 @@ def test_the_engine_measures_pass_costs_at_first_use():
     for cost in (engine.core.target_cost, engine.drafter.pass_cost):  # timed at 1 .. 32 tokens, the hull kept
         assert {1, 32} <= set(cost.shape) <= {1, 2, 4, 8, 16, 32}
     policy = engine.tree_policies[_key(engine, GREEDY)]
-    assert 0 < policy.overhead(0) < 1 and policy.target.scale != 1.0  # rounds were timed too
+    assert policy.measured and policy.target.scale != 1.0  # rounds were timed too
     assert engine.cache.allocator.num_free == engine.cache.allocator.num_blocks
 
 

@@ -51,7 +51,7 @@ class BeamDecoding(Decoding):
         check_finite(torch.cat(logits), self.stats.steps)
         self.logits = dict(zip(self.round_rows, logits))
         self.draft_origins = [(r, [0]) for r in range(len(self.rows))]
-        self.seen = []  # the tree policy's observations, per prompt (`_end_round`)
+        self.seen, self.advanced = [], 0  # for the tree policy, added up per prompt (`_end_round`)
         self.groups = [g for group in self.groups for g in self._replay(group)]
         if self.draft is not None:
             self.draft.commit(self.draft_origins)
@@ -121,6 +121,7 @@ class BeamDecoding(Decoding):
         beams = self.params.num_beams
         rows = [p * beams + b for b in range(beams)]
         trees = [self.trees[r] for r in rows]
+        self.advanced += replayed
         if any(len(t) > 1 for t in trees):
             self.count_accepted(replayed - 1)
             self.seen += [(d, 0, 1) for d in range(1, replayed)]

@@ -129,9 +129,15 @@ class EngineCore:
             return outputs
         self.cache.allocator.peak_used = self.cache.allocator.num_used
         running = self._prefill(running, outputs)
+        start = time.perf_counter()  # the tree policies weigh rounds, not prefills
         running = self._round(running, outputs)
+        seconds = time.perf_counter() - start
+        total = sum(state.round_tokens for state in running) or 1
         peak = self.cache.allocator.peak_used
         for state in running:
+            # a request's share of the round's time is its share of the forward's tokens: deeper trees beside
+            # others cost what they add, not nothing
+            state.report_round(seconds * state.round_tokens / total)
             state.stats.kv_blocks_peak = max(state.stats.kv_blocks_peak, peak)  # the pool's, while it ran
             state.stats.kv_bytes_peak = state.stats.kv_blocks_peak * self.cache.block_bytes
             outputs.append(self._output(state))
@@ -165,23 +171,17 @@ class EngineCore:
         per_work = logits.split([w.num_logits for w in works])
         for state, first, count in planned:
             state.stats.target_passes += 1
-            start = time.perf_counter()
             try:
                 state.absorb(list(per_work[first:first + count]))
             except Exception as error:  # noqa: BLE001: a request's own failure (a processor, a criterion)
                 outputs.append(self._fail(state, error))
-            state.overhead += time.perf_counter() - start
-        running = [s for s, _, _ in planned if s.request_id in self.requests]
-        for state in running:
-            state.report_round()
-        return running
+        return [s for s, _, _ in planned if s.request_id in self.requests]
 
     def _plan(self, running: list[Decoding], outputs: list) -> list[tuple[Decoding, list[Work]]]:
         """Every request's works for this round. Their plans run side by side: the draft passes they ask for
         at each depth go through one forward per draft model."""
         plans, waiting = {}, {}
         for state in running:
-            state.overhead = 0.0
             self._advance(state, state.plan(), None, waiting, plans, outputs)
         while waiting:
             by_drafter = defaultdict(list)
@@ -202,14 +202,12 @@ class EngineCore:
 
     def _advance(self, state: Decoding, plan, value, waiting: dict, plans: dict, outputs: list) -> None:
         """Send a plan what it waited for: it asks for its next draft pass, or returns its works."""
-        start = time.perf_counter()
         try:
             waiting[state] = (plan, plan.send(value))
         except StopIteration as done:
             plans[state] = done.value
         except Exception as error:  # noqa: BLE001: a request's own failure (a processor, the draft's sampling)
             outputs.append(self._fail(state, error))
-        state.overhead += time.perf_counter() - start
 
     def _forward(self, works: list[Work], states: list[Decoding], outputs: list,
                  cost: PassCost | None = None) -> torch.Tensor | None:

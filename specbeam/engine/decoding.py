@@ -51,7 +51,8 @@ class Decoding:
         self.prompt_tables: list[BlockTable] = []
         self.depth, self.width = 0, spec.width  # this round's tree
         self.round_tokens = 0  # tokens this round feeds the target
-        self.overhead = 0.0  # seconds of this round's own work besides the forwards
+        self.chosen_for = (num_rows, 0)  # (trees, load) this round's shape was chosen for
+        self.advanced = 0  # tokens this round committed (beam search: steps, summed over prompts)
         self.seen: list[tuple[int, int | None, int]] = []  # this round's acceptance, for the tree policy
         self.finished = False
         self.needs_prefill = True  # the prompts, or after a preemption every live row's tokens
@@ -177,7 +178,8 @@ class Decoding:
         elif self.policy is None:
             self.depth, self.width = self.spec.depth, self.spec.width
         else:
-            self.depth, self.width = self.policy.choose(self.num_trees(), load)
+            self.chosen_for = (self.num_trees(), load)
+            self.depth, self.width = self.policy.choose(*self.chosen_for)
 
     def num_trees(self) -> int:
         """The trees a round drafts: one per live row (beam search: per running prompt)."""
@@ -193,10 +195,11 @@ class Decoding:
         if self.params.mode != SAMPLE or self.policy is not None:
             self.depth = 0
 
-    def report_round(self) -> None:
-        """Tell the tree policy what this round cost besides the forwards and what it accepted."""
+    def report_round(self, seconds: float) -> None:
+        """Tell the tree policy what this round advanced in its share of the round's `seconds`, and accepted."""
         if self.policy is not None:
-            self.policy.observe(self.depth, self.overhead, self.seen if self.depth else [])
+            self.policy.observe(self.depth, self.width, *self.chosen_for, self.advanced, seconds,
+                                self.seen if self.depth else [])
 
     def plan(self):  # a generator -> list[Work]
         """This round's works: each row's root and draft tree. Yields the draft passes it needs first."""

@@ -41,6 +41,7 @@ class TokenDecoding(Decoding):
         check_finite(torch.cat(logits), self.stats.steps)
         processed = self._process(logits)
         paths, next_tokens = self._verify(processed)
+        self.advanced = 0
         accepted = {}
         for i, r in enumerate(self.round_rows):
             self._accept(r, self.trees[i], paths[i], next_tokens[i], self._reported(processed[i]), logits[i])
@@ -110,6 +111,7 @@ class TokenDecoding(Decoding):
         for node, token in zip(path, emitted):
             if self.rows[r].table is None:
                 return
+            self.advanced += 1
             self._emit(r, token, processed[node], logits[node])
 
     def _emit(self, r: int, token: int, scores: torch.Tensor, logits: torch.Tensor) -> None:  # [vocab] each
