@@ -40,12 +40,12 @@ def string_rows(source: str) -> set[int]:
     return rows
 
 
-def file_prompts(path: Path, rng: random.Random) -> list[dict]:
-    """Every answer line of one file with its prompt, in a random order."""
+def file_prompts(path: Path, rng: random.Random, context_lines: int = CONTEXT_LINES) -> list[dict]:
+    """Every answer line of one file with its prompt (the context_lines lines before it), in a random order."""
     source = read_source(path)
     lines, in_string = source.splitlines(keepends=True), string_rows(source)
-    indices = [i for i in range(CONTEXT_LINES, len(lines)) if is_answer_line(lines[i]) and i not in in_string]
-    return [{"prompt": "".join(lines[i - CONTEXT_LINES: i]), "answer": lines[i].rstrip("\n"),
+    indices = [i for i in range(context_lines, len(lines)) if is_answer_line(lines[i]) and i not in in_string]
+    return [{"prompt": "".join(lines[i - context_lines: i]), "answer": lines[i].rstrip("\n"),
              "source": f"{path.relative_to(STDLIB).as_posix()}:{i + 1}"} for i in rng.sample(indices, len(indices))]
 
 
