@@ -69,6 +69,7 @@ class DraftSession:
         self.tables = [BlockTable() for _ in range(num_rows)]
         self.fed: list[dict[int, BlockTable]] = [{} for _ in range(num_rows)]  # per row, this round: node -> table
         self.num_rows, self.passes = num_rows, 0
+        self.caught_up = 0  # tokens the last proposal fed besides the roots: those of rounds that did not draft
 
     def end(self) -> None:
         """Release every block (the request finished, failed or was preempted)."""
@@ -99,8 +100,9 @@ class DraftSession:
             return self._with_draft_probs(trees, q, sample)
         # the roots that grow get their tokens not fed yet, root last: logits row k is frontier entry k
         tables = [self.tables[rows[i]] for i, _, _ in frontier]
-        logits = yield from self._forward(tables, [padded[i][pads[i] + t.length:] for (i, _, _), t in
-                                                   zip(frontier, tables)])
+        unfed = [padded[i][pads[i] + t.length:] for (i, _, _), t in zip(frontier, tables)]
+        self.caught_up = sum(len(tokens) - 1 for tokens in unfed)
+        logits = yield from self._forward(tables, unfed)
         for depth in range(1, max(depths, default=0) + 1):
             prefixes = [padded[i] + [trees[i].tokens[n] for n in trees[i].path(node)[1:]] for i, node, _ in frontier]
             scores = process_rows(processors, prefixes, logits.float(), [rows[i] for i, _, _ in frontier],
@@ -184,7 +186,7 @@ class NgramDrafter:
     """Prompt lookup: find the newest earlier occurrence of the row's last n tokens (n = max_ngram .. 1) and
     propose what followed it, as a chain. No model, no cache."""
 
-    passes = 0
+    passes = caught_up = 0
 
     def __init__(self, vocab_size: int, max_ngram: int = 3):
         self.vocab_size, self.max_ngram = vocab_size, max_ngram

@@ -49,16 +49,19 @@ class PassCost:
 
     def calibrate(self, run: Callable[[int], None], sizes=CALIBRATION_TOKENS, repeats: int = 3) -> None:
         """Time `run(n)` for each size n, `repeats` sweeps over the sizes (the first also warms up), and keep each
-        size's fastest: a burst of other work on the machine then spoils one sweep, not one size. A pass costs a
-        constant until the weights' streaming stops hiding the arithmetic, then grows about linearly, so only the
-        lower convex hull of the times is kept (a time above it met a busy machine)."""
+        size's fastest: a burst of other work on the machine then spoils one sweep, not one size. More tokens never
+        cost less, and a pass costs a constant until the weights' streaming stops hiding the arithmetic, then grows
+        about linearly: so each time is capped by those of larger sizes, and only the lower convex hull is kept (a
+        time above it met a busy machine)."""
         times = dict.fromkeys(sizes, math.inf)
         for _ in range(repeats):
             for n in sizes:
                 start = time.perf_counter()
                 run(n)
                 times[n] = min(times[n], max(time.perf_counter() - start, 1e-9))
-        self.shape = _lower_convex_hull(times)
+        # more tokens never cost less: a size timed above a larger one met a busy machine
+        monotone = {n: min(t for m, t in times.items() if m >= n) for n in times}
+        self.shape = _lower_convex_hull(monotone)
 
     @property
     def known(self) -> bool:
@@ -241,17 +244,17 @@ class TreePolicy:
             return neighbour
         return best
 
-    def observe(self, depth: int, width: int, trees: int, load: float, tokens: int, seconds: float,
+    def observe(self, depth: int, width: int, trees: int, load: float, tokens: int, seconds: float | None,
                 seen: list[tuple[int, int | None, int]]) -> None:
         """A round of this shape over `trees` trees beside `load` tokens advanced `tokens` in `seconds` (the
-        request's share of the round), and accepted as `seen` says ((depth, rank or None, width) observations,
-        `TreeShape.observations`)."""
+        request's share of the round; None: not timed), and accepted as `seen` says ((depth, rank or None,
+        width) observations, `TreeShape.observations`)."""
         if depth:
             self.acceptance.fade()
             for d, rank, ranked in seen:
                 if d <= self.acceptance.max_depth:
                     self.acceptance.record(d, rank, ranked)
-        if not (self.target.known and self.draft.known):
+        if seconds is None or not (self.target.known and self.draft.known):
             return
         past_tokens, past_modelled = self.measured.get((depth, width), (0.0, 0.0))
         modelled = seconds * self.modelled(depth, width, trees, load)  # the tokens the model expected in that time
