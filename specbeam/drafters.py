@@ -55,10 +55,10 @@ class DraftModelDrafter:
     def session(self, num_rows: int) -> "DraftSession":
         return DraftSession(self, num_rows)
 
-    def blocks_needed(self, lengths: list[int], nodes: int) -> int:
-        """Draft blocks a round may take at most: per row, its tokens (an upper bound on those not fed yet)
-        and a block per drafted node (each node's table copies its parent's last block)."""
-        return sum(-(-n // self.block_size) + 2 + nodes for n in lengths)
+    def blocks_needed(self, lengths: list[int], nodes: int) -> dict:
+        """Draft blocks a round may take at most, per pool: per row, its tokens (an upper bound on those not
+        fed yet) and a block per drafted node (each node's table copies its parent's last block)."""
+        return {self.cache: sum(-(-n // self.block_size) + 2 + nodes for n in lengths)}
 
 
 class DraftSession:
@@ -99,10 +99,7 @@ class DraftSession:
         if not frontier:  # nothing grows: the tokens not fed yet wait for a round that drafts
             return self._with_draft_probs(trees, q, sample)
         # the roots that grow get their tokens not fed yet, root last: logits row k is frontier entry k
-        tables = [self.tables[rows[i]] for i, _, _ in frontier]
-        unfed = [padded[i][pads[i] + t.length:] for (i, _, _), t in zip(frontier, tables)]
-        self.caught_up = sum(len(tokens) - 1 for tokens in unfed)
-        logits = yield from self._forward(tables, unfed)
+        logits = yield from self._feed_roots(rows, padded, pads, [i for i, _, _ in frontier])
         for depth in range(1, max(depths, default=0) + 1):
             prefixes = [padded[i] + [trees[i].tokens[n] for n in trees[i].path(node)[1:]] for i, node, _ in frontier]
             scores = process_rows(processors, prefixes, logits.float(), [rows[i] for i, _, _ in frontier],
@@ -119,11 +116,40 @@ class DraftSession:
             frontier = [f for f in frontier if depths[f[0]] > depth]
             if not frontier:
                 break
-            tables = [self.cache.fork(self.fed[rows[i]][trees[i].parents[n]]) for i, n, _ in frontier]
-            logits = yield from self._forward(tables, [[trees[i].tokens[n]] for i, n, _ in frontier])
-            for (i, node, _), table in zip(frontier, tables):
-                self.fed[rows[i]][node] = table
+            logits = yield from self._feed_nodes(rows, trees, [(i, n) for i, n, _ in frontier])
         return self._with_draft_probs(trees, q, sample)
+
+    def score(self, rows, padded, pads, trees: list[DraftTree]):  # a generator -> per tree [nodes, vocab]
+        """This draft's logits at every node of given trees (a cascade's stage checking the stage below it):
+        the roots' pass, then one pass per depth; each node's table is kept for `commit`, as in `propose`."""
+        for r in rows:
+            self.fed[r] = {0: self.tables[r]}
+        out = [[None] * len(t) for t in trees]
+        logits = yield from self._feed_roots(rows, padded, pads, list(range(len(rows))))
+        for i, row in enumerate(logits):
+            out[i][0] = row
+        depths = [t.depths() for t in trees]
+        for depth in range(1, max(max(d) for d in depths) + 1):
+            nodes = [(i, n) for i, d in enumerate(depths) for n in range(len(d)) if d[n] == depth]
+            logits = yield from self._feed_nodes(rows, trees, nodes)
+            for (i, n), row in zip(nodes, logits):
+                out[i][n] = row
+        return [torch.stack(nodes) for nodes in out]
+
+    def _feed_roots(self, rows, padded, pads, trees: list[int]):  # a generator -> [len(trees), vocab]
+        """Feed the rows of `trees` (indices into `rows`) their tokens not fed yet, root last."""
+        tables = [self.tables[rows[i]] for i in trees]
+        unfed = [padded[i][pads[i] + t.length:] for i, t in zip(trees, tables)]
+        self.caught_up = sum(len(tokens) - 1 for tokens in unfed)
+        return (yield from self._forward(tables, unfed))
+
+    def _feed_nodes(self, rows, trees: list[DraftTree], nodes: list[tuple[int, int]]):  # a generator -> [nodes, vocab]
+        """Feed each (tree, node) its token on a fork of its parent's table."""
+        tables = [self.cache.fork(self.fed[rows[i]][trees[i].parents[n]]) for i, n in nodes]
+        logits = yield from self._forward(tables, [[trees[i].tokens[n]] for i, n in nodes])
+        for (i, n), table in zip(nodes, tables):
+            self.fed[rows[i]][n] = table
+        return logits
 
     def _with_draft_probs(self, trees: list[DraftTree], q: list[dict], sample) -> list[DraftTree]:
         """Under sampling, each tree carries the q its children were drawn from ([num_nodes, vocab])."""
@@ -195,8 +221,8 @@ class NgramDrafter:
     def session(self, num_rows: int) -> "NgramDrafter":
         return self  # no state per request
 
-    def blocks_needed(self, lengths: list[int], nodes: int) -> int:
-        return 0
+    def blocks_needed(self, lengths: list[int], nodes: int) -> dict:
+        return {}
 
     def end(self) -> None:
         pass

@@ -41,3 +41,22 @@ def process_rows(
         index = torch.tensor(layer, device=logits.device)
         out[index] = processed[torch.tensor([rows[e] for e in layer], device=logits.device)]
     return out
+
+
+def process_trees(
+    processors: LogitsProcessorList,
+    tokens: list[list[int]],  # per tree: its row's full (left-padded) tokens, the root last
+    trees: list,  # DraftTree per row
+    logits: list[torch.Tensor],  # per tree: [nodes, vocab] float32
+    rows: list[int],  # per tree: its row of the batch
+    num_rows: int,
+    log_softmax: bool,
+) -> list[torch.Tensor]:  # per tree: [nodes, vocab]
+    """The processors at every node of draft trees, each node with its own prefix (its row's tokens and the
+    node's path)."""
+    prefixes, entry_rows = [], []
+    for row_tokens, tree, row in zip(tokens, trees, rows):
+        prefixes += [row_tokens + [tree.tokens[n] for n in tree.path(node)[1:]] for node in range(len(tree))]
+        entry_rows += [row] * len(tree)
+    processed = process_rows(processors, prefixes, torch.cat(logits), entry_rows, num_rows, log_softmax)
+    return list(processed.split([len(t) for t in trees]))

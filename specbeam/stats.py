@@ -10,6 +10,7 @@ class DecodeStats:
     drafted_tokens: int = 0
     rounds: int = 0  # speculative rounds: one per sequence per pass (per batch of beams under beam search)
     accepted_by_depth: list[int] = field(default_factory=list)  # rounds that accepted >= d + 1 drafted tokens
+    stage_passes: list[int] = field(default_factory=list)  # a cascade's draft passes per stage, smallest first
     kv_blocks_peak: int = 0
     kv_bytes_peak: int = 0
 
@@ -17,9 +18,8 @@ class DecodeStats:
         """Count another run's passes, drafts and acceptance into these."""
         for name in ("steps", "target_passes", "draft_passes", "drafted_tokens", "rounds"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
-        depth = max(len(self.accepted_by_depth), len(other.accepted_by_depth))
-        self.accepted_by_depth = [a + b for a, b in zip(self.accepted_by_depth + [0] * depth,
-                                                        other.accepted_by_depth + [0] * depth)][:depth]
+        self.accepted_by_depth = _add(self.accepted_by_depth, other.accepted_by_depth)
+        self.stage_passes = _add(self.stage_passes, other.stage_passes)
 
     @property
     def tokens_per_pass(self) -> float:
@@ -58,3 +58,9 @@ def plot_acceptance(stats: dict[str, DecodeStats], path: str) -> str:
     fig.savefig(path, dpi=150)
     plt.close(fig)
     return path
+
+
+def _add(a: list[int], b: list[int]) -> list[int]:
+    """Elementwise sum, the shorter list padded with zeros."""
+    length = max(len(a), len(b))
+    return [x + y for x, y in zip(a + [0] * (length - len(a)), b + [0] * (length - len(b)))]

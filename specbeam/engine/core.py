@@ -18,6 +18,7 @@ import torch
 from transformers import PreTrainedModel
 
 from specbeam.cache import BlockTable, PagedKVCache
+from specbeam.cascade import CascadeDrafter
 from specbeam.config import BEAM, SAMPLE, EngineConfig, SpecConfig
 from specbeam.drafters import DraftModelDrafter, NgramDrafter
 from specbeam.engine.beams import BeamDecoding
@@ -264,18 +265,26 @@ class EngineCore:
     # --- set-up -------------------------------------------------------------------------------------------
 
     def make_drafter(self, draft):
-        """One drafter per draft model, kept with its cache across requests."""
-        key = draft if isinstance(draft, str) else id(draft)
+        """One drafter per draft model (a list of models: a cascade), kept with its caches across requests."""
+        key = tuple(map(id, draft)) if isinstance(draft, (list, tuple)) else draft if isinstance(draft, str) else id(draft)
         if key not in self.drafters:
-            vocab = self.runner.model.config.get_text_config().vocab_size
-            if isinstance(draft, str):
-                if draft != "ngram":
-                    raise ValueError(f'draft_model must be a model or "ngram", got {draft!r}')
-                self.drafters[key] = NgramDrafter(vocab)
-            else:
-                self.drafters[key] = DraftModelDrafter(draft, vocab, self.config, 2 * self.cache.allocator.num_blocks,
-                                                       max_bytes=self._draft_bytes())
+            self.drafters[key] = self._new_drafter(draft)
         return self.drafters[key]
+
+    def _new_drafter(self, draft):
+        vocab = self.runner.model.config.get_text_config().vocab_size
+        if isinstance(draft, str):
+            if draft != "ngram":
+                raise ValueError(f'draft_model must be a model, a list of models or "ngram", got {draft!r}')
+            return NgramDrafter(vocab)
+        if isinstance(draft, (list, tuple)):
+            if not draft or not all(isinstance(m, PreTrainedModel) for m in draft):
+                raise ValueError(f"draft_model as a cascade must be a non-empty list of models, smallest first, "
+                                 f"got {draft!r}")
+            stages = [self._new_drafter(model) for model in draft]
+            return stages[0] if len(stages) == 1 else CascadeDrafter(stages)
+        return DraftModelDrafter(draft, vocab, self.config, 2 * self.cache.allocator.num_blocks,
+                                 max_bytes=self._draft_bytes())
 
     def _tree_policy(self, drafter, request, spec: SpecConfig) -> TreePolicy | None:
         """The policy sizing the trees of requests of this drafter and mode, kept across requests (None: the
@@ -297,8 +306,9 @@ class EngineCore:
     def _calibrate(self) -> None:
         """Measure the target's and each draft's pass costs at first use, on scratch K/V freed at once (a step
         that finds too few free blocks leaves it to a later one)."""
+        stages = [s for d in self.drafters.values() for s in (d.stages if isinstance(d, CascadeDrafter) else [d])]
         pools = [(self.runner, self.cache, self.target_cost)] + [
-            (d.runner, d.cache, d.pass_cost) for d in self.drafters.values() if isinstance(d, DraftModelDrafter)]
+            (d.runner, d.cache, d.pass_cost) for d in stages if isinstance(d, DraftModelDrafter)]
         for runner, cache, cost in pools:
             if not cost.known and cache.allocator.num_free * cache.block_size >= max(CALIBRATION_TOKENS):
                 cost.calibrate(lambda n: _scratch_forward(runner, cache, n))

@@ -131,17 +131,17 @@ class Decoding:
         rows = [r.table for r in self.live_rows()] if self.rows else []
         return [t for t in self.prompt_tables if t is not None] + rows
 
-    def blocks_needed(self) -> tuple[int, int]:
-        """(target, draft) blocks the next round may take at most: per row, the blocks its tree's slots reach
-        past its table, a copy on write of a shared last block, and under beam search with a tree the copies its
-        new beams' paths may make."""
+    def blocks_needed(self) -> tuple[int, dict]:
+        """Target blocks, and draft blocks per draft pool, that the next round may take at most: per row, the
+        blocks its tree's slots reach past its table, a copy on write of a shared last block, and under beam search
+        with a tree the copies its new beams' paths may make."""
         nodes = self.round_spec.max_nodes if self.depth > 0 else 1
         rows = self.live_rows() if self.rows else [Row(r, t, pad) for r, (t, pad) in
                                                     enumerate(zip(self.request.input_ids.tolist(), self.pads))]
         target = sum(self._row_blocks(row, nodes) for row in rows)
         if self.params.num_beams > 1 and self.depth > 0:
             target += len(rows) * (-(-nodes // self.cache.block_size) + 1)
-        draft = 0 if self.depth == 0 else self.drafter.blocks_needed([len(r.tokens) for r in rows], nodes)
+        draft = {} if self.depth == 0 else self.drafter.blocks_needed([len(r.tokens) for r in rows], nodes)
         return target, draft
 
     def _row_blocks(self, row: Row, nodes: int) -> int:
@@ -226,6 +226,7 @@ class Decoding:
         )
         self.stats.drafted_tokens += sum(len(t) - 1 for t in trees)
         self.stats.draft_passes = self.draft.passes
+        self.stats.stage_passes = getattr(self.draft, "stage_passes", [])
         return trees
 
     def sampling_probs(self, scores: torch.Tensor) -> torch.Tensor:  # [rows, vocab] processed -> probabilities

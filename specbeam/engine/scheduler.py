@@ -62,10 +62,7 @@ class Scheduler:
     def _need(self, state: Decoding) -> Counter:
         """Blocks per pool (the target's, the draft's) that one round of `state`, and its prefill, may take."""
         target, draft = state.blocks_needed()
-        need = Counter({self.cache: target + (state.prefill_blocks() if state.needs_prefill else 0)})
-        if draft:
-            need[state.drafter.cache] += draft
-        return need
+        return Counter({self.cache: target + (state.prefill_blocks() if state.needs_prefill else 0)}) + Counter(draft)
 
 
 def _fits(need: Counter) -> bool:

@@ -3,13 +3,12 @@ then the target's own next token after it (greedy: the argmax; sampling: tree sp
 exactly the target's processed distribution). A tree of the root alone is a plain step."""
 import torch
 
-from specbeam import ops
 from specbeam.config import SAMPLE
 from specbeam.engine.decoding import Decoding, tree_work
-from specbeam.model_runner import Work
 from specbeam.outputs import SpecbeamOutput
-from specbeam.processing import process_rows
+from specbeam.processing import process_trees
 from specbeam.tree import DraftTree
+from specbeam.verification import verify_trees
 from specbeam.validation import check_finite
 
 
@@ -57,16 +56,9 @@ class TokenDecoding(Decoding):
         self.finished = all(row.table is None for row in self.rows)
 
     def _process(self, logits: list[torch.Tensor]) -> list[torch.Tensor]:  # per tree: [nodes, vocab]
-        """The request's logits processors at every node, each with its own prefix (the row's tokens and the
-        node's path)."""
-        prefixes, entry_rows = [], []
-        for r, tree in zip(self.round_rows, self.trees):
-            tokens = self.rows[r].tokens
-            prefixes += [tokens + [tree.tokens[n] for n in tree.path(node)[1:]] for node in range(len(tree))]
-            entry_rows += [r] * len(tree)
-        processed = process_rows(self.request.logits_processor, prefixes, torch.cat(logits), entry_rows,
-                                 len(self.rows), log_softmax=False)
-        return list(processed.split([len(t) for t in self.trees]))
+        """The request's logits processors at every node, each with its own prefix."""
+        return process_trees(self.request.logits_processor, [self.rows[r].tokens for r in self.round_rows],
+                             self.trees, logits, self.round_rows, len(self.rows), log_softmax=False)
 
     def _reported(self, processed: torch.Tensor) -> torch.Tensor:  # [nodes, vocab] -> [nodes, vocab]
         """What `output_scores` reports at each node: under the fused filter, transformers' warped scores (the
@@ -78,29 +70,9 @@ class TokenDecoding(Decoding):
 
     def _verify(self, processed: list[torch.Tensor]) -> tuple[list[list[int]], list[int]]:  # per tree: [nodes, vocab]
         """Batched tree verification: each tree's accepted path (node indices) and the token after it."""
-        trees = self.trees
-        if self.params.mode != SAMPLE and all(len(t) == 1 for t in trees):  # plain greedy steps: the argmax
-            return [[0]] * len(trees), torch.cat(processed).argmax(dim=-1).tolist()
-        width = max(len(t) for t in trees)
-        scores = torch.stack([torch.nn.functional.pad(s, (0, 0, 0, width - s.shape[0])) for s in processed])
-        device = scores.device  # the verify kernel runs where the target's scores are
-        parents = torch.tensor([t.parents + [-1] * (width - len(t)) for t in trees], device=device)
-        tokens = torch.tensor([t.tokens + [0] * (width - len(t)) for t in trees], device=device)
-        num_nodes = torch.tensor([len(t) for t in trees], device=device)
         if self.params.mode == SAMPLE:
-            q = torch.stack([_draft_probs(t, scores.shape[-1], width) for t in trees])
-            uniform, noise = self._uniforms(parents.shape), self._uniforms(parents.shape[:1])
-            p = self.sampling_probs(scores.flatten(0, 1)).view(scores.shape)
-            path, accepted, next_token = ops.stochastic_verify(
-                parents, num_nodes, tokens, p, q.to(device), uniform.to(device), noise.to(device))
-        else:
-            path, accepted, next_token = ops.greedy_verify(parents, num_nodes, tokens, scores.argmax(dim=-1))
-        paths = [p[: a + 1] for p, a in zip(path.tolist(), accepted.tolist())]
-        return paths, next_token.tolist()
-
-    def _uniforms(self, shape: torch.Size) -> torch.Tensor:
-        """U(0, 1) draws from the request's generator, on the generator's device."""
-        return torch.rand(shape, generator=self.generator, device=self.generator.device)
+            return verify_trees(self.trees, processed, self.sampling_probs, self.generator)
+        return verify_trees(self.trees, processed)
 
     def _accept(self, r: int, tree: DraftTree, path: list[int], next_token: int,
                 processed: torch.Tensor, logits: torch.Tensor) -> None:  # [tree nodes, vocab] each
@@ -165,13 +137,6 @@ class TokenDecoding(Decoding):
 
 def raw_empty(raw: list[torch.Tensor]) -> torch.Tensor:  # [0, vocab]
     return raw[0][:0] if raw else torch.empty(0, 0)
-
-
-def _draft_probs(tree: DraftTree, vocab: int, width: int) -> torch.Tensor:  # [width, vocab]
-    """q at each node (zeros for a root-only tree and for padding)."""
-    if tree.draft_probs is None:
-        return torch.zeros(width, vocab)
-    return torch.nn.functional.pad(tree.draft_probs, (0, 0, 0, width - len(tree)))
 
 
 def one_hot_logits(pad: int | None, vocab: int, device) -> torch.Tensor:  # [vocab]

@@ -1,0 +1,150 @@
+"""A cascade of drafts (staged speculation): the smallest draft grows the trees; each larger draft then scores
+the tree below it and keeps what it would itself have produced, which becomes the tree of the next stage and,
+after the last draft, of the target. The target's selection is untouched, so every mode stays exact:
+
+- greedy: a stage keeps the path of the tree that its own argmax follows, then its own argmax after it (a
+  chain: what this stage would decode greedily);
+- sampling: a stage runs tree speculative sampling on the tree below it, with its own processed distribution p
+  and the tree's q; the accepted path and the token drawn after it are an exact sample of the stage's own
+  sampling, so the chain it passes on carries p as its q. Whether a node has a child is decided before that
+  child is drawn, so the next stage's verification stays exact;
+- beam search: a stage keeps the nodes that are among its own top `branch` tokens at their parent (under a
+  kept parent): the tree shrinks to what a beam search of this stage would consider.
+
+A chain is cut at the tree's node budget (depth x width), so a round never takes more blocks than the scheduler
+planned. Every stage keeps its own cache and commits the target's accepted path, translated into the nodes of
+the tree it fed."""
+from collections import Counter
+
+import torch
+
+from specbeam.drafters import DraftModelDrafter, DraftSession
+from specbeam.processing import process_trees
+from specbeam.tree import DraftTree
+from specbeam.verification import verify_trees
+
+
+class CascadePassCost:
+    """A cascade's cost per depth: every stage's pass."""
+
+    def __init__(self, stages: list[DraftModelDrafter]):
+        self.costs = [stage.pass_cost for stage in stages]
+
+    @property
+    def known(self) -> bool:
+        return all(cost.known for cost in self.costs)
+
+    def share(self, own: float, load: float) -> float:
+        return sum(cost.share(own, load) for cost in self.costs)
+
+
+class CascadeDrafter:
+    """Draft models from the smallest up, each with its own paged cache."""
+
+    def __init__(self, stages: list[DraftModelDrafter]):
+        self.stages = stages
+        self.vocab_size = stages[0].vocab_size
+        self.pass_cost = CascadePassCost(stages)
+
+    def session(self, num_rows: int) -> "CascadeSession":
+        return CascadeSession([stage.session(num_rows) for stage in self.stages])
+
+    def blocks_needed(self, lengths: list[int], nodes: int) -> dict:
+        return dict(sum((Counter(stage.blocks_needed(lengths, nodes)) for stage in self.stages), Counter()))
+
+
+class CascadeSession:
+    """One request's rows in every stage's cache."""
+
+    def __init__(self, sessions: list[DraftSession]):
+        self.sessions = sessions
+        self.maps: list[list[list[int | None]]] = []  # per stage > 0, per tree: its node -> the fed tree's node
+        self.rows: dict[int, int] = {}  # request row -> its tree this round
+
+    @property
+    def passes(self) -> int:
+        return sum(session.passes for session in self.sessions)
+
+    @property
+    def stage_passes(self) -> list[int]:
+        return [session.passes for session in self.sessions]
+
+    @property
+    def caught_up(self) -> int:
+        return max(session.caught_up for session in self.sessions)
+
+    def end(self) -> None:
+        for session in self.sessions:
+            session.end()
+
+    def propose(self, rows, padded, pads, processors, spec, depths, log_softmax, generator=None, sample=None,
+                exclude=None, beams=None):
+        """The smallest stage's trees (as `DraftSession.propose`), refined by each larger stage in turn."""
+        trees = yield from self.sessions[0].propose(rows, padded, pads, processors, spec, depths, log_softmax,
+                                                    generator, sample, exclude, beams)
+        self.rows, self.maps = {r: i for i, r in enumerate(rows)}, []
+        budget = min(spec.depth * spec.width, spec.node_budget)
+        for session in self.sessions[1:]:
+            if all(len(t) == 1 for t in trees):
+                self.maps.append([[0] for _ in trees])
+                continue
+            logits = yield from session.score(rows, padded, pads, trees)
+            scores = process_trees(processors, padded, trees, [x.float() for x in logits], rows,
+                                   session.num_rows, log_softmax)
+            if beams is not None:
+                trees, maps = zip(*(_top_branch(t, s, spec.branch) for t, s in zip(trees, scores)))
+            else:
+                trees, maps = _chains(trees, scores, sample, generator, budget)
+            trees, maps = list(trees), list(maps)
+            self.maps.append(maps)
+        return trees
+
+    def commit(self, origins: list[tuple[int, list[int]]]) -> None:
+        """New row i continues old row origins[i][0] along the path origins[i][1] of the target's tree: each
+        stage follows it in the nodes of the tree that stage fed."""
+        for stage, session in enumerate(self.sessions):
+            session.commit([(old, self._translate(old, path, max(stage, 1))) for old, path in origins])
+
+    def _translate(self, row: int, path: list[int], fed: int) -> list[int]:
+        """A path in the final tree, as nodes of the tree that stage `fed` fed (stage s > 0 fed the tree of
+        stage s - 1; stage 0 fed its own, as stage 1 did)."""
+        tree = self.rows.get(row)
+        if tree is None:
+            return [0]
+        for maps in reversed(self.maps[fed - 1:]):
+            path = [maps[tree][n] for n in path if maps[tree][n] is not None]
+        return path
+
+
+def _chains(trees: list[DraftTree], scores: list[torch.Tensor], sample, generator, budget: int):
+    """Greedy or sampling: the path of each tree this stage accepts and its own token after it, as a chain, with
+    the map of the chain's nodes to the tree's (None: the new token)."""
+    paths, next_tokens = verify_trees(trees, scores, sample, generator)
+    chains, maps = [], []
+    for tree, path, token, score in zip(trees, paths, next_tokens, scores):
+        kept = path[: budget + 1]
+        chain = DraftTree([tree.tokens[n] for n in kept], list(range(-1, len(kept) - 1)))
+        mapping = list(kept)
+        if len(kept) <= budget:
+            chain.add(len(chain) - 1, token)
+            mapping.append(None)
+        if sample is not None:  # each chain token was drawn from this stage's p at its parent
+            probs = sample(score[kept])
+            chain.draft_probs = torch.nn.functional.pad(probs, (0, 0, 0, len(chain) - len(kept)))
+        chains.append(chain)
+        maps.append(mapping)
+    return chains, maps
+
+
+def _top_branch(tree: DraftTree, scores: torch.Tensor, branch: int) -> tuple[DraftTree, list[int]]:
+    """Beam search: the nodes among this stage's top `branch` tokens at their parent, under kept parents."""
+    top = torch.topk(scores, min(branch, scores.shape[-1]), dim=-1).indices.tolist()  # [nodes, branch]
+    kept, new = DraftTree.root_only(tree.tokens[0]), {0: 0}
+    for node in range(1, len(tree)):
+        parent = tree.parents[node]
+        if parent in new and tree.tokens[node] in top[parent]:
+            new[node] = kept.add(new[parent], tree.tokens[node])
+    mapping = [None] * len(kept)
+    for old, index in new.items():
+        mapping[index] = old
+    return kept, mapping

@@ -1,0 +1,47 @@
+"""Tree verification, batched over trees: which path of each draft tree a model accepts, and the token it emits
+after it. Greedy: the deepest path whose every token is the model's argmax at its parent, then the argmax there.
+Sampling: tree speculative sampling (DESIGN.md), which emits exactly the model's distribution."""
+from typing import Callable
+
+import torch
+
+from specbeam import ops
+from specbeam.tree import DraftTree
+
+
+def verify_trees(trees: list[DraftTree], processed: list[torch.Tensor],
+                 sampling_probs: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 generator: torch.Generator | None = None) -> tuple[list[list[int]], list[int]]:
+    """processed: per tree, the model's processed scores at its nodes [nodes, vocab]. sampling_probs: processed
+    scores [rows, vocab] -> the distribution to sample (None: greedy); the uniforms come from `generator`.
+    Returns each tree's accepted path (node indices from the root) and the token after it."""
+    if sampling_probs is None and all(len(t) == 1 for t in trees):  # plain greedy steps: the argmax
+        return [[0]] * len(trees), torch.cat(processed).argmax(dim=-1).tolist()
+    width = max(len(t) for t in trees)
+    scores = torch.stack([torch.nn.functional.pad(s, (0, 0, 0, width - s.shape[0])) for s in processed])
+    device = scores.device  # the verify kernel runs where the scores are
+    parents = torch.tensor([t.parents + [-1] * (width - len(t)) for t in trees], device=device)
+    tokens = torch.tensor([t.tokens + [0] * (width - len(t)) for t in trees], device=device)
+    num_nodes = torch.tensor([len(t) for t in trees], device=device)
+    if sampling_probs is not None:
+        q = torch.stack([_draft_probs(t, scores.shape[-1], width) for t in trees])
+        uniform, noise = _uniforms(parents.shape, generator), _uniforms(parents.shape[:1], generator)
+        p = sampling_probs(scores.flatten(0, 1)).view(scores.shape)
+        path, accepted, next_token = ops.stochastic_verify(
+            parents, num_nodes, tokens, p, q.to(device), uniform.to(device), noise.to(device))
+    else:
+        path, accepted, next_token = ops.greedy_verify(parents, num_nodes, tokens, scores.argmax(dim=-1))
+    paths = [p[: a + 1] for p, a in zip(path.tolist(), accepted.tolist())]
+    return paths, next_token.tolist()
+
+
+def _uniforms(shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
+    """U(0, 1) draws from the request's generator, on the generator's device."""
+    return torch.rand(shape, generator=generator, device=generator.device)
+
+
+def _draft_probs(tree: DraftTree, vocab: int, width: int) -> torch.Tensor:  # [width, vocab]
+    """q at each node (zeros for a root-only tree and for padding)."""
+    if tree.draft_probs is None:
+        return torch.zeros(width, vocab)
+    return torch.nn.functional.pad(tree.draft_probs, (0, 0, 0, width - len(tree)))
