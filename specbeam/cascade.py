@@ -21,21 +21,8 @@ import torch
 from specbeam.drafters import DraftModelDrafter, DraftSession
 from specbeam.processing import process_trees
 from specbeam.tree import DraftTree
+from specbeam.tree_policy import SummedPassCost
 from specbeam.verification import verify_trees
-
-
-class CascadePassCost:
-    """A cascade's cost per depth: every stage's pass."""
-
-    def __init__(self, stages: list[DraftModelDrafter]):
-        self.costs = [stage.pass_cost for stage in stages]
-
-    @property
-    def known(self) -> bool:
-        return all(cost.known for cost in self.costs)
-
-    def share(self, own: float, load: float) -> float:
-        return sum(cost.share(own, load) for cost in self.costs)
 
 
 class CascadeDrafter:
@@ -44,7 +31,7 @@ class CascadeDrafter:
     def __init__(self, stages: list[DraftModelDrafter]):
         self.stages = stages
         self.vocab_size = stages[0].vocab_size
-        self.pass_cost = CascadePassCost(stages)
+        self.pass_cost = SummedPassCost([stage.pass_cost for stage in stages])
 
     def session(self, num_rows: int) -> "CascadeSession":
         return CascadeSession([stage.session(num_rows) for stage in self.stages])
@@ -58,8 +45,9 @@ class CascadeSession:
 
     def __init__(self, sessions: list[DraftSession]):
         self.sessions = sessions
-        self.maps: list[list[list[int | None]]] = []  # per stage > 0, per tree: its node -> the fed tree's node
+        self.maps: list[list[list[int | None]]] = []  # per refining stage, per tree: its node -> the fed tree's
         self.rows: dict[int, int] = {}  # request row -> its tree this round
+        self.fed: dict[DraftSession, int] = {}
 
     @property
     def passes(self) -> int:
@@ -78,13 +66,19 @@ class CascadeSession:
             session.end()
 
     def propose(self, rows, padded, pads, processors, spec, depths, log_softmax, generator=None, sample=None,
-                exclude=None, beams=None):
-        """The smallest stage's trees (as `DraftSession.propose`), refined by each larger stage in turn."""
-        trees = yield from self.sessions[0].propose(rows, padded, pads, processors, spec, depths, log_softmax,
-                                                    generator, sample, exclude, beams)
+                exclude=None, beams=None, stages: tuple[int, ...] | None = None):
+        """The trees of the smallest stage taking part (`stages`, increasing; None: all), as
+        `DraftSession.propose`, refined by each larger one in turn."""
+        stages = stages or tuple(range(len(self.sessions)))
+        first, *later = [self.sessions[s] for s in stages]
+        trees = yield from first.propose(rows, padded, pads, processors, spec, depths, log_softmax, generator,
+                                         sample, exclude, beams)
         self.rows, self.maps = {r: i for i, r in enumerate(rows)}, []
+        # the tree each stage fed this round, as an index into `maps` levels (None: it took no part)
+        self.fed = {session: 0 for session in (first, *later[:1])}
         budget = min(spec.depth * spec.width, spec.node_budget)
-        for session in self.sessions[1:]:
+        for level, session in enumerate(later):
+            self.fed[session] = level
             if all(len(t) == 1 for t in trees):
                 self.maps.append([[0] for _ in trees])
                 continue
@@ -101,17 +95,19 @@ class CascadeSession:
 
     def commit(self, origins: list[tuple[int, list[int]]]) -> None:
         """New row i continues old row origins[i][0] along the path origins[i][1] of the target's tree: each
-        stage follows it in the nodes of the tree that stage fed."""
-        for stage, session in enumerate(self.sessions):
-            session.commit([(old, self._translate(old, path, max(stage, 1))) for old, path in origins])
+        stage follows it in the nodes of the tree it fed (a stage that took no part fed none)."""
+        for session in self.sessions:
+            level = self.fed.get(session)
+            session.commit([(old, [0] if level is None else self._translate(old, path, level))
+                            for old, path in origins])
 
-    def _translate(self, row: int, path: list[int], fed: int) -> list[int]:
-        """A path in the final tree, as nodes of the tree that stage `fed` fed (stage s > 0 fed the tree of
-        stage s - 1; stage 0 fed its own, as stage 1 did)."""
+    def _translate(self, row: int, path: list[int], level: int) -> list[int]:
+        """A path in the final tree, as nodes of the tree at `level` (0: the first stage's own, which the second
+        scored; k: the tree the (k + 1)-th stage made)."""
         tree = self.rows.get(row)
         if tree is None:
             return [0]
-        for maps in reversed(self.maps[fed - 1:]):
+        for maps in reversed(self.maps[level:]):
             path = [maps[tree][n] for n in path if maps[tree][n] is not None]
         return path
 

@@ -267,3 +267,38 @@ class TreePolicy:
         options = [(d, width if d else self.widths[0]) for d in (depth - 1, depth + 1) if 0 <= d <= deepest]
         options += [(depth, self.widths[j]) for j in (i - 1, i + 1) if depth and 0 <= j < len(self.widths)]
         return self.rng.choice(options) if options else shape
+
+
+class SummedPassCost:
+    """A cascade's draft cost per depth: a pass of each of its stages."""
+
+    def __init__(self, costs: list[PassCost]):
+        self.costs = costs
+
+    @property
+    def known(self) -> bool:
+        return all(cost.known for cost in self.costs)
+
+    def share(self, own: float, load: float) -> float:
+        return sum(cost.share(own, load) for cost in self.costs)
+
+
+class StagesPolicy:
+    """Which stages of a cascade take part in a round, and its tree. Each non-empty subset of the stages (in
+    their order) drafts as a cascade of its own, its trees sized by a `TreePolicy` of its own (its draft cost a
+    pass of each of its stages per depth, its acceptance and corrections learnt from its own rounds); the subset
+    whose chosen shape has the most expected tokens per second runs. A stage that does not pay is left out."""
+
+    def __init__(self, policies: dict[tuple[int, ...], TreePolicy]):
+        self.policies = policies
+        self.shape = next(iter(policies.values())).shape
+
+    def choose(self, trees: int, load: float) -> tuple[int, int, tuple[int, ...]]:
+        """(depth, width, the stages taking part)."""
+        options = [(policy.choose(trees, load), stages) for stages, policy in self.policies.items()]
+        (depth, width), stages = max(options, key=lambda o: self.policies[o[1]].rate(*o[0], trees, load))
+        return depth, width, stages
+
+    def observe(self, depth: int, width: int, trees: int, load: float, tokens: int, seconds: float | None,
+                seen: list, stages: tuple[int, ...]) -> None:
+        self.policies[stages].observe(depth, width, trees, load, tokens, seconds, seen)

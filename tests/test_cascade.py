@@ -44,7 +44,8 @@ def test_a_cascade_gives_the_target_alone(cascade, mode, spec):
         assert_same_beams(model, reference, ours)
     else:
         assert_same_tokens(reference, ours, inputs["input_ids"].shape[1], PAD, EOS_ONE)
-    assert len(ours.stats.stage_passes) == len(cascade) and ours.stats.stage_passes[0] > 0
+    if not spec.adaptive:  # (an adaptive tree may well run plain steps only: these drafts cost what the target does)
+        assert len(ours.stats.stage_passes) == len(cascade) and ours.stats.stage_passes[0] > 0
     _assert_all_blocks_free(engine)
 
 
@@ -96,3 +97,44 @@ def test_a_one_stage_list_is_that_draft():
     model = tiny_model("llama")
     engine = Engine(model, draft_model=[drafts()["perturbed"]])
     assert not isinstance(engine.drafter, CascadeDrafter)
+
+
+def _costs(engine: Engine, target: dict, stages: list[dict]) -> None:
+    """Fixed pass-cost curves for the target and each stage (their scales no longer move)."""
+    for cost, shape in [(engine.core.target_cost, target)] + list(zip([s.pass_cost for s in engine.drafter.stages],
+                                                                       stages)):
+        cost.shape, cost.memory = shape, 1.0
+
+
+@pytest.mark.parametrize("mode", [dict(do_sample=False), dict(num_beams=2)], ids=["greedy", "beam2"])
+def test_the_policy_leaves_out_a_stage_that_does_not_pay(mode):
+    """The larger stage costs far more than the target: the rounds draft with the smaller one alone (its
+    cache catching up when it does run is exercised too); the output is the target's all the same."""
+    model, inputs = tiny_model("llama"), _inputs(eos=EOS_ONE)
+    engine = Engine(model, draft_model=[drafts()["perturbed"], drafts()["perfect"]])
+    _costs(engine, {1: 1.0, 64: 1.0}, [{1: 0.0}, {1: 100.0}])
+    reference, ours = run_both(model, engine, **inputs, **mode)
+    if "num_beams" in mode:
+        assert_same_beams(model, reference, ours)
+    else:
+        assert_same_tokens(reference, ours, inputs["input_ids"].shape[1], PAD, EOS_ONE)
+    small, mid = ours.stats.stage_passes
+    assert small > 0 and mid == 0
+    _assert_all_blocks_free(engine)
+
+
+def test_stage_subsets_are_chosen_by_rate_and_learn_from_their_own_rounds():
+    model, inputs = tiny_model("llama"), _inputs(eos=EOS_ONE)
+    engine = Engine(model, draft_model=[drafts()["perturbed"], drafts()["perfect"]])
+    _costs(engine, {1: 1.0, 64: 1.0}, [{1: 0.0}, {1: 0.0}])
+    engine.generate(**inputs)
+    policy = engine.tree_policies[(id(engine.drafter), "greedy", 1)]
+    assert set(policy.policies) == {(0,), (1,), (0, 1)}
+    ran = {stages for stages, p in policy.policies.items() if p.measured or any(map(any, p.acceptance.at_risk))}
+    assert ran  # the rounds went to the subsets that ran them
+    for p in policy.policies.values():
+        p.explore = 0.0
+    rates = {stages: p.rate(*p.choose(3, 0), 3, 0) for stages, p in policy.policies.items()}
+    depth, width, stages = policy.choose(3, 0)
+    assert rates[stages] == max(rates.values()) and (depth, width) == policy.policies[stages].choose(3, 0)
+    _assert_all_blocks_free(engine)

@@ -29,7 +29,8 @@ from specbeam.model_runner import ModelRunner, Work
 from specbeam.outputs import RequestOutput
 from specbeam.request import build_request
 from specbeam.stats import DecodeStats
-from specbeam.tree_policy import BEAMS, CALIBRATION_TOKENS, GREEDY, SAMPLING, Acceptance, PassCost, TreePolicy, TreeShape
+from specbeam.tree_policy import (BEAMS, CALIBRATION_TOKENS, GREEDY, SAMPLING, Acceptance, PassCost, StagesPolicy,
+                                  SummedPassCost, TreePolicy, TreeShape)
 
 DEFAULT_CPU_CACHE_BYTES = 256 * 2**20  # the target's KV pool on the CPU (paged in only as it is used)
 DEVICE_CACHE_SHARE = 0.5  # of the device's free memory, on a GPU
@@ -286,22 +287,32 @@ class EngineCore:
         return DraftModelDrafter(draft, vocab, self.config, 2 * self.cache.allocator.num_blocks,
                                  max_bytes=self._draft_bytes())
 
-    def _tree_policy(self, drafter, request, spec: SpecConfig) -> TreePolicy | None:
+    def _tree_policy(self, drafter, request, spec: SpecConfig) -> TreePolicy | StagesPolicy | None:
         """The policy sizing the trees of requests of this drafter and mode, kept across requests (None: the
         fixed tree of `spec`). The widths it chooses from: 1 .. spec.width (an n-gram draft proposes one chain;
-        beam search drafts `spec.width` nodes per prompt and depth)."""
+        beam search drafts `spec.width` nodes per prompt and depth). A cascade's also chooses its stages."""
         if drafter is None or not self.spec.adaptive:
             return None
         mode, beams = request.params.mode, request.params.num_beams
         key = (id(drafter), mode, beams)
         if key not in self.tree_policies:
-            kind = BEAMS if mode == BEAM else SAMPLING if mode == SAMPLE else GREEDY
-            widths = (1,) if isinstance(drafter, NgramDrafter) else (spec.width,) if kind == BEAMS else \
-                tuple(range(1, spec.width + 1))
-            shape = TreeShape(kind, 1 if isinstance(drafter, NgramDrafter) else spec.branch, beams)
-            acceptance = Acceptance(spec.depth, 1 if kind == BEAMS else widths[-1])
-            self.tree_policies[key] = TreePolicy(shape, acceptance, self.target_cost, drafter.pass_cost, widths)
+            if isinstance(drafter, CascadeDrafter):
+                subsets = [s for n in range(1, len(drafter.stages) + 1)
+                           for s in itertools.combinations(range(len(drafter.stages)), n)]
+                self.tree_policies[key] = StagesPolicy({s: self._new_tree_policy(
+                    drafter, SummedPassCost([drafter.stages[i].pass_cost for i in s]), mode, beams, spec)
+                    for s in subsets})
+            else:
+                self.tree_policies[key] = self._new_tree_policy(drafter, drafter.pass_cost, mode, beams, spec)
         return self.tree_policies[key]
+
+    def _new_tree_policy(self, drafter, draft_cost, mode: str, beams: int, spec: SpecConfig) -> TreePolicy:
+        kind = BEAMS if mode == BEAM else SAMPLING if mode == SAMPLE else GREEDY
+        ngram = isinstance(drafter, NgramDrafter)
+        widths = (1,) if ngram else (spec.width,) if kind == BEAMS else tuple(range(1, spec.width + 1))
+        shape = TreeShape(kind, 1 if ngram else spec.branch, beams)
+        acceptance = Acceptance(spec.depth, 1 if kind == BEAMS else widths[-1])
+        return TreePolicy(shape, acceptance, self.target_cost, draft_cost, widths)
 
     def _calibrate(self) -> None:
         """Measure the target's and each draft's pass costs at first use, on scratch K/V freed at once (a step

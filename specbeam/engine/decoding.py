@@ -52,6 +52,7 @@ class Decoding:
         self.depth, self.width = 0, spec.width  # this round's tree
         self.round_tokens = 0  # tokens this round feeds the target
         self.chosen_for = (num_rows, 0)  # (trees, load) this round's shape was chosen for
+        self.stages: list = []  # under a cascade's policy: [the stages taking part]; else every stage
         self.advanced = 0  # tokens this round committed (beam search: steps, summed over prompts)
         self.seen: list[tuple[int, int | None, int]] = []  # this round's acceptance, for the tree policy
         self.finished = False
@@ -177,9 +178,9 @@ class Decoding:
             self.depth = 0
         elif self.policy is None:
             self.depth, self.width = self.spec.depth, self.spec.width
-        else:
+        else:  # a cascade's policy also says which of its stages take part
             self.chosen_for = (self.num_trees(), load)
-            self.depth, self.width = self.policy.choose(*self.chosen_for)
+            self.depth, self.width, *self.stages = self.policy.choose(*self.chosen_for)
 
     def num_trees(self) -> int:
         """The trees a round drafts: one per live row (beam search: per running prompt)."""
@@ -202,7 +203,7 @@ class Decoding:
         if self.policy is not None:
             caught_up = self.depth and self.draft.caught_up
             self.policy.observe(self.depth, self.width, *self.chosen_for, self.advanced,
-                                None if caught_up else seconds, self.seen if self.depth else [])
+                                None if caught_up else seconds, self.seen if self.depth else [], *self.stages)
 
     def plan(self):  # a generator -> list[Work]
         """This round's works: each row's root and draft tree. Yields the draft passes it needs first."""
@@ -223,6 +224,7 @@ class Decoding:
             log_softmax=mode == BEAM, generator=self.generator,
             sample=self.sampling_probs if mode == SAMPLE else None,
             exclude=self.request.config._eos_token_tensor if mode == BEAM else None, beams=beams,
+            **({"stages": self.stages[0]} if self.stages else {}),
         )
         self.stats.drafted_tokens += sum(len(t) - 1 for t in trees)
         self.stats.draft_passes = self.draft.passes
