@@ -8,8 +8,8 @@ measured and recorded as `draft_agreement`.
 
 Cases, specbeam against transformers in one run, 48 new tokens after a 64-token prompt, one timed round after a
 warm-up, torch.set_num_threads(THREADS): greedy (transformers plain and assisted, specbeam plain, speculative at
-the default adaptive depth and at a fixed depth 3, n-gram prompt lookup), sampling and beam search 4 (plain and
-speculative), all in float32; greedy again with bfloat16-exact weights (every weight rounded through bfloat16,
+the default adaptive tree and at a fixed depth 3, n-gram prompt lookup, a 4-layer draft alone, and the cascade
+of the 1-layer and the 4-layer drafts), sampling and beam search 4 (plain and speculative), all in float32; greedy again with bfloat16-exact weights (every weight rounded through bfloat16,
 held in float32: specbeam's C++ linear then streams half the bytes, losslessly, `specbeam/linear_weight.py`).
 `extra_info`: tokens/s, target and draft passes per call (forward hooks count transformers' calls), accepted
 drafted tokens per round, identical_to_transformers (greedy and beam).
@@ -36,18 +36,19 @@ PROMPT_LENGTH = 64
 SHAPE = dict(vocab=32000, hidden=1024, intermediate=2816, layers=16, heads=16, kv_heads=4)
 LATER_LAYER_SCALE = 0.03  # o_proj and down_proj of layers 1.. (draft agreement ~0.7; 0.01: 0.86, 0.05: 0.46)
 DRAFT_LAYERS = 1
+MID_LAYERS = 4  # the larger draft of the cascade cases
 AGREEMENT_PROMPTS = 3  # prompts (seeds 0, 1, 2) whose greedy continuations measure the draft's agreement
 PASS_TOKENS = [1, 2, 4, 8, 16, 32]
 MODES = {"greedy": dict(do_sample=False), "beam4": dict(num_beams=4), "sample": dict(do_sample=True, top_k=0)}
 
 
-def _draft_of(target: LlamaForCausalLM) -> LlamaForCausalLM:
-    """The target's embeddings, first DRAFT_LAYERS layers, final norm and lm_head, as a model of its own."""
+def _draft_of(target: LlamaForCausalLM, layers: int = DRAFT_LAYERS) -> LlamaForCausalLM:
+    """The target's embeddings, first `layers` layers, final norm and lm_head, as a model of its own."""
     config = copy.deepcopy(target.config)
-    config.num_hidden_layers = DRAFT_LAYERS
+    config.num_hidden_layers = layers
     draft = LlamaForCausalLM(config).eval().to(DEVICE)
     keep = {k: v for k, v in target.state_dict().items()
-            if not k.startswith("model.layers.") or int(k.split(".")[2]) < DRAFT_LAYERS}
+            if not k.startswith("model.layers.") or int(k.split(".")[2]) < layers}
     draft.load_state_dict(keep)
     return draft
 
@@ -67,6 +68,12 @@ def models(weights: str) -> tuple[LlamaForCausalLM, LlamaForCausalLM]:
             for w in target.parameters():
                 w.copy_(w.bfloat16().float())
     return target, _draft_of(target)
+
+
+@functools.cache
+def mid_draft(weights: str) -> LlamaForCausalLM:
+    """The cascade's larger stage: the target's first MID_LAYERS layers."""
+    return _draft_of(models(weights)[0], MID_LAYERS)
 
 
 def parameter_count(model) -> int:
@@ -124,11 +131,14 @@ def _generator(side: str, weights: str):
         "specbeam-speculative-depth3": lambda: Engine(target, draft_model=draft,
                                                       spec=SpecConfig(depth=3, adaptive=False)).generate,
         "specbeam-ngram": lambda: Engine(target, draft_model="ngram").generate,
+        "specbeam-speculative-4-layers": lambda: Engine(target, draft_model=mid_draft(weights)).generate,
+        "specbeam-cascade-1-4-layers": lambda: Engine(target, draft_model=[draft, mid_draft(weights)]).generate,
     }[side]()
 
 
 SIDES = {("fp32", "greedy"): ["transformers", "transformers-assisted", "specbeam", "specbeam-speculative",
-                              "specbeam-speculative-depth3", "specbeam-ngram"],
+                              "specbeam-speculative-depth3", "specbeam-ngram", "specbeam-speculative-4-layers",
+                              "specbeam-cascade-1-4-layers"],
          ("fp32", "sample"): ["transformers", "specbeam", "specbeam-speculative"],
          ("fp32", "beam4"): ["transformers", "specbeam", "specbeam-speculative"],
          ("bf16-exact", "greedy"): ["transformers", "specbeam", "specbeam-speculative",
@@ -166,6 +176,8 @@ def test_generate(benchmark, weights, mode, side):
     if stats is not None and stats.rounds:
         benchmark.extra_info.update(accepted_per_round=stats.mean_accepted(),
                                     acceptance_by_depth=stats.acceptance_by_depth())
+    if stats is not None and stats.stage_passes:
+        benchmark.extra_info["stage_passes"] = stats.stage_passes
     if side in ("transformers-assisted", "specbeam-speculative", "specbeam-speculative-depth3"):
         benchmark.extra_info["draft_agreement"] = draft_agreement(weights)
 

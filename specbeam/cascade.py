@@ -11,8 +11,8 @@ after the last draft, of the target. The target's selection is untouched, so eve
 - beam search: a stage keeps the nodes that are among its own top `branch` tokens at their parent (under a
   kept parent): the tree shrinks to what a beam search of this stage would consider.
 
-A chain is cut at the tree's node budget (depth x width), so a round never takes more blocks than the scheduler
-planned. Every stage keeps its own cache and commits the target's accepted path, translated into the nodes of
+A chain is cut at the tree's node budget (depth x width) and at its row's depth (a row near max_length drafts
+less), so a round never takes more blocks than the scheduler planned. Every stage keeps its own cache and commits the target's accepted path, translated into the nodes of
 the tree it fed."""
 from collections import Counter
 
@@ -76,7 +76,8 @@ class CascadeSession:
         self.rows, self.maps = {r: i for i, r in enumerate(rows)}, []
         # the tree each stage fed this round, as an index into `maps` levels (None: it took no part)
         self.fed = {session: 0 for session in (first, *later[:1])}
-        budget = min(spec.depth * spec.width, spec.node_budget)
+        # a chain holds at most the tree's node budget, and no deeper than its row may draft
+        budgets = [min(spec.depth * spec.width, spec.node_budget, depth) for depth in depths]
         for level, session in enumerate(later):
             self.fed[session] = level
             if all(len(t) == 1 for t in trees):
@@ -88,7 +89,7 @@ class CascadeSession:
             if beams is not None:
                 trees, maps = zip(*(_top_branch(t, s, spec.branch) for t, s in zip(trees, scores)))
             else:
-                trees, maps = _chains(trees, scores, sample, generator, budget)
+                trees, maps = _chains(trees, scores, sample, generator, budgets)
             trees, maps = list(trees), list(maps)
             self.maps.append(maps)
         return trees
@@ -112,12 +113,12 @@ class CascadeSession:
         return path
 
 
-def _chains(trees: list[DraftTree], scores: list[torch.Tensor], sample, generator, budget: int):
-    """Greedy or sampling: the path of each tree this stage accepts and its own token after it, as a chain, with
-    the map of the chain's nodes to the tree's (None: the new token)."""
+def _chains(trees: list[DraftTree], scores: list[torch.Tensor], sample, generator, budgets: list[int]):
+    """Greedy or sampling: the path of each tree this stage accepts and its own token after it, as a chain of at
+    most `budgets[i]` drafted nodes, with the map of the chain's nodes to the tree's (None: the new token)."""
     paths, next_tokens = verify_trees(trees, scores, sample, generator)
     chains, maps = [], []
-    for tree, path, token, score in zip(trees, paths, next_tokens, scores):
+    for tree, path, token, score, budget in zip(trees, paths, next_tokens, scores, budgets):
         kept = path[: budget + 1]
         chain = DraftTree([tree.tokens[n] for n in kept], list(range(-1, len(kept) - 1)))
         mapping = list(kept)
