@@ -101,7 +101,8 @@ class DraftSession:
         # the roots that grow get their tokens not fed yet, root last: logits row k is frontier entry k
         logits = yield from self._feed_roots(rows, padded, pads, [i for i, _, _ in frontier])
         for depth in range(1, max(depths, default=0) + 1):
-            prefixes = [padded[i] + [trees[i].tokens[n] for n in trees[i].path(node)[1:]] for i, node, _ in frontier]
+            prefixes = [padded[i] + [trees[i].tokens[n] for n in trees[i].path(node)[1:]] for i, node, _ in frontier
+                        ] if processors else []  # (built only for processors to read)
             scores = process_rows(processors, prefixes, logits.float(), [rows[i] for i, _, _ in frontier],
                                   self.num_rows, log_softmax)
             log_q = torch.log_softmax(scores, dim=-1) if sample is None else sample(scores).log()

@@ -55,7 +55,7 @@ def process_trees(
     """The processors at every node of draft trees, each node with its own prefix (its row's tokens and the
     node's path)."""
     prefixes, entry_rows = [], []
-    for row_tokens, tree, row in zip(tokens, trees, rows):
+    for row_tokens, tree, row in zip(tokens, trees, rows) if processors else ():  # (built only for processors)
         prefixes += [row_tokens + [tree.tokens[n] for n in tree.path(node)[1:]] for node in range(len(tree))]
         entry_rows += [row] * len(tree)
     processed = process_rows(processors, prefixes, torch.cat(logits), entry_rows, num_rows, log_softmax)
