@@ -11,6 +11,7 @@ class DecodeStats:
     rounds: int = 0  # speculative rounds: one per sequence per pass (per batch of beams under beam search)
     accepted_by_depth: list[int] = field(default_factory=list)  # rounds that accepted >= d + 1 drafted tokens
     stage_passes: list[int] = field(default_factory=list)  # a cascade's draft passes per stage, smallest first
+    routed_to: int | None = None  # under the early-exit router: the draft stage that answered (None: the target)
     kv_blocks_peak: int = 0
     kv_bytes_peak: int = 0
 

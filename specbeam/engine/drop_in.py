@@ -11,7 +11,9 @@ from transformers import PreTrainedModel
 from specbeam.config import EngineConfig, SpecConfig
 from specbeam.engine.core import EngineCore
 from specbeam.engine.loop import EngineLoop
+from specbeam.engine.routing import Router
 from specbeam.outputs import RequestOutput
+from specbeam.router import RouterConfig
 from specbeam.stats import DecodeStats
 from specbeam.validation import UnsupportedOptionError
 
@@ -25,12 +27,19 @@ class Engine:
     def __init__(
         self,
         model: PreTrainedModel,
-        draft_model: PreTrainedModel | str | None = None,
+        draft_model: PreTrainedModel | list[PreTrainedModel] | str | None = None,
         spec: SpecConfig | None = None,
+        router: RouterConfig | None = None,
         **options,
     ):
-        """draft_model: a causal LM with the target's vocabulary, or "ngram" for prompt lookup."""
+        """draft_model: a causal LM with the target's vocabulary, a list of them (a cascade, smallest first), or
+        "ngram" for prompt lookup. router: the opt-in, lossy early exit (`specbeam.engine.routing`): a call may
+        be answered by one of the drafts."""
+        if router is not None and (draft_model is None or isinstance(draft_model, str)):
+            raise ValueError(f"router needs draft models to stop at (draft_model=[...]), got {draft_model!r}")
         self.core = EngineCore(model, draft_model, spec, EngineConfig(**options))
+        drafts = draft_model if isinstance(draft_model, (list, tuple)) else [draft_model]
+        self.router = None if router is None else Router(router, list(drafts), model)
         self.loop = EngineLoop(self.core)
         self.config, self.spec, self.runner = self.core.config, self.core.spec, self.core.runner
         self.cache, self.drafter, self.tree_policies = self.core.cache, self.core.drafter, self.core.tree_policies
@@ -41,6 +50,13 @@ class Engine:
     def generate(self, inputs: torch.Tensor | None = None, generation_config=None, **kwargs):
         """Same arguments and results as `transformers.GenerationMixin.generate`; `generator=` seeds sampling."""
         state = self.core.prepare(inputs, generation_config, **kwargs)
+        stage = None if self.router is None else self.router.route(state.request.prompts, state.params.max_length)
+        if stage is not None:  # a draft answers
+            engine = self.router.engine(stage, lambda target, drafts: Engine(target, drafts, self.spec))
+            result = engine.generate(inputs, generation_config, **kwargs)
+            self._calls.stats = engine.last_stats
+            self._calls.stats.routed_to = stage
+            return result
         finished, box = threading.Event(), []
 
         def on_output(output: RequestOutput) -> None:
