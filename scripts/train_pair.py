@@ -4,6 +4,7 @@ Retrain (from the repository root; one CPU thread: about 37 minutes alone, 41 on
 
     python scripts/train_pair.py                          # writes specbeam/assets/pair/
     python scripts/train_pair.py --quick --out /tmp/pair  # smoke run of every stage, about 10 seconds
+    python scripts/train_pair.py --mid-only               # add the middle stage to the shipped pair (~15 minutes)
 
 Stages:
   1. corpus     the stdlib's `.py` files in sorted order, tests, IDLE, generated tables and docs left out;
@@ -12,6 +13,7 @@ Stages:
   3. target     LlamaForCausalLM trained from scratch with cross-entropy
   4. draft      a Llama at most 1/5 of the target's cost per token, distilled from the shipped target
   5. evaluate   both models reloaded from the saved bfloat16 weights, i.e. exactly what ships
+  6. mid        the cascade's middle stage (about 0.35 of the target's cost), distilled the same way, evaluated
 
 Cost per token is counted as forward FLOPs ~ 2 x (non-embedding parameters + lm_head parameters); the attention
 term (~4 x layers x context x hidden) is left out. Same seed, same machine: same weights (one thread, no
@@ -120,8 +122,11 @@ class PairConfig:
     draft: ModelShape = ModelShape(hidden_size=192, intermediate_size=512, num_layers=2, num_heads=3, num_kv_heads=1)
     # steps of 8 x 256 tokens measured on one thread: target 1.6 s, draft 1.0 s (half of it the teacher's forward);
     # 900 x 1.6 + 600 x 1.0 s ~ 34 min, plus ~3 min of tokenizer, encoding and evaluation
+    # the cascade's middle stage: ~3.5M parameters, about 0.35 of the target's cost per token
+    mid: ModelShape = ModelShape(hidden_size=256, intermediate_size=640, num_layers=3, num_heads=4, num_kv_heads=1)
     target_train: TrainConfig = TrainConfig(steps=900, lr=1e-3, warmup_steps=50)
     draft_train: TrainConfig = TrainConfig(steps=600, lr=1.5e-3, warmup_steps=50, ce_weight=0.2)
+    mid_train: TrainConfig = TrainConfig(steps=600, lr=1.2e-3, warmup_steps=50, ce_weight=0.2)
     max_positions: int = 1024  # RoPE extrapolates past the 256 trained positions; the engine may go further
     max_cost_ratio: float = 0.2
     eval_tokens: int = 131072
@@ -134,6 +139,8 @@ QUICK = PairConfig(
     draft=ModelShape(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=1, num_kv_heads=1),
     target_train=TrainConfig(steps=20, lr=3e-3, warmup_steps=5, seq_len=64),
     draft_train=TrainConfig(steps=20, lr=3e-3, warmup_steps=5, seq_len=64, ce_weight=0.2),
+    mid=ModelShape(hidden_size=64, intermediate_size=128, num_layers=1, num_heads=1, num_kv_heads=1),
+    mid_train=TrainConfig(steps=20, lr=3e-3, warmup_steps=5, seq_len=64, ce_weight=0.2),
     eval_tokens=4096,
 )
 
@@ -351,6 +358,7 @@ def run(cfg: PairConfig, out: Path) -> dict:
     save_bf16(draft, out / "draft")
 
     quality = evaluate(teacher, load_saved(out / "draft"), heldout_stream, cfg.target_train.seq_len, cfg.eval_tokens)
+    mid = train_mid(cfg, out, teacher, train_stream, heldout_stream)
     return {
         "seed": cfg.seed,
         "torch_version": torch.__version__,
@@ -363,8 +371,33 @@ def run(cfg: PairConfig, out: Path) -> dict:
         "draft": model_metrics(draft, cfg.draft, draft_training),
         "cost_ratio": round(cost_ratio, 4),
         **quality,
+        "mid": mid,
         "total_seconds": round(time.perf_counter() - start, 1),
     }
+
+
+def train_mid(cfg: PairConfig, out: Path, teacher: LlamaForCausalLM, train_stream: torch.Tensor,
+              heldout_stream: torch.Tensor) -> dict:
+    """The cascade's middle stage, distilled from the shipped target like the draft; saved to out / "mid"."""
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(out / "tokenizer")
+    mid = build_model(cfg.mid, tokenizer, cfg, cfg.seed + 2)
+    training = train(mid, train_stream, cfg.mid_train, cfg.seed + 2, "mid", teacher=teacher)
+    save_bf16(mid, out / "mid")
+    quality = evaluate(teacher, load_saved(out / "mid"), heldout_stream, cfg.target_train.seq_len, cfg.eval_tokens)
+    cost_ratio = round(flops_per_token(mid) / flops_per_token(teacher), 4)
+    mid_quality = {k.replace("draft_", "mid_"): v for k, v in quality.items() if k != "target_heldout_perplexity"}
+    return {**model_metrics(mid, cfg.mid, training), "cost_ratio": cost_ratio, **mid_quality}
+
+
+def run_mid_only(cfg: PairConfig, out: Path) -> dict:
+    """Add the middle stage to a pair already in `out`: its tokenizer and target as they are."""
+    train_files, heldout_files = stdlib_files(cfg.corpus)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(out / "tokenizer")
+    train_stream = token_stream(tokenizer, [read_source(p) for p in train_files], "encode train")
+    heldout_stream = token_stream(tokenizer, [read_source(p) for p in heldout_files], "encode heldout")
+    metrics = json.loads((out / "metrics.json").read_text())
+    metrics["mid"] = train_mid(cfg, out, load_saved(out / "target"), train_stream, heldout_stream)
+    return metrics
 
 
 def main() -> None:
@@ -372,10 +405,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "specbeam/assets/pair")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="tiny models and corpus: a smoke run of every stage")
+    parser.add_argument("--mid-only", action="store_true", help="add the middle stage to the pair in --out")
     args = parser.parse_args()
     torch.set_num_threads(1)
     cfg = replace(QUICK if args.quick else PairConfig(), seed=args.seed)
-    metrics = run(cfg, args.out)
+    metrics = run_mid_only(cfg, args.out) if args.mid_only else run(cfg, args.out)
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(json.dumps(metrics, indent=2))
 

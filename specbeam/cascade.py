@@ -12,9 +12,8 @@ after the last draft, of the target. The target's selection is untouched, so eve
   kept parent): the tree shrinks to what a beam search of this stage would consider.
 
 A chain is cut at the tree's node budget (depth x width) and at its row's depth (a row near max_length drafts
-less), so a round never takes more blocks than the scheduler planned. Every stage keeps its own cache and commits the target's accepted path, translated into the nodes of
-the tree it fed."""
-from collections import Counter
+less), so a round never takes more blocks than the scheduler planned. Every stage keeps its own cache and commits
+the target's accepted path, translated into the nodes of the tree it fed.""" from collections import Counter
 
 import torch
 

@@ -18,12 +18,13 @@ second, from what is measured on this machine as the engine runs.
   so a depth not drafted yet is expected to accept as the shallower ones do; old rounds fade by `memory`.
 
 A round with u trees (rows; under beam search, prompts with B roots each) of `nodes(D, w)` drafted nodes then
-advances u (1 + E(D, w)) tokens in T_share(u (roots + nodes)) plus the draft's share of one pass over the roots
-and D - 1 over the frontier; D = 0 is a plain step. That model leaves out the request's own work (planning its
-trees, selecting, committing), which on a small model is most of a round: so each shape's rounds are also timed
-whole, and the model's rate is multiplied by the ratio of the tokens they advanced to the tokens the model
-expected in the time they took (discounted sums; for a drafting shape not run yet, the drafting shapes' sums). The model carries each shape's rate across loads and batch
-sizes and ranks the shapes not run yet; the ratio corrects it where it has run.
+advances u (1 + E(D, w)) tokens in T_share(u (roots + nodes)) plus the draft's share of one pass over the roots and
+D - 1 over the frontier; D = 0 is a plain step. That model leaves out the request's own work (planning its trees,
+selecting, committing), which on a small model is most of a round: so each shape's rounds are also timed whole, and
+the model's rate is multiplied by the ratio of the tokens they advanced to the tokens the model expected in the
+time they took (discounted sums; for a drafting shape not run yet, the drafting shapes' sums). The model carries
+each shape's rate across loads and batch sizes and ranks the shapes not run yet; the ratio corrects it where it has
+run.
 
 Which shape runs never changes the output (every shape is lossless), only the speed; the policy draws from its
 own `random.Random`, never from torch's generators, so seeded sampling stays reproducible."""
@@ -94,10 +95,15 @@ def _lower_convex_hull(points: dict[int, float]) -> dict[int, float]:
     hull: list[tuple[int, float]] = []
     for n, y in sorted(points.items()):
         # drop the last point while it lies on or above the segment from the one before it to (n, y)
-        while len(hull) >= 2 and (hull[-1][1] - hull[-2][1]) * (n - hull[-2][0]) >= (y - hull[-2][1]) * (hull[-1][0] - hull[-2][0]):
+        while len(hull) >= 2 and _turns_down(hull[-2], hull[-1], (n, y)):
             hull.pop()
         hull.append((n, y))
     return dict(hull)
+
+
+def _turns_down(a: tuple[int, float], b: tuple[int, float], c: tuple[int, float]) -> bool:
+    """Whether b lies on or above the segment from a to c (cross product of b - a and c - a >= 0)."""
+    return (b[1] - a[1]) * (c[0] - a[0]) >= (c[1] - a[1]) * (b[0] - a[0])
 
 
 @dataclass

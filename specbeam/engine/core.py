@@ -267,7 +267,8 @@ class EngineCore:
 
     def make_drafter(self, draft):
         """One drafter per draft model (a list of models: a cascade), kept with its caches across requests."""
-        key = tuple(map(id, draft)) if isinstance(draft, (list, tuple)) else draft if isinstance(draft, str) else id(draft)
+        cascade = isinstance(draft, (list, tuple))
+        key = tuple(map(id, draft)) if cascade else draft if isinstance(draft, str) else id(draft)
         if key not in self.drafters:
             self.drafters[key] = self._new_drafter(draft)
         return self.drafters[key]
