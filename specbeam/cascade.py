@@ -13,7 +13,8 @@ after the last draft, of the target. The target's selection is untouched, so eve
 
 A chain is cut at the tree's node budget (depth x width) and at its row's depth (a row near max_length drafts
 less), so a round never takes more blocks than the scheduler planned. Every stage keeps its own cache and commits
-the target's accepted path, translated into the nodes of the tree it fed.""" from collections import Counter
+the target's accepted path, translated into the nodes of the tree it fed."""
+from collections import Counter
 
 import torch
 
