@@ -14,12 +14,14 @@ Stages:
   4. draft      a Llama at most 1/5 of the target's cost per token, distilled from the shipped target
   5. evaluate   both models reloaded from the saved bfloat16 weights, i.e. exactly what ships
   6. mid        the cascade's middle stage (about 0.35 of the target's cost), distilled the same way, evaluated
+  7. foreign    the draft's and the mid's greedy agreement on installed packages' code (not the stdlib)
 
 Cost per token is counted as forward FLOPs ~ 2 x (non-embedding parameters + lm_head parameters); the attention
 term (~4 x layers x context x hidden) is left out. Same seed, same machine: same weights (one thread, no
 nondeterministic ops).
 """
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -372,6 +374,7 @@ def run(cfg: PairConfig, out: Path) -> dict:
         "cost_ratio": round(cost_ratio, 4),
         **quality,
         "mid": mid,
+        "foreign_code": foreign_agreement(cfg, out),
         "total_seconds": round(time.perf_counter() - start, 1),
     }
 
@@ -389,6 +392,24 @@ def train_mid(cfg: PairConfig, out: Path, teacher: LlamaForCausalLM, train_strea
     return {**model_metrics(mid, cfg.mid, training), "cost_ratio": cost_ratio, **mid_quality}
 
 
+FOREIGN_PACKAGES = ("tqdm", "packaging", "jinja2", "click", "requests", "httpx")  # pure Python, not the stdlib
+
+
+def foreign_agreement(cfg: PairConfig, out: Path) -> dict:
+    """Greedy agreement with the shipped target of the draft and the mid, teacher-forced on Python code that is
+    not from the standard library (installed packages' sources, never trained on)."""
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(out / "tokenizer")
+    files = sorted(p for name in FOREIGN_PACKAGES if (spec := importlib.util.find_spec(name)) and spec.origin
+                   for p in Path(spec.origin).parent.rglob("*.py"))
+    stream = token_stream(tokenizer, [read_source(p) for p in files], "encode foreign")
+    target = load_saved(out / "target")
+    agreement = {}
+    for name in ("draft", "mid"):
+        quality = evaluate(target, load_saved(out / name), stream, cfg.target_train.seq_len, cfg.eval_tokens)
+        agreement[f"{name}_greedy_agreement"] = quality["draft_greedy_agreement"]
+    return {"packages": list(FOREIGN_PACKAGES), "files": len(files), **agreement}
+
+
 def run_mid_only(cfg: PairConfig, out: Path) -> dict:
     """Add the middle stage to a pair already in `out`: its tokenizer and target as they are."""
     train_files, heldout_files = stdlib_files(cfg.corpus)
@@ -397,6 +418,7 @@ def run_mid_only(cfg: PairConfig, out: Path) -> dict:
     heldout_stream = token_stream(tokenizer, [read_source(p) for p in heldout_files], "encode heldout")
     metrics = json.loads((out / "metrics.json").read_text())
     metrics["mid"] = train_mid(cfg, out, load_saved(out / "target"), train_stream, heldout_stream)
+    metrics["foreign_code"] = foreign_agreement(cfg, out)
     return metrics
 
 
@@ -406,10 +428,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="tiny models and corpus: a smoke run of every stage")
     parser.add_argument("--mid-only", action="store_true", help="add the middle stage to the pair in --out")
+    parser.add_argument("--foreign-only", action="store_true",
+                        help="only measure the drafts' agreement on installed packages' code (not the stdlib)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     cfg = replace(QUICK if args.quick else PairConfig(), seed=args.seed)
-    metrics = run_mid_only(cfg, args.out) if args.mid_only else run(cfg, args.out)
+    if args.foreign_only:
+        metrics = json.loads((args.out / "metrics.json").read_text())
+        metrics["foreign_code"] = foreign_agreement(cfg, args.out)
+    else:
+        metrics = run_mid_only(cfg, args.out) if args.mid_only else run(cfg, args.out)
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(json.dumps(metrics, indent=2))
 

@@ -1,6 +1,7 @@
-"""The shipped target/draft pair: two Llamas trained on the Python standard library's sources.
+"""The shipped target/draft pair: two Llamas trained on the Python standard library's sources, and a middle
+stage for a cascade of drafts.
 
-`pair/` holds `target/`, `draft/` (safetensors in bfloat16), `tokenizer/` and `metrics.json`; see
+`pair/` holds `target/`, `draft/`, `mid/` (safetensors in bfloat16), `tokenizer/` and `metrics.json`; see
 `scripts/train_pair.py` for how they were made and how to retrain them.
 """
 from pathlib import Path
@@ -28,3 +29,13 @@ def load_default_pair(
 ) -> tuple[PreTrainedModel, PreTrainedModel, PreTrainedTokenizerBase]:
     """The pair shipped inside the package, loaded offline; weights are stored in bfloat16 and cast to dtype."""
     return load_pair(PAIR_DIR, dtype)
+
+
+def load_default_cascade(
+    dtype: torch.dtype = torch.float32,
+) -> tuple[PreTrainedModel, list[PreTrainedModel], PreTrainedTokenizerBase]:
+    """(target, [draft, mid], tokenizer): the shipped target and its two drafts, smallest first, for
+    `Engine(target, draft_model=drafts)`."""
+    target, draft, tokenizer = load_default_pair(dtype)
+    mid = AutoModelForCausalLM.from_pretrained(PAIR_DIR / "mid", dtype=dtype, local_files_only=True).eval()
+    return target, [draft, mid], tokenizer

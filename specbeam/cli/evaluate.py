@@ -4,21 +4,28 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
+from specbeam.assets import PAIR_DIR
+from specbeam.cli.errors import CliError
 from specbeam.cli.loading import add_common_arguments, encode, load_engine, load_tokenizer
 from specbeam.cli.modes import DecodeMode, parse_modes
 from specbeam.cli.prompts import PromptCase, read_prompts
-from specbeam.cli.runs import Run, format_acceptance, merge_stats, timed_generate, warm_up
+from specbeam.cli import cascade_eval
+from specbeam.cli.runs import Run, latency_quantiles, tokens_per_second, format_acceptance, merge_stats, timed_generate, warm_up
 from specbeam.cli.table import format_table
 
-QUANTILES = (0.5, 0.95, 0.99)
+SHIPPED_PROMPTS = PAIR_DIR.parent / "prompts.jsonl"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_common_arguments(parser)
-    parser.add_argument("--prompts", type=Path, required=True, help='JSON lines {"prompt": ..., "answer": optional}')
+    add_common_arguments(parser, model_required=False)
+    parser.add_argument("--prompts", type=Path, default=None,
+                        help='JSON lines {"prompt": ..., "answer": optional} (--cascade: the shipped prompts)')
+    parser.add_argument("--cascade", action="store_true",
+                        help="evaluate the shipped cascade: fixed stages, the adaptive cascade, the router over λ")
+    parser.add_argument("--chart", type=Path, default=Path("specbeam-cascade.png"),
+                        help="--cascade: where to write the chart of agreement against latency")
     parser.add_argument("--modes", default="greedy,beam,sample",
                         help="comma-separated subset of greedy,beam,sample")
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
@@ -40,13 +47,12 @@ class ModeResult:
 
     @classmethod
     def from_runs(cls, mode: DecodeMode, runs: list[Run], matches: list[bool], equal: list[bool] | None):
-        seconds = torch.tensor([run.seconds for run in runs], dtype=torch.float64)
         stats = merge_stats([run.stats for run in runs])
         return cls(
             mode=mode.label,
             prompts=len(runs),
-            tokens_per_second=sum(len(run.tokens) for run in runs) / float(seconds.sum()),
-            latency_seconds={f"p{round(q * 100)}": float(seconds.quantile(q)) for q in QUANTILES},
+            tokens_per_second=tokens_per_second(runs),
+            latency_seconds=latency_quantiles(runs),
             accepted_per_round=stats.mean_accepted(),
             acceptance_by_depth=stats.acceptance_by_depth(),
             exact_matches=sum(matches) if matches else None,
@@ -82,6 +88,11 @@ def evaluate_mode(target, engine, tokenizer, cases: list[PromptCase], encoded: l
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.cascade:
+        args.prompts = args.prompts or SHIPPED_PROMPTS
+        return cascade_eval.run(args)
+    if args.model is None or args.prompts is None:
+        raise CliError("eval needs --model and --prompts (or --cascade, for the shipped cascade)")
     modes, cases = parse_modes(args.modes), read_prompts(args.prompts)
     tokenizer = load_tokenizer(args)
     encoded = [encode(tokenizer, case.prompt, args.device) for case in cases]

@@ -10,8 +10,9 @@ from specbeam import Engine
 from specbeam.cli.errors import CliError
 
 
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", type=Path, required=True, help="local transformers model directory (the target)")
+def add_common_arguments(parser: argparse.ArgumentParser, model_required: bool = True) -> None:
+    parser.add_argument("--model", type=Path, required=model_required,
+                        help="local transformers model directory (the target)")
     parser.add_argument("--draft", default=None, help='local draft model directory, or "ngram" (default: none)')
     parser.add_argument("--tokenizer", type=Path, default=None,
                         help="tokenizer directory (default: the model's, else a sibling 'tokenizer' directory)")

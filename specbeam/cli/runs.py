@@ -1,7 +1,6 @@
 """Timing one `generate` call, transformers' or specbeam's, and what it returns."""
 import time
 from dataclasses import dataclass, field
-from itertools import zip_longest
 from typing import Callable
 
 import torch
@@ -10,6 +9,19 @@ from specbeam.stats import DecodeStats
 from specbeam.trace import Trace
 
 from specbeam.cli.modes import DecodeMode
+
+QUANTILES = (0.5, 0.95, 0.99)  # of per-call latency
+
+
+def tokens_per_second(runs: list["Run"]) -> float:
+    """New tokens over seconds, over all the runs."""
+    return sum(len(run.tokens) for run in runs) / sum(run.seconds for run in runs)
+
+
+def latency_quantiles(runs: list["Run"]) -> dict[str, float]:
+    """p50, p95, p99 of the runs' seconds."""
+    seconds = torch.tensor([run.seconds for run in runs], dtype=torch.float64)
+    return {f"p{round(q * 100)}": float(seconds.quantile(q)) for q in QUANTILES}
 
 
 @dataclass
@@ -57,10 +69,7 @@ def merge_stats(stats: list[DecodeStats]) -> DecodeStats:
     """The counts of several calls added up, so that rates are over all their rounds."""
     total = DecodeStats()
     for s in stats:
-        for name in ("steps", "target_passes", "draft_passes", "drafted_tokens", "rounds"):
-            setattr(total, name, getattr(total, name) + getattr(s, name))
-        depths = zip_longest(total.accepted_by_depth, s.accepted_by_depth, fillvalue=0)
-        total.accepted_by_depth = [a + b for a, b in depths]
+        total.add(s)
         total.kv_blocks_peak = max(total.kv_blocks_peak, s.kv_blocks_peak)
         total.kv_bytes_peak = max(total.kv_bytes_peak, s.kv_bytes_peak)
     return total
