@@ -9,18 +9,18 @@
 // broadcast and one fused multiply-add of the row per row of x: an outer product, each loaded weight row
 // serving every row of x (the dot-product form over nn.Linear's layout reloads or reshuffles per row of x).
 // Tiles of C rows of x by G panels keep C * G panel rows of sums in registers (C up to 8 with AVX-512's 32
-// registers, 6 with AVX2's 16); more rows of x pass over a block of k of the same panels in turn, from L1.
+// registers, 6 with AVX2's 16); more rows of x pass over the same few panels in turn, from the caches.
 // A bfloat16 panel row interleaves its 16 columns as 0, 8, 1, 9, ..., 7, 15, so that the 32-bit words of
 // one 256-bit load hold column l in their low half and column l + 8 in their high half: a shift up 16 gives
-// columns 0..7 as float32, masking the low half gives columns 8..15, both exact (AVX-512 moves each column's
-// word into the high half of its float32 lane with one masked permute).
+// columns 0..7 as float32, masking the low half gives columns 8..15, both exact (AVX-512: the load in both
+// halves of one register, shifted in lanes 0..7, masked in lanes 8..15).
 //
 // Batch invariance: each out[i, j] is one chain of fused multiply-adds in increasing k from zero, then + bias.
-// Blocking over rows of x, panels or k (a chain paused in out and resumed as it was), and the thread split
-// over panels, only decide which chains run side by side, so out[i, j] is bitwise the same whatever M is,
-// wherever row i sits in x and however many threads run. The portable lanes follow the AVX2 and AVX-512 ones
-// operation for operation: the same bits. A bfloat16 weight is widened exactly, so a float32 weight that
-// bfloat16 holds exactly gives the same bits from half the bytes.
+// Blocking over rows of x or panels, and the thread split over panels, only decide which chains run side by
+// side, so out[i, j] is bitwise the same whatever M is, wherever row i sits in x and however many threads
+// run. The portable lanes follow the AVX2 and AVX-512 ones operation for operation: the same bits. A bfloat16
+// weight is widened exactly, so a float32 weight that bfloat16 holds exactly gives the same bits from half
+// the bytes.
 #pragma once
 
 #include <algorithm>
@@ -174,23 +174,22 @@ struct LinearArgs {
 };
 
 // How far ahead in its panel each step of k asks for the weight: the hardware prefetcher alone left the core
-// waiting on memory at one row of x.
-constexpr int64_t kPrefetchRows = 32;
+// waiting on memory at one row of x (64 rows: the best of 16, 32 and 64 on Zen 5).
+constexpr int64_t kPrefetchRows = 64;
 
-// out[i0 .. i0 + C, the columns of panels p0 .. p0 + G], steps k0 .. k1 of the sums: C * G panel rows of sums,
-// each weight row loaded once per k and multiplied into all C rows. The sums start from zero at k0 = 0, else
-// from the partial sums that the steps before k0 left in out; bias is added after the last step, k1 = K.
+// out[i0 .. i0 + C, the columns of panels p0 .. p0 + G]: C * G panel rows of sums, each weight row loaded once
+// per k and multiplied into all C rows.
 template <typename T, typename WT, int C, int G>
-void linear_tile(const LinearArgs<T, WT>& a, int64_t i0, int64_t p0, int64_t k0, int64_t k1) {
+void linear_tile(const LinearArgs<T, WT>& a, int64_t i0, int64_t p0) {
   using R = PanelRow<T>;
   constexpr int64_t P = kPanelColumns<T>;
   R acc[C][G];
-  for (int c = 0; c < C; ++c) {
-    for (int g = 0; g < G; ++g) acc[c][g] = k0 == 0 ? R::zero() : R::load(a.out + (i0 + c) * a.N + (p0 + g) * P);
+  for (auto& row : acc) {
+    for (auto& sums : row) sums = R::zero();
   }
   const T* x = a.x + i0 * a.K;
   const WT* w = a.packed + p0 * a.K * P;
-  for (int64_t k = k0; k < k1; ++k) {
+  for (int64_t k = 0; k < a.K; ++k) {
     R weight[G];
     for (int g = 0; g < G; ++g) {
       const WT* row = w + (g * a.K + k) * P;
@@ -202,42 +201,41 @@ void linear_tile(const LinearArgs<T, WT>& a, int64_t i0, int64_t p0, int64_t k0,
       for (int g = 0; g < G; ++g) acc[c][g].fma(xs, weight[g]);
     }
   }
-  const bool last = k1 == a.K;
   for (int c = 0; c < C; ++c) {
     for (int g = 0; g < G; ++g) {
       const int64_t j = (p0 + g) * P;
-      acc[c][g].store(a.out + (i0 + c) * a.N + j, last && a.bias ? a.bias + j : nullptr);
+      acc[c][g].store(a.out + (i0 + c) * a.N + j, a.bias ? a.bias + j : nullptr);
     }
   }
 }
 
 // Rows per tile, and panels side by side for C rows: (C + 1) * G panel rows (the sums, and the weight rows
-// they share) in the registers but one (a broadcast x), at most 8 panels streamed at once; and at least 8
-// chains of fused multiply-adds in flight (two units of latency 4) where that is all a tile can do.
+// they share) in the registers but one (a broadcast x), at most 4 panels streamed at once (more left one row
+// of x waiting on memory); and at least 8 chains of fused multiply-adds in flight (two units of latency 4)
+// where that is all a tile can do.
 constexpr int kRowsPerTile = kVectorRegisters == 32 ? 8 : 6;
 constexpr int kRegistersPerPanelRow = 64 / kVectorBytes;
 constexpr int panels_abreast(int C) {
-  return std::min(8, std::max(8 / (C * kRegistersPerPanelRow),
+  return std::min(4, std::max(8 / (C * kRegistersPerPanelRow),
                               (kVectorRegisters - 1) / ((C + 1) * kRegistersPerPanelRow)));
 }
 
 // Rows i0 .. i0 + C over panels p .. p_end, G at a time, then the last p_end - p < G together.
 template <int C, int G, typename T, typename WT>
-void linear_panels(const LinearArgs<T, WT>& a, int64_t i0, int64_t p, int64_t p_end, int64_t k0, int64_t k1) {
-  for (; p + G <= p_end; p += G) linear_tile<T, WT, C, G>(a, i0, p, k0, k1);
+void linear_panels(const LinearArgs<T, WT>& a, int64_t i0, int64_t p, int64_t p_end) {
+  for (; p + G <= p_end; p += G) linear_tile<T, WT, C, G>(a, i0, p);
   if constexpr (G > 1) {
-    if (p < p_end) linear_panels<C, G - 1>(a, i0, p, p_end, k0, k1);
+    if (p < p_end) linear_panels<C, G - 1>(a, i0, p, p_end);
   }
 }
 
 // Rows i0 .. i0 + count (count <= C <= kRowsPerTile) over panels p_begin .. p_end.
 template <int C, typename T, typename WT>
-void linear_rows(const LinearArgs<T, WT>& a, int64_t i0, int64_t count, int64_t p_begin, int64_t p_end,
-                 int64_t k0, int64_t k1) {
+void linear_rows(const LinearArgs<T, WT>& a, int64_t i0, int64_t count, int64_t p_begin, int64_t p_end) {
   if constexpr (C > 1) {
-    if (count < C) return linear_rows<C - 1>(a, i0, count, p_begin, p_end, k0, k1);
+    if (count < C) return linear_rows<C - 1>(a, i0, count, p_begin, p_end);
   }
-  linear_panels<C, panels_abreast(C)>(a, i0, p_begin, p_end, k0, k1);
+  linear_panels<C, panels_abreast(C)>(a, i0, p_begin, p_end);
 }
 
 // The tail's R = N % P columns, one scalar chain each: the same fused multiply-adds as a vector lane.
@@ -260,33 +258,23 @@ int64_t linear_unit_count(int64_t N) {
   return (N + kPanelColumns<T> - 1) / kPanelColumns<T>;
 }
 
-// Steps of k per block where several row tiles share panels: a block of 5 panels or fewer, 64 bytes per
-// panel row, stays in the L1 cache (32 KB or more) while every tile passes over it.
-constexpr int64_t kBlockSteps = 64;
-
-// out[:, the columns of units u_begin .. u_end] (every row of x). Up to kRowsPerTile rows: one tile, over all
-// of k at once. More: tiles of rows + 1 or rows rows, innermost over one block of k of a group of panels, so
-// that the block read from memory serves every tile from L1 (each tile resuming the sums left in out).
+// out[:, the columns of units u_begin .. u_end] (every row of x): tiles of rows + 1 or rows rows, innermost
+// over the few panels of one tile's width, so that panels read from memory serve every tile from the caches.
+// (Blocking k as well, so that every tile passes over a block from L1, was slower: 15% at 16 and 32 rows,
+// one thread.)
 template <typename T, typename WT>
 void linear_units(const LinearArgs<T, WT>& a, int64_t u_begin, int64_t u_end) {
   const int64_t panels = a.N / kPanelColumns<T>;
   if (u_end > panels) linear_tail(a);
   const int64_t p_end = std::min(u_end, panels);
   const int64_t tiles = (a.M + kRowsPerTile - 1) / kRowsPerTile;
-  if (tiles <= 1) {
-    if (tiles == 1) linear_rows<kRowsPerTile>(a, 0, a.M, u_begin, p_end, 0, a.K);
-    return;
-  }
+  if (tiles == 0) return;
   const int64_t rows = a.M / tiles, extra = a.M % tiles;  // tile t: rows + (t < extra)
   const int64_t step = panels_abreast(rows + (extra > 0));
-  const int64_t blocks = std::max<int64_t>(1, (a.K + kBlockSteps - 1) / kBlockSteps);
   for (int64_t p = u_begin; p < p_end; p += step) {
     const int64_t p_stop = std::min(p + step, p_end);
-    for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t k0 = b * kBlockSteps, k1 = std::min(a.K, k0 + kBlockSteps);
-      for (int64_t t = 0, i = 0; t < tiles; i += rows + (t < extra), ++t) {
-        linear_rows<kRowsPerTile>(a, i, rows + (t < extra), p, p_stop, k0, k1);
-      }
+    for (int64_t t = 0, i = 0; t < tiles; i += rows + (t < extra), ++t) {
+      linear_rows<kRowsPerTile>(a, i, rows + (t < extra), p, p_stop);
     }
   }
 }
