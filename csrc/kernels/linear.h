@@ -8,7 +8,7 @@
 // the N % P last columns as one tail [K, N % P]. One step of k is then one panel row loaded, x[i, k]
 // broadcast and one fused multiply-add of the row per row of x: an outer product, each loaded weight row
 // serving every row of x (the dot-product form over nn.Linear's layout reloads or reshuffles per row of x).
-// Tiles of C rows of x by G panels keep C * G panel rows of sums in registers (C up to 8 with AVX-512's 32
+// Tiles of C rows of x by G panels keep C * G panel rows of sums in registers (C up to 12 with AVX-512's 32
 // registers, 6 with AVX2's 16); more rows of x pass over the same few panels in turn, from the caches.
 // A bfloat16 panel row interleaves its 16 columns as 0, 8, 1, 9, ..., 7, 15, so that the 32-bit words of
 // one 256-bit load hold column l in their low half and column l + 8 in their high half: a shift up 16 gives
@@ -212,8 +212,9 @@ void linear_tile(const LinearArgs<T, WT>& a, int64_t i0, int64_t p0) {
 // Rows per tile, and panels side by side for C rows: (C + 1) * G panel rows (the sums, and the weight rows
 // they share) in the registers but one (a broadcast x), at most 4 panels streamed at once (more left one row
 // of x waiting on memory); and at least 8 chains of fused multiply-adds in flight (two units of latency 4)
-// where that is all a tile can do.
-constexpr int kRowsPerTile = kVectorRegisters == 32 ? 8 : 6;
+// where that is all a tile can do. AVX-512: 12 rows (12 x 2 panels) ran 12 rows in the time of 8 on one
+// thread, where two tiles of 6 took 1.4 times as long; 16 (16 x 1) was slower at 16 and 32 rows.
+constexpr int kRowsPerTile = kVectorRegisters == 32 ? 12 : 6;
 constexpr int kRegistersPerPanelRow = 64 / kVectorBytes;
 constexpr int panels_abreast(int C) {
   return std::min(4, std::max(8 / (C * kRegistersPerPanelRow),
@@ -260,8 +261,8 @@ int64_t linear_unit_count(int64_t N) {
 
 // out[:, the columns of units u_begin .. u_end] (every row of x): tiles of rows + 1 or rows rows, innermost
 // over the few panels of one tile's width, so that panels read from memory serve every tile from the caches.
-// (Blocking k as well, so that every tile passes over a block from L1, was slower: 15% at 16 and 32 rows,
-// one thread.)
+// (Blocking k as well, so that every tile passes over a block from L1, was slower: 5-15% at 16 and 32 rows,
+// one thread or two.)
 template <typename T, typename WT>
 void linear_units(const LinearArgs<T, WT>& a, int64_t u_begin, int64_t u_end) {
   const int64_t panels = a.N / kPanelColumns<T>;
