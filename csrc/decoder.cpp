@@ -58,11 +58,12 @@ void add_into(at::Tensor& a, const at::Tensor& b) {
   for (int64_t i = 0; i < a.numel(); ++i) x[i] += y[i];
 }
 
-// Elements per thread at least, for the elementwise loops worth threads
+// Elements per thread at least, where an elementwise loop runs in parallel
 constexpr int64_t kElementwiseGrain = 8192;
 
 // In place: gate = silu(gate) * up, silu(g) = g / (1 + exp(-g)); in parallel over the elements (the exps are
-// most of a layer's time outside its linears: 2 ms of a 246M-parameter pass at 8 tokens on one thread)
+// most of a layer's time outside its linears: 0.7 ms of a 246M-parameter pass at 8 tokens on one thread,
+// 2.9 ms at 32)
 template <typename T>
 void swiglu_into(at::Tensor& gate, const at::Tensor& up) {
   T* g = gate.data_ptr<T>();

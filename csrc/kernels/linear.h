@@ -261,7 +261,7 @@ int64_t linear_unit_count(int64_t N) {
 
 // out[:, the columns of units u_begin .. u_end] (every row of x): tiles of rows + 1 or rows rows, innermost
 // over the few panels of one tile's width, so that panels read from memory serve every tile from the caches.
-// (Blocking k as well, so that every tile passes over a block from L1, was slower: 5-15% at 16 and 32 rows,
+// (Blocking k as well, so that every tile passes over a block from L1, was slower: 5-20% at 16 and 32 rows,
 // one thread or two.)
 template <typename T, typename WT>
 void linear_units(const LinearArgs<T, WT>& a, int64_t u_begin, int64_t u_end) {
