@@ -3,6 +3,7 @@
 // over each token's row (a token's result never depends on the other tokens). Semantics, to float tolerance:
 // specbeam/reference/decoder.py, which is transformers' maths op for op.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <cmath>
 
@@ -57,12 +58,19 @@ void add_into(at::Tensor& a, const at::Tensor& b) {
   for (int64_t i = 0; i < a.numel(); ++i) x[i] += y[i];
 }
 
-// In place: gate = silu(gate) * up, silu(g) = g / (1 + exp(-g))
+// Elements per thread at least, where an elementwise loop runs in parallel
+constexpr int64_t kElementwiseGrain = 8192;
+
+// In place: gate = silu(gate) * up, silu(g) = g / (1 + exp(-g)); in parallel over the elements (the exps are
+// most of a layer's time outside its linears: 0.7 ms of a 246M-parameter pass at 8 tokens on one thread,
+// 2.9 ms at 32)
 template <typename T>
 void swiglu_into(at::Tensor& gate, const at::Tensor& up) {
   T* g = gate.data_ptr<T>();
   const T* u = up.data_ptr<T>();
-  for (int64_t i = 0; i < gate.numel(); ++i) g[i] = g[i] / (T(1) + std::exp(-g[i])) * u[i];
+  at::parallel_for(0, gate.numel(), kElementwiseGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) g[i] = g[i] / (T(1) + std::exp(-g[i])) * u[i];
+  });
 }
 
 // A weight [rows, cols] (rows -1: any); its dtype and packing are the linear kernel's to check

@@ -43,7 +43,7 @@ def test_matches_float64_torch(backend, device, dtype, rtol, with_bias, m, k, n)
 @pytest.mark.parametrize("num_threads", [1, 2])
 @pytest.mark.parametrize("dtype, weight_dtype", [(torch.float32,) * 2, (torch.float64,) * 2,
                                                   (torch.float32, torch.bfloat16)])
-@pytest.mark.parametrize("k, n", [(37, 5), (384, 131), (61, 64)])
+@pytest.mark.parametrize("k, n", [(37, 5), (384, 131), (61, 64), (200, 339)])  # 339: 21 panels, every tile width
 def test_each_row_is_bitwise_the_same_in_any_batch(backend, threads, num_threads, dtype, weight_dtype, k, n):
     """Row i of linear(x) == linear(x[a:b])[i - a] bitwise, for every window [a, b) around i: the row alone,
     at every position of a batch of M = 1 ... 33 rows, whatever the thread count."""
@@ -60,7 +60,7 @@ def test_each_row_is_bitwise_the_same_in_any_batch(backend, threads, num_threads
 @pytest.mark.parametrize("backend", ["cpp"])
 @pytest.mark.parametrize("num_threads", [1, 2])
 @pytest.mark.parametrize("with_bias", [True, False])
-@pytest.mark.parametrize("k, n", [(37, 5), (384, 131), (61, 64), (896, 9)])
+@pytest.mark.parametrize("k, n", [(37, 5), (384, 131), (61, 64), (896, 9), (200, 339)])
 def test_bfloat16_weight_gives_the_bits_of_its_exact_float32(backend, threads, num_threads, with_bias, k, n):
     """A float32 weight that bfloat16 holds exactly: its bfloat16 copy gives bitwise the same out, any M."""
     threads(num_threads)
