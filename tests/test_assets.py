@@ -1,10 +1,12 @@
-"""The shipped target/draft pair: loads offline, sizes and costs as documented, usable for generation."""
+"""The shipped target/draft pair and the cascade's middle stage: load offline, sizes and costs as documented,
+usable for generation."""
 import json
 
 import pytest
 import torch
 
-from specbeam.assets import PAIR_DIR, load_default_pair
+from specbeam import Engine
+from specbeam.assets import PAIR_DIR, load_default_cascade, load_default_pair
 
 CODE = 'def mean(xs: list[float]) -> float:\n\t"""Arithmetic mean; é ≠ e."""\n    return sum(xs) / len(xs)  # O(n)\n'
 
@@ -71,3 +73,14 @@ def test_greedy_generate_gives_valid_ids(pair):
 
 def test_assets_fit_in_30_mb():
     assert sum(f.stat().st_size for f in PAIR_DIR.rglob("*") if f.is_file()) <= 30_000_000
+
+
+def test_the_middle_stage_sits_between_the_draft_and_the_target(pair):
+    target, (draft, mid), tokenizer = load_default_cascade()
+    assert mid.config.vocab_size == target.config.vocab_size and not mid.training
+    assert flops_per_token(draft) < flops_per_token(mid) <= 0.5 * flops_per_token(target)
+    metrics = json.loads((PAIR_DIR / "metrics.json").read_text())["mid"]
+    assert metrics["mid_greedy_agreement"] > json.loads((PAIR_DIR / "metrics.json").read_text())["draft_greedy_agreement"]
+    prompt = tokenizer("import os\n\n\ndef ", return_tensors="pt")
+    out = Engine(target, draft_model=[draft, mid]).generate(**prompt, max_new_tokens=16, do_sample=False)
+    assert torch.equal(out, target.generate(**prompt, max_new_tokens=16, do_sample=False))

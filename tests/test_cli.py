@@ -128,3 +128,19 @@ def test_chat_without_a_template_fails_clearly(capsys):
     assert main(["generate", "--model", TARGET, "--prompt", "hello", "--chat"]) == 1
     error = capsys.readouterr().err
     assert "tokenizer" in error and str(PAIR_DIR / "tokenizer") in error and "has no chat template" in error
+
+
+def test_eval_of_the_shipped_cascade(tmp_path, capsys):
+    prompts, results, chart = tmp_path / "two.jsonl", tmp_path / "cascade.json", tmp_path / "cascade.png"
+    prompts.write_text("".join(PROMPTS.read_text().splitlines(keepends=True)[:2]))
+    assert main(["eval", "--cascade", "--prompts", str(prompts), "--max-new-tokens", "6", "--threads", "1",
+                 "--json", str(results), "--chart", str(chart)]) == 0
+    out = capsys.readouterr().out
+    by_config = {r["config"]: r for r in json.loads(results.read_text())}
+    lossless = ["two-stage (draft, depth 3)", "three-stage (draft, mid, depth 3)", "cascade (adaptive)", "router λ=inf"]
+    assert all(by_config[name]["agreement"] == 2 for name in lossless)  # every lossless configuration: the target's
+    assert by_config["router λ=inf"]["stopped_at"] == {"target": 2}
+    assert by_config["router λ=0"]["stopped_at"] == {"draft": 2}  # free quality: the smallest draft answers
+    assert by_config["three-stage (draft, mid, depth 3)"]["stage_passes"][1] > 0
+    assert "heldout" in out or "auc" in out.lower()
+    assert chart.stat().st_size > 0
