@@ -22,7 +22,7 @@ advances u (1 + E(D, w)) tokens in T_share(u (roots + nodes)) plus the draft's s
 D - 1 over the frontier; D = 0 is a plain step. That model leaves out the request's own work (planning its trees,
 selecting, committing), which on a small model is most of a round: so each shape's rounds are also timed whole, and
 the model's rate is multiplied by the ratio of the tokens they advanced to the tokens the model expected in the
-time they took (discounted sums; for a drafting shape not run yet, the drafting shapes' sums). The model carries
+time they took (discounted sums, which start from a few tokens at the model's word). The model carries
 each shape's rate across loads and batch sizes and ranks the shapes not run yet; the ratio corrects it where it has
 run.
 
@@ -209,6 +209,7 @@ class TreePolicy:
     widths: tuple[int, ...]  # the widths to choose from, increasing
     explore: float = 0.05  # chance that a round tries a neighbour of the best shape as fast as it
     memory: float = 0.95  # weight of the past in each shape's sums of measured and modelled tokens
+    evidence: float = 2.0  # tokens' worth of rounds that a shape's measurements outweigh the model by
     measured: dict[tuple[int, int], tuple[float, float]] = field(default_factory=dict)  # shape -> (tokens, modelled)
     rng: random.Random = field(default_factory=lambda: random.Random(0))
 
@@ -223,12 +224,10 @@ class TreePolicy:
         return tokens / seconds
 
     def ratio(self, depth: int, width: int) -> float:
-        """What this shape's rounds advanced over what the model expected in the time they took (a drafting
-        shape not run yet: the drafting shapes' together; a plain step not run yet: 1)."""
-        sums = [v for (d, w), v in self.measured.items() if (d, w) == (depth, width) or depth and d and
-                (depth, width) not in self.measured]
-        tokens, modelled = sum(t for t, _ in sums), sum(m for _, m in sums)
-        return tokens / modelled if modelled > 0 else 1.0
+        """What this shape's rounds advanced over what the model expected in the time they took, both sums
+        starting from `evidence` tokens at the model's word (a shape not run yet: the model's, 1)."""
+        tokens, modelled = self.measured.get((depth, width), (0.0, 0.0))
+        return (tokens + self.evidence) / (modelled + self.evidence)
 
     def rate(self, depth: int, width: int, trees: int, load: float) -> float:
         """The modelled rate, corrected by what this shape's rounds measured against the model so far: the work
@@ -250,17 +249,22 @@ class TreePolicy:
             return neighbour
         return best
 
-    def observe(self, depth: int, width: int, trees: int, load: float, tokens: int, seconds: float | None,
-                seen: list[tuple[int, int | None, int]]) -> None:
+    def observe(self, depth: int, width: int, trees: int, load: float, tokens: int, seconds: float,
+                seen: list[tuple[int, int | None, int]], caught_up: int = 0) -> None:
         """A round of this shape over `trees` trees beside `load` tokens advanced `tokens` in `seconds` (the
-        request's share of the round; None: not timed), and accepted as `seen` says ((depth, rank or None,
-        width) observations, `TreeShape.observations`)."""
+        request's share of the round), its draft first catching up on `caught_up` tokens of plain steps before it
+        (the cost of switching, not of the shape: the draft's modelled time for them is taken off), and accepted
+        as `seen` says ((depth, rank or None, width) observations, `TreeShape.observations`)."""
         if depth:
             self.acceptance.fade()
             for d, rank, ranked in seen:
                 if d <= self.acceptance.max_depth:
                     self.acceptance.record(d, rank, ranked)
-        if seconds is None or not (self.target.known and self.draft.known):
+        if not (self.target.known and self.draft.known):
+            return
+        roots = trees * self.shape.roots
+        seconds -= self.draft.share(roots + caught_up, load) - self.draft.share(roots, load)
+        if seconds <= 0:
             return
         past_tokens, past_modelled = self.measured.get((depth, width), (0.0, 0.0))
         modelled = seconds * self.modelled(depth, width, trees, load)  # the tokens the model expected in that time
@@ -305,6 +309,6 @@ class StagesPolicy:
         (depth, width), stages = max(options, key=lambda o: self.policies[o[1]].rate(*o[0], trees, load))
         return depth, width, stages
 
-    def observe(self, depth: int, width: int, trees: int, load: float, tokens: int, seconds: float | None,
-                seen: list, stages: tuple[int, ...]) -> None:
-        self.policies[stages].observe(depth, width, trees, load, tokens, seconds, seen)
+    def observe(self, depth: int, width: int, trees: int, load: float, tokens: int, seconds: float, seen: list,
+                caught_up: int, stages: tuple[int, ...]) -> None:
+        self.policies[stages].observe(depth, width, trees, load, tokens, seconds, seen, caught_up)

@@ -116,12 +116,8 @@ def _rate(policy: TreePolicy, depth: int, width: int, trees: int, load: float) -
         roots = trees * shape.roots
         seconds += policy.draft(roots + load) * roots / (roots + load)
         seconds += (depth - 1) * policy.draft(trees * width + load) * trees * width / (trees * width + load)
-    sums = policy.measured.get((depth, width))
-    if sums is None and depth:
-        drafting = [v for (d, _), v in policy.measured.items() if d]
-        sums = tuple(map(sum, zip(*drafting))) if drafting else None
-    ratio = sums[0] / sums[1] if sums else 1.0
-    return ratio * trees * (1 + accepted) / seconds
+    tokens, modelled = policy.measured.get((depth, width), (0.0, 0.0))
+    return (tokens + 2.0) / (modelled + 2.0) * trees * (1 + accepted) / seconds
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -155,17 +151,21 @@ def test_steep_passes_make_chains_flat_ones_wide_trees_and_a_useless_draft_plain
 
 
 def test_measured_rounds_correct_the_model_per_shape():
-    policy = _policy(target=PassCost({1: 1.0, 8: 1.1, 16: 2.0}), hits=0.7)
+    policy = _policy(target=PassCost({1: 1.0, 8: 1.1, 16: 2.0}), draft=PassCost({1: 0.1, 8: 0.5}), hits=0.7)
     best = policy.choose(1, 0)
-    assert best[0] > 0
+    assert best[0] > 0 and policy.ratio(*best) == 1.0  # not run yet: the model's word
     modelled = policy.modelled(*best, 1, 0)
     policy.observe(*best, 1, 0, tokens=1, seconds=2 / modelled, seen=[])  # its round ran at half the model's rate
-    assert policy.ratio(*best) == pytest.approx(0.5)
-    policy.observe(*best, 1, 0, tokens=1, seconds=1 / modelled, seen=[])  # sums: (0.95 + 1) / (0.95 * 2 + 1)
-    assert policy.ratio(*best) == pytest.approx(1.95 / 2.9)
-    policy.measured[best] = (1.0, 10.0)  # far slower than modelled: another shape runs; a drafting shape not run
-    assert policy.choose(1, 0) == (0, 1)  # yet takes the drafting shapes' ratio, 0.1, so plain steps win
-    assert policy.rate(3, 3, 1, 0) == pytest.approx(0.1 * policy.modelled(3, 3, 1, 0))
+    assert policy.ratio(*best) == pytest.approx((1 + 2) / (2 + 2))  # two tokens' worth of the model's word
+    policy.observe(*best, 1, 0, tokens=1, seconds=1 / modelled, seen=[])  # sums: 0.95 * 1 + 1, 0.95 * 2 + 1
+    assert policy.ratio(*best) == pytest.approx((1.95 + 2) / (2.9 + 2))
+    policy.measured[best] = (1.0, 30.0)  # far slower than modelled: another shape runs
+    assert policy.choose(1, 0) != best
+    # a round whose draft first caught up on 5 tokens: the draft's time for them, D(6) - D(1), is not the shape's
+    shape, before = (1, 1), policy.modelled(1, 1, 1, 0)
+    catch_up = policy.draft(6) - policy.draft(1)
+    policy.observe(*shape, 1, 0, tokens=2, seconds=2 / before + catch_up, seen=[], caught_up=5)
+    assert policy.measured[shape] == pytest.approx((2.0, 2.0))
 
 
 def test_a_plain_step_neighbours_the_depth_one_trees_of_every_width():

@@ -197,13 +197,11 @@ class Decoding:
             self.depth = 0
 
     def report_round(self, seconds: float) -> None:
-        """Tell the tree policy what this round advanced in its share of the round's `seconds`, and accepted. A
-        round whose draft first caught up on the tokens of plain steps before it is not timed: that is the
-        cost of switching, not of the shape (timing it would keep a shape tried now and then from ever paying)."""
+        """Tell the tree policy what this round advanced in its share of the round's `seconds`, and accepted."""
         if self.policy is not None:
-            caught_up = self.depth and self.draft.caught_up
-            self.policy.observe(self.depth, self.width, *self.chosen_for, self.advanced,
-                                None if caught_up else seconds, self.seen if self.depth else [], *self.stages)
+            caught_up = self.draft.caught_up if self.depth else 0
+            self.policy.observe(self.depth, self.width, *self.chosen_for, self.advanced, seconds,
+                                self.seen if self.depth else [], caught_up, *self.stages)
 
     def plan(self):  # a generator -> list[Work]
         """This round's works: each row's root and draft tree. Yields the draft passes it needs first."""
