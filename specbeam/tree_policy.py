@@ -210,6 +210,7 @@ class TreePolicy:
     explore: float = 0.05  # chance that a round tries a neighbour of the best shape as fast as it
     memory: float = 0.95  # weight of the past in each shape's sums of measured and modelled tokens
     evidence: float = 2.0  # tokens' worth of rounds that a shape's measurements outweigh the model by
+    stay: float = 0.95  # a request keeps its shape while that is at least this share of the best rate
     measured: dict[tuple[int, int], tuple[float, float]] = field(default_factory=dict)  # shape -> (tokens, modelled)
     rng: random.Random = field(default_factory=lambda: random.Random(0))
 
@@ -234,14 +235,17 @@ class TreePolicy:
         the model leaves out, per shape."""
         return self.ratio(depth, width) * self.modelled(depth, width, trees, load)
 
-    def choose(self, trees: int, load: float) -> tuple[int, int]:
-        """The (depth, width) with the best rate; now and then one of its neighbours instead. Before the pass
-        costs are known: the deepest, widest tree."""
+    def choose(self, trees: int, load: float, current: tuple[int, int] | None = None) -> tuple[int, int]:
+        """The (depth, width) with the best rate, unless the request's `current` one is within `stay` of it
+        (switching between drafting and plain steps costs the draft a catch-up); now and then a neighbour of
+        the best instead. Before the pass costs are known: the deepest, widest tree."""
         if not (self.target.known and self.draft.known):
             return self.acceptance.max_depth, self.widths[-1]
         shapes = [(0, self.widths[0])] + [(d, w) for d in range(1, self.acceptance.max_depth + 1) for w in self.widths]
         rates = {shape: self.rate(*shape, trees, load) for shape in shapes}
         best = max(shapes, key=rates.get)
+        if current in rates and rates[current] >= self.stay * rates[best]:
+            best = current
         # a neighbour as fast as the best runs one round in 1 / explore, a slower one less often by the square of
         # its relative speed (each try costs what it is slower)
         neighbour = self._neighbour(best)
@@ -303,9 +307,10 @@ class StagesPolicy:
         self.policies = policies
         self.shape = next(iter(policies.values())).shape
 
-    def choose(self, trees: int, load: float) -> tuple[int, int, tuple[int, ...]]:
-        """(depth, width, the stages taking part)."""
-        options = [(policy.choose(trees, load), stages) for stages, policy in self.policies.items()]
+    def choose(self, trees: int, load: float, current: tuple | None = None) -> tuple[int, int, tuple[int, ...]]:
+        """(depth, width, the stages taking part); `current`: the request's (depth, width, stages) now."""
+        options = [(policy.choose(trees, load, current[:2] if current and current[2] == stages else None), stages)
+                   for stages, policy in self.policies.items()]
         (depth, width), stages = max(options, key=lambda o: self.policies[o[1]].rate(*o[0], trees, load))
         return depth, width, stages
 

@@ -168,6 +168,20 @@ def test_measured_rounds_correct_the_model_per_shape():
     assert policy.measured[shape] == pytest.approx((2.0, 2.0))
 
 
+def test_a_request_keeps_its_shape_while_it_is_nearly_the_best():
+    policy = _policy(target=PassCost({1: 1.0, 2: 1.5, 4: 2.5, 8: 4.5}), hits=0.5)
+    policy.stay = 0.9
+    best = policy.choose(1, 0)
+    rates = {(d, w): policy.rate(d, w, 1, 0) for d in range(6) for w in (1, 2, 3) if d or w == 1}
+    close = [s for s in rates if s != best and rates[s] >= 0.9 * rates[best]]
+    far = min(rates, key=rates.get)
+    assert close and rates[far] < 0.9 * rates[best]
+    assert all(policy.choose(1, 0, current=shape) == shape for shape in close)  # nearly as good: kept
+    assert policy.choose(1, 0, current=far) == best  # far slower: gives way
+    policy.stay = 1.0
+    assert policy.choose(1, 0, current=close[0]) == best
+
+
 def test_a_plain_step_neighbours_the_depth_one_trees_of_every_width():
     policy = _policy()
     assert policy._neighbour((1, 3)) in {(0, 1), (2, 3), (1, 2)}
@@ -198,7 +212,7 @@ class CyclingShapes:
     def __init__(self, shapes: list[tuple[int, int]]):
         self.shapes = itertools.cycle(shapes)
 
-    def choose(self, trees: int, load: float) -> tuple[int, int]:
+    def choose(self, trees: int, load: float, current=None) -> tuple[int, int]:
         return next(self.shapes)
 
     def observe(self, *round) -> None:

@@ -180,7 +180,8 @@ class Decoding:
             self.depth, self.width = self.spec.depth, self.spec.width
         else:  # a cascade's policy also says which of its stages take part
             self.chosen_for = (self.num_trees(), load)
-            self.depth, self.width, *self.stages = self.policy.choose(*self.chosen_for)
+            current = (self.depth, self.width, *self.stages) if self.rows else None
+            self.depth, self.width, *self.stages = self.policy.choose(*self.chosen_for, current=current)
 
     def num_trees(self) -> int:
         """The trees a round drafts: one per live row (beam search: per running prompt)."""
