@@ -22,15 +22,14 @@ from specbeam.tree_policy import PassCost
 
 @dataclass
 class DraftPass:
-    """One decode-style draft forward that a session needs: feed each table its tokens; the logits after each
-    one's last token come back ([len(tables), vocab])."""
+    """One draft forward that a session needs: its works' logits come back ([sum of their num_logits, vocab])."""
 
     drafter: "DraftModelDrafter"
-    tables: list[BlockTable]
-    tokens: list[list[int]]
+    works: list[Work]
 
-    def works(self) -> list[Work]:
-        return [Work(t, k, num_logits=1) for t, k in zip(self.tables, self.tokens)]
+    @property
+    def num_logits(self) -> int:
+        return sum(w.num_logits for w in self.works)
 
 
 class DraftModelDrafter:
@@ -70,6 +69,7 @@ class DraftSession:
         self.fed: list[dict[int, BlockTable]] = [{} for _ in range(num_rows)]  # per row, this round: node -> table
         self.num_rows, self.passes = num_rows, 0
         self.caught_up = 0  # tokens the last proposal fed besides the roots: those of rounds that did not draft
+        self.scored: dict[int, tuple[BlockTable, int]] = {}  # row -> (its scored tree's table, the root's position)
 
     def end(self) -> None:
         """Release every block (the request finished, failed or was preempted)."""
@@ -121,21 +121,21 @@ class DraftSession:
         return self._with_draft_probs(trees, q, sample)
 
     def score(self, rows, padded, pads, trees: list[DraftTree]):  # a generator -> per tree [nodes, vocab]
-        """This draft's logits at every node of given trees (a cascade's stage checking the stage below it):
-        the roots' pass, then one pass per depth; each node's table is kept for `commit`, as in `propose`."""
-        for r in rows:
-            self.fed[r] = {0: self.tables[r]}
-        out = [[None] * len(t) for t in trees]
-        logits = yield from self._feed_roots(rows, padded, pads, list(range(len(rows))))
-        for i, row in enumerate(logits):
-            out[i][0] = row
-        depths = [t.depths() for t in trees]
-        for depth in range(1, max(max(d) for d in depths) + 1):
-            nodes = [(i, n) for i, d in enumerate(depths) for n in range(len(d)) if d[n] == depth]
-            logits = yield from self._feed_nodes(rows, trees, nodes)
-            for (i, n), row in zip(nodes, logits):
-                out[i][n] = row
-        return [torch.stack(nodes) for nodes in out]
+        """This draft's logits at every node of given trees (a cascade's stage checking the stage below it), in
+        one forward: each row feeds its tokens not fed yet and then its tree (tree-masked), on a fork of its
+        table that `commit` cuts down to the path taken."""
+        works = []
+        for i, tree in enumerate(trees):
+            table = self.tables[rows[i]]
+            behind = padded[i][pads[i] + table.length:-1]  # not fed yet, before the root (node 0)
+            scored = self.cache.fork(table)
+            self.scored[rows[i]] = (scored, table.length + len(behind))
+            works.append(Work(scored, behind + tree.tokens, len(tree), _positions(len(behind), tree),
+                              _tree_after_prefix(len(behind), tree)))
+        self.caught_up = sum(len(w.tokens) - len(t) for w, t in zip(works, trees))
+        self.passes += 1
+        logits = yield DraftPass(self.drafter, works)
+        return list(logits.split([len(t) for t in trees]))
 
     def _feed_roots(self, rows, padded, pads, trees: list[int]):  # a generator -> [len(trees), vocab]
         """Feed the rows of `trees` (indices into `rows`) their tokens not fed yet, root last."""
@@ -163,6 +163,12 @@ class DraftSession:
         """New row i continues old row origins[i][0] along the node path origins[i][1] of its last tree."""
         new = []
         for old, path in origins:
+            if old in self.scored:  # the tree went in one pass: keep the path's K/V in a copy of its table
+                scored, start = self.scored[old]
+                table = self.cache.fork(scored)
+                self.cache.keep_path(table, start, path)
+                new.append(table)
+                continue
             fed = [self.fed[old][n] for n in path if n in self.fed[old]]
             new.append(self.cache.fork(fed[-1] if fed else self.tables[old]))
         self._release_all()
@@ -174,18 +180,21 @@ class DraftSession:
             self.cache.release(table)
 
     def _release_round(self) -> None:
-        """Drop the node tables of the last round (a row's own table is node 0's: kept)."""
+        """Drop the node tables of the last round (a row's own table is node 0's: kept) and the scored trees'."""
         for r, nodes in enumerate(self.fed):
             for node, table in nodes.items():
                 if node != 0:
                     self.cache.release(table)
             nodes.clear()
+        for table, _ in self.scored.values():
+            self.cache.release(table)
+        self.scored = {}
 
     def _forward(self, tables: list[BlockTable], tokens: list[list[int]]):  # -> [rows, vocab]
         """Feed each table its tokens (the engine batches the pass with other sessions'); the logits after each
         one's last."""
         self.passes += 1
-        return (yield DraftPass(self.drafter, tables, tokens))
+        return (yield DraftPass(self.drafter, [Work(t, k, num_logits=1) for t, k in zip(tables, tokens)]))
 
     @staticmethod
     def _expand(frontier, log_q, spec: SpecConfig, generator, sample, root: bool, groups):  # log_q: [frontier, vocab]
@@ -252,3 +261,15 @@ class NgramDrafter:
                 if tokens[start : start + n] == pattern:
                     return tokens[start + n : start + n + depth]
         return []
+
+
+def _positions(before: int, tree: DraftTree) -> list[int]:  # [before + len(tree)] offsets from the table's length
+    return list(range(before)) + [before + d for d in tree.depths()]
+
+
+def _tree_after_prefix(before: int, tree: DraftTree) -> torch.Tensor:  # [n, n] bool, n = before + len(tree)
+    """Causal over the `before` tokens; each tree node sees all of them and its own ancestors."""
+    n = before + len(tree)
+    mask = torch.ones(n, n).tril().bool()
+    mask[before:, before:] = tree.ancestor_mask()
+    return mask

@@ -194,7 +194,7 @@ def _alone(propose):
             draft_pass = propose.send(logits)
         except StopIteration as done:
             return done.value
-        logits = draft_pass.drafter.runner.forward(draft_pass.drafter.cache, draft_pass.works())
+        logits = draft_pass.drafter.runner.forward(draft_pass.drafter.cache, draft_pass.works)
 
 
 def test_beam_drafts_keep_the_best_nodes_per_prompt_over_all_its_beams():

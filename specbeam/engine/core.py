@@ -192,13 +192,13 @@ class EngineCore:
             waiting = {}
             for items in by_drafter.values():
                 drafter = items[0][2].drafter
-                works = [w for _, _, draft_pass in items for w in draft_pass.works()]
+                works = [w for _, _, draft_pass in items for w in draft_pass.works]
                 try:
                     logits = _timed_forward(drafter.runner, drafter.cache, works, drafter.pass_cost)
                 except Exception as error:  # noqa: BLE001: the draft's forward fails every request in it
                     outputs += [self._fail(state, error) for state, _, _ in items]
                     continue
-                for (state, plan, _), part in zip(items, logits.split([len(p.tables) for _, _, p in items])):
+                for (state, plan, _), part in zip(items, logits.split([p.num_logits for _, _, p in items])):
                     self._advance(state, plan, part, waiting, plans, outputs)
         return [(s, plans[s]) for s in running if s in plans]
 
