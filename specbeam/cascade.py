@@ -74,8 +74,8 @@ class CascadeSession:
         trees = yield from first.propose(rows, padded, pads, processors, spec, depths, log_softmax, generator,
                                          sample, exclude, beams)
         self.rows, self.maps = {r: i for i, r in enumerate(rows)}, []
-        # the tree each stage fed this round, as an index into `maps` levels (None: it took no part)
-        self.fed = {session: 0 for session in (first, *later[:1])}
+        # the tree each stage fed this round, as a level of `maps` (absent: it took no part)
+        self.fed = {first: 0}
         # a chain holds at most the tree's node budget, and no deeper than its row may draft
         budgets = [min(spec.depth * spec.width, spec.node_budget, depth) for depth in depths]
         for level, session in enumerate(later):

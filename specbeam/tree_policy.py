@@ -114,8 +114,9 @@ class Acceptance:
     max_width: int
     prior: tuple[float, float] = (1.0, 1.0)  # Beta(alpha, beta) on each hazard
     memory: float = 0.98  # weight of the past, per round
-    hits: list[list[float]] = field(default_factory=list)  # [depth - 1][rank]
+    hits: list[list[float]] = field(default_factory=list)  # [depth - 1][rank]; changed by record and fade only
     at_risk: list[list[float]] = field(default_factory=list)
+    _within: dict[tuple[int, int], float] = field(default_factory=dict, repr=False)  # P_d(w) since the last change
 
     def __post_init__(self):
         self.hits = self.hits or [[0.0] * self.max_width for _ in range(self.max_depth)]
@@ -126,6 +127,7 @@ class Acceptance:
         for counts in (self.hits, self.at_risk):
             for row in counts:
                 row[:] = [self.memory * c for c in row]
+        self._within.clear()
 
     def record(self, depth: int, rank: int | None, width: int) -> None:
         """At `depth`, the target's token stood at `rank` among the `width` nodes drafted there (None: not
@@ -135,6 +137,7 @@ class Acceptance:
             self.at_risk[depth - 1][k] += 1.0
         if rank is not None and rank < self.max_width:
             self.hits[depth - 1][rank] += 1.0
+        self._within.clear()
 
     def hazard(self, depth: int, rank: int) -> float:
         """h[d][k], shrunk towards rank k's rate over every depth (module docstring)."""
@@ -144,11 +147,11 @@ class Acceptance:
         return (self.hits[depth - 1][rank] + (alpha + beta) * pooled) / (self.at_risk[depth - 1][rank] + alpha + beta)
 
     def within(self, depth: int, width: int) -> float:
-        """P_d(w): the target's token is among the first `width` drafted at `depth`."""
-        missed = 1.0
-        for k in range(width):
-            missed *= 1.0 - self.hazard(depth, k)
-        return 1.0 - missed
+        """P_d(w): the target's token is among the first `width` drafted at `depth` (kept until the counts
+        change: every round's choice asks for the same few)."""
+        if (depth, width) not in self._within:
+            self._within[depth, width] = 1.0 - math.prod(1.0 - self.hazard(depth, k) for k in range(width))
+        return self._within[depth, width]
 
     def expected_accepted(self, widths: list[int]) -> float:
         """E: accepted drafted tokens of a round whose depth d ranks widths[d - 1] nodes."""

@@ -47,6 +47,7 @@ class EngineCore:
         self.drafters: dict = {}
         self.target_cost = PassCost()  # seconds of a round by the tokens it feeds the target
         self.tree_policies: dict[tuple, TreePolicy] = {}  # per (drafter, mode, beams)
+        self.calibrated = True  # every drafter's pass costs, and the target's, are measured (a new drafter: not yet)
         self.drafter = None if draft_model is None else self.make_drafter(draft_model)
         self.requests: dict[str, Decoding] = {}
         self.lock = threading.Lock()  # guards the queue and the request table against other threads
@@ -121,8 +122,8 @@ class EngineCore:
     @torch.no_grad()
     def step(self) -> list[RequestOutput]:
         outputs = self._take_aborted()
-        if self.tree_policies:
-            self._calibrate()
+        if self.tree_policies and not self.calibrated:
+            self.calibrated = self._calibrate()
         with self.lock:
             failures = self.scheduler.schedule()
             running = list(self.scheduler.running)
@@ -167,7 +168,8 @@ class EngineCore:
             planned.append((state, len(works), len(mine)))
             state.round_tokens = sum(len(w.tokens) for w in mine)
             works += mine
-        logits = self._forward(works, [s for s, _, _ in planned], outputs, self.target_cost) if works else None
+        cost = self.target_cost if self.tree_policies else None  # timed only for the tree policies
+        logits = self._forward(works, [s for s, _, _ in planned], outputs, cost) if works else None
         if logits is None:
             return []
         per_work = logits.split([w.num_logits for w in works])
@@ -271,6 +273,7 @@ class EngineCore:
         key = tuple(map(id, draft)) if cascade else draft if isinstance(draft, str) else id(draft)
         if key not in self.drafters:
             self.drafters[key] = self._new_drafter(draft)
+            self.calibrated = False
         return self.drafters[key]
 
     def _new_drafter(self, draft):
@@ -315,15 +318,16 @@ class EngineCore:
         acceptance = Acceptance(spec.depth, 1 if kind == BEAMS else widths[-1])
         return TreePolicy(shape, acceptance, self.target_cost, draft_cost, widths)
 
-    def _calibrate(self) -> None:
+    def _calibrate(self) -> bool:
         """Measure the target's and each draft's pass costs at first use, on scratch K/V freed at once (a step
-        that finds too few free blocks leaves it to a later one)."""
+        that finds too few free blocks leaves it to a later one). Returns whether all are measured."""
         stages = [s for d in self.drafters.values() for s in (d.stages if isinstance(d, CascadeDrafter) else [d])]
         pools = [(self.runner, self.cache, self.target_cost)] + [
             (d.runner, d.cache, d.pass_cost) for d in stages if isinstance(d, DraftModelDrafter)]
         for runner, cache, cost in pools:
             if not cost.known and cache.allocator.num_free * cache.block_size >= max(CALIBRATION_TOKENS):
                 cost.calibrate(lambda n: _scratch_forward(runner, cache, n))
+        return all(cost.known for _, _, cost in pools)
 
     def _draft_bytes(self) -> int | None:
         """On a GPU, the draft's pool gets at most half of what is free once the target's is made."""
