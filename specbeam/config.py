@@ -1,9 +1,10 @@
 """Configuration dataclasses, each checked in `__post_init__`."""
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from transformers import GenerationConfig
 
 GREEDY, SAMPLE, BEAM = "greedy", "sample", "beam"
+DRAFT_WEIGHTS = (None, "bfloat16")  # how a draft's linear weights are read: as stored, or rounded
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,9 @@ class SpecConfig:
     adaptive: each round drafts the tree of depth 0..depth and width 1..width (beam search: depth only) with the
     most expected tokens per second, from the pass costs and the acceptance measured on this machine so far
     (`specbeam.tree_policy`); False: always `depth` and `width`.
+    draft_weights: "bfloat16" runs a draft with its linear weights rounded to bfloat16 (with the C++ extension
+    a float32 draft then streams half the bytes a pass); None runs them as stored. Lossless either way: the
+    target verifies whatever the draft proposes. Llama-family drafts only (the lean decoder holds the copy).
     """
 
     depth: int = 4
@@ -111,6 +115,7 @@ class SpecConfig:
     branch: int = 2
     node_budget: int = 64  # drafted nodes per tree at most
     adaptive: bool = True
+    draft_weights: str | None = None
 
     def __post_init__(self):
         for name in ("depth", "width", "branch", "node_budget"):
@@ -119,10 +124,11 @@ class SpecConfig:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not isinstance(self.adaptive, bool):
             raise TypeError(f"adaptive must be a bool, got {self.adaptive!r}")
+        if self.draft_weights not in DRAFT_WEIGHTS:
+            raise ValueError(f"draft_weights must be one of {DRAFT_WEIGHTS}, got {self.draft_weights!r}")
 
     def for_beams(self, num_beams: int) -> "SpecConfig":
-        return SpecConfig(self.depth, max(self.width, 2 * num_beams), max(self.branch, num_beams), self.node_budget,
-                          self.adaptive)
+        return replace(self, width=max(self.width, 2 * num_beams), branch=max(self.branch, num_beams))
 
     @property
     def max_nodes(self) -> int:

@@ -3,6 +3,7 @@ output (scores, beam indices and all), and sampling draws from exactly the targe
 that agrees with the target makes the target run far fewer passes. Under beam search the draft searches all of
 a prompt's beams at once."""
 import copy
+import dataclasses
 import functools
 
 import pytest
@@ -15,6 +16,7 @@ from specbeam import Engine
 from specbeam.beam import NEG
 from specbeam.config import EngineConfig, SpecConfig
 from specbeam.drafters import DraftModelDrafter
+from specbeam.lean_decoder import LeanDecoder
 from parity import assert_same_beams, assert_same_tokens, run_both
 from test_engine_sampling import WARPERS, _exact_probs, _tiny_vocab_model
 from tiny_models import PAD, VOCAB, left_padded_batch, tiny_model
@@ -215,3 +217,48 @@ def test_beam_drafts_keep_the_best_nodes_per_prompt_over_all_its_beams():
     first = {(b, t.tokens[n]) for b, t in enumerate(trees[:2]) for n in range(1, len(t)) if t.parents[n] == 0}
     assert first == {(b, t) for _, b, t in ranked[:3]}
     assert sum(len(t) - 1 for t in trees) == 6  # three nodes per depth over the prompt's trees
+
+
+def _rounded_to_bfloat16(model):
+    rounded = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer in rounded.model.layers:
+            for linear in (*(getattr(layer.self_attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")),
+                           layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+                linear.weight.copy_(linear.weight.bfloat16())
+        rounded.lm_head.weight.copy_(rounded.lm_head.weight.bfloat16())
+    return rounded
+
+
+@pytest.mark.parametrize("mode", [dict(do_sample=False), dict(num_beams=4)], ids=["greedy", "beam4"])
+def test_a_draft_read_in_bfloat16_changes_no_output(mode):
+    """draft_weights="bfloat16": the draft runs on exactly the weights of a copy rounded by hand (not on its own),
+    and the target's output is still its own."""
+    model, draft, inputs = tiny_model("llama"), drafts()["perturbed"], _inputs(EOS_ONE)
+    engine = Engine(model, draft_model=draft, spec=SpecConfig(depth=3, adaptive=False, draft_weights="bfloat16"))
+    reference, ours = run_both(model, engine, **mode, **inputs)
+    (assert_same_tokens(reference, ours, inputs["input_ids"].shape[1], PAD, EOS_ONE) if "num_beams" not in mode
+     else assert_same_beams(model, reference, ours))
+    read, by_hand = engine.drafter.runner.lean, LeanDecoder(_rounded_to_bfloat16(draft))
+    assert torch.equal(read.head_weight, by_hand.head_weight)
+    assert all(torch.equal(a, b) for a, b in zip(read.layers[-1][1], by_hand.layers[-1][1]) if torch.is_tensor(a))
+    assert not torch.equal(read.head_weight, LeanDecoder(draft).head_weight)  # the option had something to round
+
+
+def test_a_float32_draft_read_in_bfloat16_streams_half_the_bytes():
+    """With the C++ linear, the rounded float32 draft's weights are packed as bfloat16 (the kernel widens them
+    back exactly); the reference backend holds the rounded float32 copy. The user's draft is not changed."""
+    draft = copy.deepcopy(tiny_model("llama")).float()
+    before = draft.lm_head.weight.clone()
+    engine = Engine(copy.deepcopy(draft), draft_model=draft, spec=SpecConfig(draft_weights="bfloat16"))
+    head = engine.drafter.runner.lean.head_weight
+    backend = specbeam.ops.layer_backend(draft.device, draft.dtype)[0]
+    assert head.dtype == (torch.bfloat16 if backend == "cpp" else torch.float32)
+    assert torch.equal(draft.lm_head.weight, before)
+
+
+def test_draft_weights_is_checked():
+    with pytest.raises(ValueError, match="draft_weights"):
+        SpecConfig(draft_weights="int4")
+    with pytest.raises(ValueError, match="draft_weights"):  # GPT-2 does not run on the lean decoder
+        Engine(tiny_model("llama"), draft_model=tiny_model("gpt2"), spec=SpecConfig(draft_weights="bfloat16"))
