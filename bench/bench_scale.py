@@ -6,11 +6,13 @@ draft is the target's first DRAFT_LAYERS layers with its embeddings, final norm 
 agreement (how often its argmax is the target's next greedy token, along the target's own continuations) is
 measured and recorded as `draft_agreement`.
 
-Cases, specbeam against transformers in one run, 48 new tokens after a 64-token prompt, one timed round after a
+Cases, specbeam against transformers in one run, 96 new tokens after a 64-token prompt, one timed round after a
 warm-up, torch.set_num_threads(THREADS): greedy (transformers plain and assisted, specbeam plain, speculative at
-the default adaptive tree and at a fixed depth 3, n-gram prompt lookup, a 4-layer draft alone, and the cascade
-of the 1-layer and the 4-layer drafts), sampling and beam search 4 (plain and speculative), all in float32; greedy again with bfloat16-exact weights (every weight rounded through bfloat16,
-held in float32: specbeam's C++ linear then streams half the bytes, losslessly, `specbeam/linear_weight.py`).
+the default adaptive tree, with the draft read in bfloat16 (`SpecConfig(draft_weights="bfloat16")`) and at a
+fixed depth 3, n-gram prompt lookup, a 4-layer draft alone, and the cascade of the 1-layer and the 4-layer
+drafts), sampling and beam search 4 (plain, speculative, speculative with the draft read in bfloat16), all in
+float32; greedy again with bfloat16-exact weights (every weight rounded through bfloat16, held in float32:
+specbeam's C++ linear then streams half the bytes, losslessly, `specbeam/linear_weight.py`).
 `extra_info`: tokens/s, target and draft passes per call (forward hooks count transformers' calls), accepted
 drafted tokens per round, identical_to_transformers (greedy and beam).
 
@@ -31,7 +33,7 @@ from specbeam.model_runner import Work
 THREADS = 2
 torch.set_num_threads(THREADS)
 
-NEW_TOKENS = 48
+NEW_TOKENS = 96
 PROMPT_LENGTH = 64
 SHAPE = dict(vocab=32000, hidden=1024, intermediate=2816, layers=16, heads=16, kv_heads=4)
 LATER_LAYER_SCALE = 0.03  # o_proj and down_proj of layers 1.. (draft agreement ~0.7; 0.01: 0.86, 0.05: 0.46)
@@ -42,7 +44,7 @@ PASS_TOKENS = [1, 2, 4, 8, 16, 32]
 MODES = {"greedy": dict(do_sample=False), "beam4": dict(num_beams=4), "sample": dict(do_sample=True, top_k=0)}
 
 
-def _draft_of(target: LlamaForCausalLM, layers: int = DRAFT_LAYERS) -> LlamaForCausalLM:
+def draft_of(target: LlamaForCausalLM, layers: int = DRAFT_LAYERS) -> LlamaForCausalLM:
     """The target's embeddings, first `layers` layers, final norm and lm_head, as a model of its own."""
     config = copy.deepcopy(target.config)
     config.num_hidden_layers = layers
@@ -53,27 +55,34 @@ def _draft_of(target: LlamaForCausalLM, layers: int = DRAFT_LAYERS) -> LlamaForC
     return draft
 
 
+def scaled_target(shape: dict) -> LlamaForCausalLM:
+    """A random Llama of this shape whose layers 1.. write little into the residual stream: their o_proj and
+    down_proj scaled by LATER_LAYER_SCALE, so that a draft of its first layer agrees with it often."""
+    target = random_llama(*shape.values())
+    with torch.no_grad():
+        for layer in target.model.layers[1:]:
+            layer.self_attn.o_proj.weight.mul_(LATER_LAYER_SCALE)
+            layer.mlp.down_proj.weight.mul_(LATER_LAYER_SCALE)
+    return target
+
+
 @functools.cache
 def models(weights: str) -> tuple[LlamaForCausalLM, LlamaForCausalLM]:
     """(target, draft) with "fp32" random weights, or the same rounded through bfloat16 ("bf16-exact")."""
     if weights == "fp32":
-        target = random_llama(*SHAPE.values())
-        with torch.no_grad():
-            for layer in target.model.layers[1:]:
-                layer.self_attn.o_proj.weight.mul_(LATER_LAYER_SCALE)
-                layer.mlp.down_proj.weight.mul_(LATER_LAYER_SCALE)
+        target = scaled_target(SHAPE)
     else:
         target = copy.deepcopy(models("fp32")[0])
         with torch.no_grad():
             for w in target.parameters():
                 w.copy_(w.bfloat16().float())
-    return target, _draft_of(target)
+    return target, draft_of(target)
 
 
 @functools.cache
 def mid_draft(weights: str) -> LlamaForCausalLM:
     """The cascade's larger stage: the target's first MID_LAYERS layers."""
-    return _draft_of(models(weights)[0], MID_LAYERS)
+    return draft_of(models(weights)[0], MID_LAYERS)
 
 
 def parameter_count(model) -> int:
@@ -128,6 +137,8 @@ def _generator(side: str, weights: str):
         "transformers-assisted": lambda: functools.partial(target.generate, assistant_model=draft),
         "specbeam": lambda: Engine(target).generate,
         "specbeam-speculative": lambda: Engine(target, draft_model=draft).generate,
+        "specbeam-speculative-bf16-draft": lambda: Engine(target, draft_model=draft,
+                                                          spec=SpecConfig(draft_weights="bfloat16")).generate,
         "specbeam-speculative-depth3": lambda: Engine(target, draft_model=draft,
                                                       spec=SpecConfig(depth=3, adaptive=False)).generate,
         "specbeam-ngram": lambda: Engine(target, draft_model="ngram").generate,
@@ -136,12 +147,13 @@ def _generator(side: str, weights: str):
     }[side]()
 
 
-SIDES = {("fp32", "greedy"): ["transformers", "transformers-assisted", "specbeam", "specbeam-speculative",
+SPECULATIVE = ["specbeam-speculative", "specbeam-speculative-bf16-draft"]
+SIDES = {("fp32", "greedy"): ["transformers", "transformers-assisted", "specbeam", *SPECULATIVE,
                               "specbeam-speculative-depth3", "specbeam-ngram", "specbeam-speculative-4-layers",
                               "specbeam-cascade-1-4-layers"],
-         ("fp32", "sample"): ["transformers", "specbeam", "specbeam-speculative"],
-         ("fp32", "beam4"): ["transformers", "specbeam", "specbeam-speculative"],
-         ("bf16-exact", "greedy"): ["transformers", "specbeam", "specbeam-speculative",
+         ("fp32", "sample"): ["transformers", "specbeam", *SPECULATIVE],
+         ("fp32", "beam4"): ["transformers", "specbeam", *SPECULATIVE],
+         ("bf16-exact", "greedy"): ["transformers", "transformers-assisted", "specbeam", "specbeam-speculative",
                                     "specbeam-speculative-depth3"]}
 CASES = [(weights, mode, side) for (weights, mode), sides in SIDES.items() for side in sides]
 
@@ -178,7 +190,7 @@ def test_generate(benchmark, weights, mode, side):
                                     acceptance_by_depth=stats.acceptance_by_depth())
     if stats is not None and stats.stage_passes:
         benchmark.extra_info["stage_passes"] = stats.stage_passes
-    if side in ("transformers-assisted", "specbeam-speculative", "specbeam-speculative-depth3"):
+    if side in ("transformers-assisted", *SPECULATIVE, "specbeam-speculative-depth3"):
         benchmark.extra_info["draft_agreement"] = draft_agreement(weights)
 
 

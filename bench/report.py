@@ -2,6 +2,7 @@
 against the transformers case of its group) and a PNG chart of the speed-ups.
 
     python bench/report.py run.json --png bench/speedup.png >> bench/RESULTS.md
+    python bench/report.py sizes.json --sizes-png bench/sizes.png   # bench_sizes.py's tokens/s by model size
 """
 import argparse
 import json
@@ -56,16 +57,43 @@ def chart(table: list[dict], path: str) -> None:
     plt.close(fig)
 
 
+def sizes_chart(benchmarks: list[dict], path: str) -> None:
+    """Tokens/s against the target's parameters, one line per side, from `bench_sizes.py`'s cases."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines: dict[str, list[tuple[int, float]]] = {}
+    for bench in benchmarks:
+        info = bench["extra_info"]
+        if bench["group"].startswith("sizes "):
+            lines.setdefault(info["side"], []).append((info["parameters"], info["tokens_per_s"]))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for side, points in lines.items():
+        ax.plot(*zip(*sorted(points)), marker="o", label=side)
+    ax.set(xscale="log", yscale="log", xlabel="target parameters", ylabel="greedy tokens / s",
+           title="2 CPU threads, 96 new tokens")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", help="pytest-benchmark JSON")
     parser.add_argument("--png", help="write the speed-up chart here")
+    parser.add_argument("--sizes-png", help="write the chart of tokens/s against model size here")
     args = parser.parse_args()
     with open(args.run) as f:
-        table = rows(json.load(f)["benchmarks"])
+        benchmarks = json.load(f)["benchmarks"]
+    table = rows(benchmarks)
     print(markdown(table))
     if args.png:
         chart(table, args.png)
+    if args.sizes_png:
+        sizes_chart(benchmarks, args.sizes_png)
 
 
 if __name__ == "__main__":
