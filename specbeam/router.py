@@ -37,10 +37,11 @@ ROUTER_PATH = Path(__file__).parent / "assets" / "router.safetensors"
 class RouterConfig:
     """Turns on the lossy early exit: a request may stop at an intermediate stage and answer with its output.
 
-    lam: the price of expected quality loss, in the unit of the stage costs (inf: never stop early, the
-    lossless cascade). latency_budget: a cost per request that the `quantile` of requests must stay within;
-    λ is then the largest that keeps it (`lambda_for_budget`). Give at least one; with both, the smaller λ
-    rules, so the budget is kept and no request pays more than lam would have it pay."""
+    The stage costs are measured seconds (`specbeam.engine.routing`). lam: the price of expected quality loss,
+    in seconds of a call's latency (inf: never stop early, the lossless cascade). latency_budget: seconds that
+    the `quantile` of calls must stay within; λ is then the largest that keeps it (`lambda_for_budget`; a
+    budget no stop keeps sends calls to the quickest, the smallest draft). Give at least one; with both, the
+    smaller λ rules, so the budget is kept and no call pays more than lam would have it pay."""
 
     lam: float | None = None
     latency_budget: float | None = None

@@ -22,7 +22,7 @@ from specbeam.config import GREEDY
 from specbeam.router import ROUTER_PATH
 
 FIXED = SpecConfig(depth=3, adaptive=False)
-LAMS = (0.0, 0.3, 1.0, 3.0, math.inf)  # the router's prices on lost quality, in units of the target's cost
+LAMS = (0.0, 0.01, 0.03, 0.1, math.inf)  # the router's prices on lost quality, in seconds of a call's latency
 
 
 @dataclass

@@ -3,15 +3,17 @@
 engine loop, and each gets exactly what it would get alone. `patch(model)` routes `model.generate` through an
 engine; `unpatch(model)` undoes it."""
 import threading
+import time
 import warnings
 
 import torch
 from transformers import PreTrainedModel
 
+from specbeam.cascade import CascadeDrafter
 from specbeam.config import EngineConfig, SpecConfig
 from specbeam.engine.core import EngineCore
 from specbeam.engine.loop import EngineLoop
-from specbeam.engine.routing import Router
+from specbeam.engine.routing import CALIBRATION_TOKENS, Router
 from specbeam.outputs import RequestOutput
 from specbeam.router import RouterConfig
 from specbeam.stats import DecodeStats
@@ -38,8 +40,7 @@ class Engine:
         if router is not None and (draft_model is None or isinstance(draft_model, str)):
             raise ValueError(f"router needs draft models to stop at (draft_model=[...]), got {draft_model!r}")
         self.core = EngineCore(model, draft_model, spec, EngineConfig(**options))
-        drafts = draft_model if isinstance(draft_model, (list, tuple)) else [draft_model]
-        self.router = None if router is None else Router(router, list(drafts), model)
+        self.router = None if router is None else Router(router, [*self._draft_runners(), self.core.runner])
         self.loop = EngineLoop(self.core)
         self.config, self.spec, self.runner = self.core.config, self.core.spec, self.core.runner
         self.cache, self.drafter, self.tree_policies = self.core.cache, self.core.drafter, self.core.tree_policies
@@ -47,16 +48,50 @@ class Engine:
         self.has_unfinished_requests = self.core.has_unfinished_requests
         self._calls = threading.local()
 
+    def _draft_runners(self) -> list:
+        drafter = self.core.drafter
+        return [stage.runner for stage in (drafter.stages if isinstance(drafter, CascadeDrafter) else [drafter])]
+
     def generate(self, inputs: torch.Tensor | None = None, generation_config=None, **kwargs):
         """Same arguments and results as `transformers.GenerationMixin.generate`; `generator=` seeds sampling."""
         state = self.core.prepare(inputs, generation_config, **kwargs)
-        stage = None if self.router is None else self.router.route(state.request.prompts, state.params.max_length)
-        if stage is not None:  # a draft answers
-            engine = self.router.engine(stage, lambda target, drafts: Engine(target, drafts, self.spec))
+        if self.router is None:
+            return self._run(state)
+        prompts = state.request.prompts
+        new_tokens = state.params.max_length - max(len(p) for p in prompts)
+        if not self.router.calibrated:
+            self._calibrate(prompts[0], min(new_tokens, CALIBRATION_TOKENS))
+        start = time.perf_counter()
+        stage = self.router.route(prompts, state.params.max_length)
+        if stage is None:
+            result = self._run(state)
+        else:  # a draft answers
+            engine = self._stage_engine(stage)
             result = engine.generate(inputs, generation_config, **kwargs)
             self._calls.stats = engine.last_stats
             self._calls.stats.routed_to = stage
-            return result
+        self.router.record(stage, time.perf_counter() - start, new_tokens)
+        return result
+
+    def _stage_engine(self, stage: int) -> "Engine":
+        """The engine that answers with draft `stage`, the drafts below it drafting for it."""
+        return self.router.engine(stage, lambda target, drafts: Engine(target, drafts, self.spec))
+
+    def _calibrate(self, prompt: torch.Tensor, new_tokens: int) -> None:  # prompt: [length]
+        """Time every stage, the target included, on `new_tokens` greedy tokens after `prompt` (the first routed
+        call's), after a first call that lets the stage's engine measure its own pass costs."""
+        kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        for stage in [*range(len(self.router.models) - 1), None]:
+            for _ in range(2):
+                start = time.perf_counter()
+                if stage is None:
+                    self._run(self.core.prepare(prompt[None], **kwargs))
+                else:
+                    self._stage_engine(stage).generate(prompt[None], **kwargs)
+            self.router.record(stage, time.perf_counter() - start, new_tokens)
+
+    def _run(self, state):
+        """Serve a prepared call on this engine's loop and wait for its result."""
         finished, box = threading.Event(), []
 
         def on_output(output: RequestOutput) -> None:
