@@ -73,9 +73,10 @@ void swiglu_into(at::Tensor& gate, const at::Tensor& up) {
   });
 }
 
-// A weight [rows, cols] (rows -1: any); its dtype and packing are the linear kernel's to check
+// A weight [rows, cols] (rows -1: any; int8: 4 more columns); its dtype and packing are the linear kernel's to check
 void check_weight(const at::Tensor& weight, const char* name, int64_t rows, int64_t cols) {
   check_cpu(weight, name);
+  cols += int8_scale_columns(weight);
   require(weight.dim() == 2 && (rows < 0 || weight.size(0) == rows) && weight.size(1) == cols,
           message(name, " must have shape [", rows < 0 ? std::string("*") : std::to_string(rows), ", ", cols,
                   "], got ", weight.sizes()));

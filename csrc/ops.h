@@ -46,10 +46,14 @@ at::Tensor paged_attention(const at::Tensor& query,            // [num_queries, 
                            std::optional<double> scale);
 
 // out [M, N] = x @ weight.T + bias, bitwise the same for a row of x whatever the other rows (kernels/linear.h);
-// the weight packed by specbeam.linear_weight.pack, in x's dtype or bfloat16 under float32 x (widened exactly).
+// the weight packed by specbeam.linear_weight.pack, in x's dtype or bfloat16 under float32 x (widened exactly),
+// or int8 under float32 x (specbeam.linear_weight.pack_int8: its N float32 column scales, then the panels).
 at::Tensor linear(const at::Tensor& x,                      // [M, K] float32 / float64, contiguous
-                  const at::Tensor& weight,                 // [N, K] packed, as x or bfloat16 under float32 x
+                  const at::Tensor& weight,                 // [N, K] packed, as x or bfloat16; int8: [N, K + 4]
                   const std::optional<at::Tensor>& bias);   // [N] as x
+
+// The int8 columns that an int8 packed weight spends on its column scales: 4 (one float32 a column), else 0
+inline int64_t int8_scale_columns(const at::Tensor& packed) { return packed.scalar_type() == at::kChar ? 4 : 0; }
 
 // Llama-family decoder layer halves around attention (semantics: specbeam/reference/decoder.py), float32 or
 // float64, each weight packed as `linear` takes it.

@@ -4,7 +4,7 @@ from dataclasses import dataclass, replace
 from transformers import GenerationConfig
 
 GREEDY, SAMPLE, BEAM = "greedy", "sample", "beam"
-DRAFT_WEIGHTS = (None, "bfloat16")  # how a draft's linear weights are read: as stored, or rounded
+DRAFT_WEIGHTS = (None, "bfloat16", "int8")  # how a draft's linear weights are read: as stored, rounded, quantized
 
 
 @dataclass(frozen=True)
@@ -105,9 +105,10 @@ class SpecConfig:
     adaptive: each round drafts the tree of depth 0..depth and width 1..width (beam search: depth only) with the
     most expected tokens per second, from the pass costs and the acceptance measured on this machine so far
     (`specbeam.tree_policy`); False: always `depth` and `width`.
-    draft_weights: "bfloat16" runs a draft with its linear weights rounded to bfloat16 (with the C++ extension
-    a float32 draft then streams half the bytes a pass); None runs them as stored. Lossless either way: the
-    target verifies whatever the draft proposes. Llama-family drafts only (the lean decoder holds the copy).
+    draft_weights: "bfloat16" runs a draft with its linear weights rounded to bfloat16, "int8" with them
+    quantized to int8 per output column (with the C++ extension a float32 draft then streams a half or a quarter
+    of the bytes a pass); None runs them as stored. Lossless either way: the target verifies whatever the draft
+    proposes. Llama-family drafts only (the lean decoder holds the copy).
     """
 
     depth: int = 4

@@ -36,16 +36,16 @@ class DraftModelDrafter:
     """A draft model and its paged cache of `num_blocks` blocks."""
 
     def __init__(self, model, target_vocab_size: int, config: EngineConfig, num_blocks: int,
-                 max_bytes: int | None = None, rounded_to: torch.dtype | None = None):
+                 max_bytes: int | None = None, weights: str | None = None):
         """num_blocks: the pool's blocks (twice the target's: a draft tree forks a block per node), within
-        max_bytes if given. rounded_to: the dtype the draft's linear weights are read rounded through."""
+        max_bytes if given. weights: how the draft's linear weights are read (`SpecConfig.draft_weights`)."""
         vocab = model.config.get_text_config().vocab_size
         if vocab != target_vocab_size:
             raise ValueError(
                 f"draft_model has a vocabulary of {vocab} tokens but the target has {target_vocab_size}: "
                 "speculative decoding needs the same vocabulary"
             )
-        self.runner, self.block_size, self.vocab_size = ModelRunner(model, config, rounded_to), config.block_size, vocab
+        self.runner, self.block_size, self.vocab_size = ModelRunner(model, config, weights), config.block_size, vocab
         if max_bytes is not None:
             num_blocks = min(num_blocks, max_bytes // (self.runner.bytes_per_token() * config.block_size))
         self.cache = self.runner.new_cache(num_blocks, config.block_size)

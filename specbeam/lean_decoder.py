@@ -44,16 +44,15 @@ class LeanDecoder:
     """model(input_ids, position_ids, logits_to_keep) for one packed row of T tokens, attention supplied. The
     backend of the layers is chosen once (`ops.layer_backend`), and the weights are put in its form then."""
 
-    def __init__(self, model: PreTrainedModel, rounded_to: torch.dtype | None = None):
-        """rounded_to: read every linear weight rounded through this dtype (a copy; the model is not changed)."""
+    def __init__(self, model: PreTrainedModel, weights: str | None = None):
+        """weights: read every linear weight as stored (None), rounded to "bfloat16" or quantized to "int8"
+        (`linear_weight.read_as`: a copy; the model is not changed)."""
         decoder = model.model
         self.embed, self.rotary = decoder.embed_tokens, decoder.rotary_emb
         backend, self.ops = ops.layer_backend(model.device, model.dtype)
 
-        def weight(w: torch.Tensor) -> torch.Tensor:  # [N, K]: packed for C++, as it is for the reference
-            if rounded_to is not None:
-                w = w.detach().to(rounded_to).to(w.dtype)
-            return linear_weight.for_cpp(w) if backend == "cpp" else w
+        def weight(w: torch.Tensor) -> torch.Tensor:  # [N, K]: packed for C++, as it is read for the reference
+            return linear_weight.for_cpp(w, weights) if backend == "cpp" else linear_weight.read_as(w, weights)
 
         self.layers = [_layer_weights(layer, weight) for layer in decoder.layers]
         self.norm, self.head_weight, self.head_bias = decoder.norm, weight(model.lm_head.weight), model.lm_head.bias

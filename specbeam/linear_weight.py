@@ -1,5 +1,6 @@
 """A linear layer's weight in the form each backend reads: nn.Linear's [N, K] for torch, and for the C++ kernel
-the same elements packed into column panels (csrc/kernels/linear.h), from bfloat16 where that is exact.
+the same elements packed into column panels (csrc/kernels/linear.h), from bfloat16 where that is exact, or a
+draft's weight quantized to int8 per output column with its column scales.
 
 Packed layout of weight [N, K], P = 16 columns per panel (8 for float64): the N // P panels [K, P], panel p
 row k holding weight[p * P + c, k] for c = 0 .. P - 1, then the N % P last columns as one tail [K, N % P];
@@ -57,9 +58,39 @@ def bfloat16_if_exact(weight: torch.Tensor) -> torch.Tensor:
     return compact if same_bits else weight
 
 
-def for_cpp(weight: torch.Tensor) -> torch.Tensor:  # [N, K] float32 / float64 -> [N, K] packed
-    """The copy the C++ kernel reads: packed, from bfloat16 where that is exact."""
-    return pack(bfloat16_if_exact(weight.detach()))
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # [N, K] -> q [N, K], scale [N]
+    """Per output column (a row of nn.Linear's weight): weight[j, k] ~ scale[j] * q[j, k], with
+    scale[j] = max_k |weight[j, k]| / 127 (1 for a zero row) and q = round(weight / scale) in [-127, 127]."""
+    w = weight.detach().float()
+    top = w.abs().amax(1)
+    scale = torch.where(top > 0, top / 127, torch.ones_like(top))
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+def pack_int8(weight: torch.Tensor) -> torch.Tensor:  # [N, K] float -> [N, K + 4] int8
+    """What the C++ kernel reads of an int8-quantized weight: the N float32 column scales' bytes, then q packed."""
+    q, scale = quantize_int8(weight)
+    n, k = q.shape
+    return torch.cat([scale.view(torch.int8), pack(q).reshape(-1)]).view(n, k + 4)
+
+
+def read_as(weight: torch.Tensor, weights: str | None) -> torch.Tensor:  # [N, K] -> [N, K] in weight's dtype
+    """The weight a model computes with when its weights are read as stored (None), rounded to bfloat16
+    ("bfloat16") or quantized to int8 per output column ("int8"): a copy where it changes anything."""
+    if weights == "bfloat16":
+        return weight.detach().to(torch.bfloat16).to(weight.dtype)
+    if weights == "int8":
+        q, scale = quantize_int8(weight)
+        return (q.float() * scale[:, None]).to(weight.dtype)
+    return weight
+
+
+def for_cpp(weight: torch.Tensor, weights: str | None = None) -> torch.Tensor:  # [N, K] -> [N, K] packed
+    """The copy the C++ kernel reads: packed, from bfloat16 where that is exact; under `weights="int8"` a float32
+    weight's int8 form ([N, K + 4], `pack_int8`), whose scaled sums equal `read_as`'s up to rounding."""
+    if weights == "int8" and weight.dtype == torch.float32:
+        return pack_int8(weight)
+    return pack(bfloat16_if_exact(read_as(weight.detach(), weights)))
 
 
 def prepare(weight: torch.Tensor, cpp_kernel: bool) -> LinearWeight:

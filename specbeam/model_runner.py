@@ -58,17 +58,17 @@ def check_model(model: PreTrainedModel) -> None:
 class ModelRunner:
     """Owns one model's cache geometry and runs packed forwards through the attention hook."""
 
-    def __init__(self, model: PreTrainedModel, engine_config: EngineConfig, rounded_to: torch.dtype | None = None):
-        """rounded_to: the lean decoder reads the linear weights rounded through this dtype (a draft's option)."""
+    def __init__(self, model: PreTrainedModel, engine_config: EngineConfig, weights: str | None = None):
+        """weights: how the lean decoder reads the linear weights (a draft's option, `SpecConfig.draft_weights`)."""
         check_model(model)
         self.model, self.attention_backend = model, engine_config.attention_backend
         self.device, self.dtype = model.device, model.dtype  # where and how the weights are (read once)
         self.vocab_size = model.get_output_embeddings().weight.shape[0]  # logits per scored token
         use_lean = engine_config.lean_decoder and unsupported_reason(model) is None
-        if rounded_to is not None and not use_lean:
-            raise ValueError(f"draft_weights rounds the weights of Llama-family drafts run by the lean decoder; "
+        if weights is not None and not use_lean:
+            raise ValueError(f"draft_weights={weights!r} is for Llama-family drafts run by the lean decoder; "
                              f"{unsupported_reason(model) or 'lean_decoder is off'}")
-        self.lean = LeanDecoder(model, rounded_to) if use_lean else None
+        self.lean = LeanDecoder(model, weights) if use_lean else None
         config = model.config.get_text_config()
         self.num_layers = config.num_hidden_layers
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads

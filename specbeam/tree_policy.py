@@ -211,7 +211,7 @@ class TreePolicy:
     draft: PassCost
     widths: tuple[int, ...]  # the widths to choose from, increasing
     explore: float = 0.05  # chance that a round tries a neighbour of the best shape as fast as it
-    memory: float = 0.95  # weight of the past in each shape's sums of measured and modelled tokens
+    memory: float = 0.97  # weight of the past, per round, in every shape's sums of measured and modelled tokens
     evidence: float = 2.0  # tokens' worth of rounds that a shape's measurements outweigh the model by
     stay: float = 0.95  # a request keeps its shape while that is at least this share of the best rate
     measured: dict[tuple[int, int], tuple[float, float]] = field(default_factory=dict)  # shape -> (tokens, modelled)
@@ -273,9 +273,12 @@ class TreePolicy:
         seconds -= self.draft.share(roots + caught_up, load) - self.draft.share(roots, load)
         if seconds <= 0:
             return
+        # every shape's sums fade each round, so that a shape not run for a while returns to the model's word
+        # (and is tried again where the model ranks it first) instead of keeping a few early, noisy rounds' verdict
+        self.measured = {shape: (self.memory * t, self.memory * m) for shape, (t, m) in self.measured.items()}
         past_tokens, past_modelled = self.measured.get((depth, width), (0.0, 0.0))
         modelled = seconds * self.modelled(depth, width, trees, load)  # the tokens the model expected in that time
-        self.measured[depth, width] = (self.memory * past_tokens + tokens, self.memory * past_modelled + modelled)
+        self.measured[depth, width] = (past_tokens + tokens, past_modelled + modelled)
 
     def _neighbour(self, shape: tuple[int, int]) -> tuple[int, int]:
         depth, width = shape

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from specbeam import ops
-from specbeam.linear_weight import LinearWeight, pack, panel_columns, prepare
+from specbeam.linear_weight import LinearWeight, pack, pack_int8, panel_columns, prepare, quantize_int8, read_as
 
 BACKENDS = ("reference", "triton", "cpp")  # "triton" is torch's F.linear: there is no Triton kernel
 SHAPES = [(m, 37, 5) for m in range(1, 21)] + [(1, 1, 3), (4, 8, 4), (9, 384, 896), (16, 896, 384), (7, 19, 131)]
@@ -166,3 +166,50 @@ def test_prepared_weight_gives_the_bits_of_the_plain_one(backend, dtype, bfloat1
     assert torch.equal(ops.linear(x, prepared, bias, backend=backend), ops.linear(x, weight, bias, backend=backend))
     assert prepare(weight, cpp_kernel=False).packed is None
     assert torch.equal(ops.linear(x, prepared, bias, backend="reference"), torch.nn.functional.linear(x, weight, bias))
+
+
+def int8_weight(weight):  # [N, K] float32 -> the LinearWeight of its int8 form: dequantized for torch, packed for C++
+    return LinearWeight(read_as(weight, "int8"), pack_int8(weight))
+
+
+def test_int8_quantization_per_output_column():
+    """scale[j] = max_k |w[j, k]| / 127 (1 for a zero row), q = round(w / scale): every |error| <= scale / 2."""
+    weight = torch.randn(9, 40, generator=torch.Generator().manual_seed(3))
+    weight[4] = 0
+    q, scale = quantize_int8(weight)
+    assert q.dtype == torch.int8 and scale.shape == (9,) and scale[4] == 1 and q[4].eq(0).all()
+    assert torch.allclose(scale[:4], weight[:4].abs().amax(1) / 127) and q.abs().max() == 127
+    assert ((q.float() * scale[:, None] - weight).abs() <= scale[:, None] / 2 + 1e-7).all()
+    packed = pack_int8(weight)
+    assert packed.shape == (9, 44) and torch.equal(packed.reshape(-1)[:36].view(torch.float32), scale)
+    assert torch.equal(packed.reshape(-1)[36:], pack(q).reshape(-1))
+
+
+@pytest.mark.parametrize("backend", ["cpp"])
+@pytest.mark.parametrize("num_threads", [1, 2])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("k, n", [(37, 5), (384, 131), (61, 64), (200, 339)])
+def test_int8_weight_scales_its_sums_and_is_batch_invariant(backend, threads, num_threads, with_bias, k, n):
+    """An int8 weight under float32 x: the dequantized weight's product (float64 torch), to float32 rounding, and
+    bitwise the same row whatever the batch around it."""
+    threads(num_threads)
+    x, weight, bias = operands(33, k, n, torch.float32, seed=k + 2)
+    bias = bias if with_bias else None
+    prepared = int8_weight(weight)
+    out = ops.linear(x, prepared, bias, backend=backend)
+    expected = torch.nn.functional.linear(x.double(), prepared.weight.double(), None if bias is None else bias.double())
+    scale = (x.double().abs() @ prepared.weight.double().abs().T).clamp(min=1)
+    assert out.dtype == torch.float32 and ((out.double() - expected).abs() / scale).max() < 1e-6
+    for m in range(1, 34):
+        assert torch.equal(ops.linear(x[:m], prepared, bias, backend=backend), out[:m]), m
+    assert torch.equal(ops.linear(x, prepared, bias, backend="reference"),
+                       torch.nn.functional.linear(x, prepared.weight, bias))
+
+
+@pytest.mark.parametrize("backend", ["cpp"])
+def test_int8_weight_is_checked(backend):
+    x, weight, bias = operands(4, 8, 6, torch.float32)
+    with pytest.raises(ValueError, match="weight"):  # its scale columns missing: K does not match x
+        ops.linear(x, packed(pack(quantize_int8(weight)[0])), bias, backend=backend)
+    with pytest.raises(TypeError, match="weight"):  # int8 only under float32 x
+        ops.linear(x.double(), packed(pack_int8(weight)), bias.double(), backend=backend)

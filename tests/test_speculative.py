@@ -219,41 +219,52 @@ def test_beam_drafts_keep_the_best_nodes_per_prompt_over_all_its_beams():
     assert sum(len(t) - 1 for t in trees) == 6  # three nodes per depth over the prompt's trees
 
 
-def _rounded_to_bfloat16(model):
-    rounded = copy.deepcopy(model)
+def _by_hand(weight: torch.Tensor, weights: str) -> torch.Tensor:  # [N, K]: rounded, or int8 per row
+    if weights == "bfloat16":
+        return weight.bfloat16().to(weight.dtype)
+    scale = weight.abs().amax(1, keepdim=True).float() / 127
+    return (torch.round(weight.float() / scale) * scale).to(weight.dtype)
+
+
+def _read_by_hand(model, weights: str):
+    """A copy of a Llama whose every linear weight is rounded to bfloat16 or quantized to int8 by hand."""
+    copied = copy.deepcopy(model)
     with torch.no_grad():
-        for layer in rounded.model.layers:
+        for layer in copied.model.layers:
             for linear in (*(getattr(layer.self_attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")),
                            layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
-                linear.weight.copy_(linear.weight.bfloat16())
-        rounded.lm_head.weight.copy_(rounded.lm_head.weight.bfloat16())
-    return rounded
+                linear.weight.copy_(_by_hand(linear.weight, weights))
+        copied.lm_head.weight.copy_(_by_hand(copied.lm_head.weight, weights))
+    return copied
 
 
+@pytest.mark.parametrize("weights", ["bfloat16", "int8"])
 @pytest.mark.parametrize("mode", [dict(do_sample=False), dict(num_beams=4)], ids=["greedy", "beam4"])
-def test_a_draft_read_in_bfloat16_changes_no_output(mode):
-    """draft_weights="bfloat16": the draft runs on exactly the weights of a copy rounded by hand (not on its own),
-    and the target's output is still its own."""
+def test_a_draft_read_in_fewer_bits_changes_no_output(weights, mode):
+    """draft_weights: the draft runs on exactly the weights of a copy rounded or quantized by hand (not on its
+    own), and the target's output is still its own."""
     model, draft, inputs = tiny_model("llama"), drafts()["perturbed"], _inputs(EOS_ONE)
-    engine = Engine(model, draft_model=draft, spec=SpecConfig(depth=3, adaptive=False, draft_weights="bfloat16"))
+    engine = Engine(model, draft_model=draft, spec=SpecConfig(depth=3, adaptive=False, draft_weights=weights))
     reference, ours = run_both(model, engine, **mode, **inputs)
     (assert_same_tokens(reference, ours, inputs["input_ids"].shape[1], PAD, EOS_ONE) if "num_beams" not in mode
      else assert_same_beams(model, reference, ours))
-    read, by_hand = engine.drafter.runner.lean, LeanDecoder(_rounded_to_bfloat16(draft))
-    assert torch.equal(read.head_weight, by_hand.head_weight)
-    assert all(torch.equal(a, b) for a, b in zip(read.layers[-1][1], by_hand.layers[-1][1]) if torch.is_tensor(a))
-    assert not torch.equal(read.head_weight, LeanDecoder(draft).head_weight)  # the option had something to round
+    read, by_hand = engine.drafter.runner.lean, LeanDecoder(_read_by_hand(draft, weights))
+    assert torch.allclose(read.head_weight, by_hand.head_weight, rtol=1e-6, atol=0)
+    assert all(torch.allclose(a, b, rtol=1e-6, atol=0)
+               for a, b in zip(read.layers[-1][1], by_hand.layers[-1][1]) if torch.is_tensor(a))
+    assert not torch.allclose(read.head_weight, LeanDecoder(draft).head_weight, rtol=1e-6, atol=0)  # it changed
 
 
-def test_a_float32_draft_read_in_bfloat16_streams_half_the_bytes():
-    """With the C++ linear, the rounded float32 draft's weights are packed as bfloat16 (the kernel widens them
-    back exactly); the reference backend holds the rounded float32 copy. The user's draft is not changed."""
+@pytest.mark.parametrize("weights, packed_as", [("bfloat16", torch.bfloat16), ("int8", torch.int8)])
+def test_a_float32_draft_read_in_fewer_bits_streams_fewer_bytes(weights, packed_as):
+    """With the C++ linear a float32 draft's weights are packed as bfloat16 (widened back exactly) or int8 (with
+    column scales); the reference backend holds the rounded or dequantized float32 copy. The draft is unchanged."""
     draft = copy.deepcopy(tiny_model("llama")).float()
     before = draft.lm_head.weight.clone()
-    engine = Engine(copy.deepcopy(draft), draft_model=draft, spec=SpecConfig(draft_weights="bfloat16"))
+    engine = Engine(copy.deepcopy(draft), draft_model=draft, spec=SpecConfig(draft_weights=weights))
     head = engine.drafter.runner.lean.head_weight
     backend = specbeam.ops.layer_backend(draft.device, draft.dtype)[0]
-    assert head.dtype == (torch.bfloat16 if backend == "cpp" else torch.float32)
+    assert head.dtype == (packed_as if backend == "cpp" else torch.float32)
     assert torch.equal(draft.lm_head.weight, before)
 
 

@@ -21,6 +21,10 @@
 // run. The portable lanes follow the AVX2 and AVX-512 ones operation for operation: the same bits. A bfloat16
 // weight is widened exactly, so a float32 weight that bfloat16 holds exactly gives the same bits from half
 // the bytes.
+//
+// An int8 weight (a draft's, quantized per output column: weight[j, k] ~ scale[j] * q[j, k]) is packed like a
+// float32 one, 16 columns of int8 per panel row; its sums run over q widened to float32 (exactly), and the
+// column's scale multiplies each sum once at the end: out[i, j] = fma(sum_k x[i, k] * q[j, k], scale[j], bias[j]).
 #pragma once
 
 #include <algorithm>
@@ -46,8 +50,17 @@ inline float widen(BFloat16Bits v) {
   std::memcpy(&out, &bits, sizeof(out));
   return out;
 }
+inline float widen(int8_t v) { return float(v); }
 inline float widen(float v) { return v; }
 inline double widen(double v) { return v; }
+
+// A column's sum as it is stored: scaled (an int8 weight's column scale, one rounding with the bias) and
+// biased; the vector stores do the same operations lane by lane.
+template <typename T>
+inline T finish(T sum, const T* bias, const T* scale) {
+  if (scale) return bias ? std::fma(sum, *scale, *bias) : sum * *scale;
+  return bias ? sum + *bias : sum;
+}
 
 // Columns per panel: 64 bytes of T (16 float32, 8 float64), whatever the vector registers.
 template <typename T>
@@ -72,11 +85,16 @@ struct PanelRow {
     for (int l = 0; l < P / 2; ++l) out.lane[l] = widen(p[2 * l]), out.lane[l + P / 2] = widen(p[2 * l + 1]);
     return out;
   }
+  static PanelRow load(const int8_t* p) {
+    PanelRow out;
+    for (int l = 0; l < P; ++l) out.lane[l] = widen(p[l]);
+    return out;
+  }
   void fma(Broadcast x, const PanelRow& w) {  // this += x * w, rounded once
     for (int l = 0; l < P; ++l) lane[l] = std::fma(x, w.lane[l], lane[l]);
   }
-  void store(T* p, const T* bias) const {  // p[l] = lane[l] + bias[l]
-    for (int l = 0; l < P; ++l) p[l] = bias ? lane[l] + bias[l] : lane[l];
+  void store(T* p, const T* bias, const T* scale) const {  // p[l] = lane[l] (* scale[l]) + bias[l]
+    for (int l = 0; l < P; ++l) p[l] = finish(lane[l], bias ? bias + l : nullptr, scale ? scale + l : nullptr);
   }
 };
 
@@ -99,9 +117,15 @@ struct PanelRow<float> {
   static Broadcast broadcast(float x) { return _mm512_set1_ps(x); }
   static PanelRow load(const float* p) { return {_mm512_loadu_ps(p)}; }
   static PanelRow load(const BFloat16Bits* p) { return {widen_panel_row(p)}; }
+  static PanelRow load(const int8_t* p) {
+    return {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))))};
+  }
   void fma(Broadcast x, const PanelRow& w) { v = _mm512_fmadd_ps(x, w.v, v); }
-  void store(float* p, const float* bias) const {
-    _mm512_storeu_ps(p, bias ? _mm512_add_ps(v, _mm512_loadu_ps(bias)) : v);
+  void store(float* p, const float* bias, const float* scale) const {
+    const __m512 b = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
+    _mm512_storeu_ps(p, scale ? (bias ? _mm512_fmadd_ps(v, _mm512_loadu_ps(scale), b)
+                                      : _mm512_mul_ps(v, _mm512_loadu_ps(scale)))
+                              : (bias ? _mm512_add_ps(v, b) : v));
   }
 };
 
@@ -113,7 +137,7 @@ struct PanelRow<double> {
   static Broadcast broadcast(double x) { return _mm512_set1_pd(x); }
   static PanelRow load(const double* p) { return {_mm512_loadu_pd(p)}; }
   void fma(Broadcast x, const PanelRow& w) { v = _mm512_fmadd_pd(x, w.v, v); }
-  void store(double* p, const double* bias) const {
+  void store(double* p, const double* bias, const double*) const {  // no int8 weight under float64 x
     _mm512_storeu_pd(p, bias ? _mm512_add_pd(v, _mm512_loadu_pd(bias)) : v);
   }
 };
@@ -132,13 +156,25 @@ struct PanelRow<float> {
     return {_mm256_castsi256_ps(_mm256_slli_epi32(words, 16)),
             _mm256_castsi256_ps(_mm256_and_si256(words, _mm256_set1_epi32(int32_t(0xFFFF0000u))))};
   }
+  static PanelRow load(const int8_t* p) {
+    const auto half = [](const int8_t* q) {
+      return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q))));
+    };
+    return {half(p), half(p + 8)};
+  }
   void fma(Broadcast x, const PanelRow& w) {
     low = _mm256_fmadd_ps(x, w.low, low);
     high = _mm256_fmadd_ps(x, w.high, high);
   }
-  void store(float* p, const float* bias) const {
-    _mm256_storeu_ps(p, bias ? _mm256_add_ps(low, _mm256_loadu_ps(bias)) : low);
-    _mm256_storeu_ps(p + 8, bias ? _mm256_add_ps(high, _mm256_loadu_ps(bias + 8)) : high);
+  void store(float* p, const float* bias, const float* scale) const {
+    store_half(p, low, bias, scale);
+    store_half(p + 8, high, bias ? bias + 8 : nullptr, scale ? scale + 8 : nullptr);
+  }
+  static void store_half(float* p, __m256 sums, const float* bias, const float* scale) {
+    const __m256 b = bias ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();
+    _mm256_storeu_ps(p, scale ? (bias ? _mm256_fmadd_ps(sums, _mm256_loadu_ps(scale), b)
+                                      : _mm256_mul_ps(sums, _mm256_loadu_ps(scale)))
+                              : (bias ? _mm256_add_ps(sums, b) : sums));
   }
 };
 
@@ -153,7 +189,7 @@ struct PanelRow<double> {
     low = _mm256_fmadd_pd(x, w.low, low);
     high = _mm256_fmadd_pd(x, w.high, high);
   }
-  void store(double* p, const double* bias) const {
+  void store(double* p, const double* bias, const double*) const {  // no int8 weight under float64 x
     _mm256_storeu_pd(p, bias ? _mm256_add_pd(low, _mm256_loadu_pd(bias)) : low);
     _mm256_storeu_pd(p + 4, bias ? _mm256_add_pd(high, _mm256_loadu_pd(bias + 4)) : high);
   }
@@ -162,8 +198,8 @@ struct PanelRow<double> {
 constexpr int kVectorRegisters = 16, kVectorBytes = 32;  // the portable lanes: tiles sized as for AVX2
 #endif
 
-// x [M, K] row-major, the packed weight (elements T, or bfloat16 under T = float), bias [N] or nullptr,
-// out [M, N] row-major.
+// x [M, K] row-major, the packed weight (elements T, or bfloat16 or int8 under T = float), bias [N] or nullptr,
+// out [M, N] row-major, and under an int8 weight its column scales [N] (else nullptr).
 template <typename T, typename WT = T>
 struct LinearArgs {
   const T* x;
@@ -171,6 +207,7 @@ struct LinearArgs {
   const T* bias;
   T* out;
   int64_t M, K, N;
+  const T* scale = nullptr;
 };
 
 // How far ahead in its panel each step of k asks for the weight: the hardware prefetcher alone left the core
@@ -204,7 +241,7 @@ void linear_tile(const LinearArgs<T, WT>& a, int64_t i0, int64_t p0) {
   for (int c = 0; c < C; ++c) {
     for (int g = 0; g < G; ++g) {
       const int64_t j = (p0 + g) * P;
-      acc[c][g].store(a.out + (i0 + c) * a.N + j, a.bias ? a.bias + j : nullptr);
+      acc[c][g].store(a.out + (i0 + c) * a.N + j, a.bias ? a.bias + j : nullptr, a.scale ? a.scale + j : nullptr);
     }
   }
 }
@@ -248,7 +285,7 @@ void linear_tail(const LinearArgs<T, WT>& a) {
     for (int64_t r = 0; r < R; ++r) {
       T sum = 0;
       for (int64_t k = 0; k < a.K; ++k) sum = std::fma(a.x[i * a.K + k], widen(tail[k * R + r]), sum);
-      a.out[i * a.N + j0 + r] = a.bias ? sum + a.bias[j0 + r] : sum;
+      a.out[i * a.N + j0 + r] = finish(sum, a.bias ? a.bias + j0 + r : nullptr, a.scale ? a.scale + j0 + r : nullptr);
     }
   }
 }

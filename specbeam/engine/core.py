@@ -288,9 +288,8 @@ class EngineCore:
                                  f"got {draft!r}")
             stages = [self._new_drafter(model) for model in draft]
             return stages[0] if len(stages) == 1 else CascadeDrafter(stages)
-        rounded_to = None if self.spec.draft_weights is None else getattr(torch, self.spec.draft_weights)
         return DraftModelDrafter(draft, vocab, self.config, 2 * self.cache.allocator.num_blocks,
-                                 max_bytes=self._draft_bytes(), rounded_to=rounded_to)
+                                 max_bytes=self._draft_bytes(), weights=self.spec.draft_weights)
 
     def _tree_policy(self, drafter, request, spec: SpecConfig) -> TreePolicy | StagesPolicy | None:
         """The policy sizing the trees of requests of this drafter and mode, kept across requests (None: the
