@@ -20,15 +20,15 @@ _TRACE_FIELDS = ("parent", "token", "score", "survivors", "finished")
 
 
 class BeamDecoding(Decoding):
-    """The prompts' searches run in groups that share a length (one batched beam step each); a group splits
-    when its prompts replay different numbers of steps, and a prompt leaves it when its search ends."""
+    """The running prompts' searches are one `BeamSearch` (their lengths may differ); within a round, a replay
+    step runs over the prompts still inside their trees, and a prompt leaves the search when it ends."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        search = BeamSearch(self.request.input_ids, self.params, self.request.config._eos_token_tensor)
-        self.groups = [search]  # searches still running
+        self.search: BeamSearch | None = BeamSearch(self.request.input_ids, self.params,
+                                                    self.request.config._eos_token_tensor)  # None: all ended
         self.ended: dict[int, BeamSearch] = {}  # per prompt, its search once it has ended
-        prompts = range(search.batch)
+        prompts = range(self.search.batch)
         self.traces = [Trace() for _ in prompts]
         self.scores = [[] for _ in prompts]  # per prompt, per step: [beams, vocab] processed log-probs
         self.raw = [[] for _ in prompts]
@@ -37,8 +37,8 @@ class BeamDecoding(Decoding):
 
     def plan(self):  # a generator -> list[Work]
         beams = self.params.num_beams
-        self.round_rows = [p * beams + b for g in self.groups for p in g.prompts for b in range(beams)]
-        scores = [s for g in self.groups for s in g.running_scores.flatten().tolist()]
+        self.round_rows = [p * beams + b for p in self.search.prompts for b in range(beams)]
+        scores = self.search.running_scores.flatten().tolist()
         depths = [min(self.depth, self.params.max_length - len(self.rows[r].tokens) - 1) for r in self.round_rows]
         groups = [(r // beams, s) for r, s in zip(self.round_rows, scores)]  # (prompt, running beam score)
         trees = yield from self.propose(self.round_rows, depths, beams=groups)
@@ -52,15 +52,16 @@ class BeamDecoding(Decoding):
         self.logits = dict(zip(self.round_rows, logits))
         self.draft_origins = [(r, [0]) for r in range(len(self.rows))]
         self.seen, self.advanced = [], 0  # for the tree policy, added up per prompt (`_end_round`)
-        self.groups = [g for group in self.groups for g in self._replay(group)]
+        running_on = self._replay(self.search)
+        self.search = BeamSearch.merge(running_on) if running_on else None
         if self.draft is not None:
             self.draft.commit(self.draft_origins)
-        self.finished = not self.groups
+        self.finished = self.search is None
 
     def _replay(self, group: BeamSearch) -> list[BeamSearch]:
-        """Beam steps of a group from one target pass: a prompt goes on while every running beam of it is a tree
-        node (its distribution is known), and its round ends at the first step that leaves its trees. Returns
-        the groups that run on."""
+        """Beam steps of the search from one target pass: a prompt goes on while every running beam of it is a
+        tree node (its distribution is known), and its round ends at the first step that leaves its trees (the
+        others step on without it). Returns the parts of the search that run on."""
         beams = self.params.num_beams
         # per running beam: (the request row it descends from at the round's start, its node path in that row's
         # tree, the last entry the new root's node or None)
@@ -83,7 +84,8 @@ class BeamDecoding(Decoding):
             stopped = [g for g in stop if not done[g]]
             if stopped:
                 part = group if len(stopped) == group.batch else group.split(stopped)
-                running_on.append(self._commit(part, [origin[g * beams + b] for g in stopped for b in range(beams)]))
+                running_on.append(self._commit(part, [origin[g * beams + b] for g in stopped for b in range(beams)],
+                                               replayed))
             going = [g for g in range(group.batch) if g not in stop]
             if not going:
                 return running_on
@@ -93,13 +95,13 @@ class BeamDecoding(Decoding):
     def _beam_step(self, group: BeamSearch, logits: torch.Tensor) -> None:  # [group rows, vocab] their logits
         beams, processors = self.params.num_beams, self.request.logits_processor
         log_probs = F.log_softmax(logits, dim=-1)
-        if processors and group.batch * beams == len(self.rows):  # the whole batch, in order: as transformers
-            log_probs = processors(group.running_sequences(), log_probs)
+        if processors and group.batch * beams == len(self.rows) and group.same_length():  # as transformers
+            log_probs = processors(group.tail(group.lengths[0]), log_probs)
         elif processors:
             rows = [p * beams + b for p in group.prompts for b in range(beams)]
-            log_probs = process_rows(processors, group.running_sequences().tolist(), logits, rows, len(self.rows),
+            log_probs = process_rows(processors, group.running_sequences(), logits, rows, len(self.rows),
                                      log_softmax=True)
-        step = group.step(log_probs, self.request.stopping_criteria, self._history(group))
+        step = group.step(log_probs, self.request.stopping_criteria, self._history)
         per_prompt = zip(group.prompts, log_probs.view(group.batch, beams, -1), logits.view(group.batch, beams, -1))
         for g, (p, scores, raw) in enumerate(per_prompt):
             self.scores[p].append(scores)
@@ -107,12 +109,13 @@ class BeamDecoding(Decoding):
             self.traces[p].steps.append(TraceStep(*(getattr(step, f)[g:g + 1] for f in _TRACE_FIELDS)))
             self.stats.steps = max(self.stats.steps, len(self.scores[p]))
 
-    def _history(self, group: BeamSearch):
-        """The group's processed scores so far, as transformers passes them to stopping criteria."""
+    def _history(self, prompts: list[int]):
+        """The processed scores so far of prompts of one length, as transformers passes them to stopping
+        criteria."""
         if not self.request.config.output_scores:
             return None
-        steps = len(self.scores[group.prompts[0]])
-        return tuple(torch.cat([self.scores[p][t] for p in group.prompts]) for t in range(steps))
+        steps = len(self.scores[prompts[0]])
+        return tuple(torch.cat([self.scores[p][t] for p in prompts]) for t in range(steps))
 
     def _end_round(self, p: int, first_step: int, replayed: int, walked: dict, ended: bool) -> None:
         """Count what prompt p's round accepted and record its drafted trees for the trace. For the tree policy:
@@ -136,12 +139,14 @@ class BeamDecoding(Decoding):
         for row in self.rows[p * beams:(p + 1) * beams]:
             self.release_row(row)
 
-    def _commit(self, group: BeamSearch, origin: list[tuple[int, list]]) -> BeamSearch:
+    def _commit(self, group: BeamSearch, origin: list[tuple[int, list]], replayed: int) -> BeamSearch:
         """New beams fork the table of the beam they descend from and keep their path's K/V, their newest token
-        (the next root) excluded; the draft's rows follow them."""
+        (the next root) excluded; the draft's rows follow them. Their tokens: the source's and the `replayed`
+        new ones."""
         beams = self.params.num_beams
         rows = [p * beams + b for p in group.prompts for b in range(beams)]
         old = {r: self.rows[r].table for r in rows}
+        old_tokens = {r: self.rows[r].tokens for r in rows}
         takers = {}  # per source row: its new beams; the first takes its table over, the others fork it
         for r, (source, _) in zip(rows, origin):
             takers.setdefault(source, []).append(r)
@@ -155,13 +160,13 @@ class BeamDecoding(Decoding):
         for r, (source, path) in zip(rows, origin):
             self.cache.keep_path(self.rows[r].table, self.starts[source], path[:-1])
             self.draft_origins[r] = (source, path[:-1])
-        for r, tokens in zip(rows, group.running_sequences().tolist()):
-            self.rows[r].tokens = tokens
+        for r, (source, _), new in zip(rows, origin, group.tail(replayed).tolist()):
+            self.rows[r].tokens = old_tokens[source] + new
         return group
 
     def num_trees(self) -> int:
         """A prompt's beams' trees are drafted together: one per running prompt."""
-        return sum(g.batch for g in self.groups)
+        return self.search.batch if self.search is not None else 0
 
     # --- output -------------------------------------------------------------------------------------------
 
@@ -212,7 +217,7 @@ class BeamDecoding(Decoding):
 def _follow(search: BeamSearch, trees: dict[int, DraftTree], origin) -> tuple[list, list[bool]]:
     """Each new running beam's origin after one more replayed step, and per prompt whether all of its running
     beams are tree nodes."""
-    tokens = search.running_sequences()[:, -1].tolist()
+    tokens = search.tail(1).flatten().tolist()
     beams = search.params.num_beams
     new, inside = [], [True] * search.batch
     for beam, parent in enumerate(search.parents().tolist()):
