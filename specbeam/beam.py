@@ -5,11 +5,17 @@ early-stopping heuristic. `step` consumes the processed log-probabilities of the
 the same tensor operations in the same dtype, so ties and float32 rounding fall the same way. Speculative
 beam search calls `step` several times per target pass, with distributions read off the draft tree.
 
+One search may hold prompts of different lengths (speculative rounds advance each prompt by its own number of
+steps): each prompt's tokens are written at its own length, and what depends on the length (stopping criteria,
+the length penalty) runs once per distinct length, on those prompts alone, exactly as on a search of them.
+
 Each step keeps K = max(2, 1 + num_eos) * B candidates per prompt: the top-K of (running score +
 log p(token)) over B beams x V tokens. The best B that do not stop become the running beams; those among the
 top B that do stop enter the finished hypotheses with score sum / (generated length ** length_penalty).
 """
 import copy
+from collections import defaultdict
+from typing import Callable
 
 import torch
 from transformers import StoppingCriteriaList
@@ -21,6 +27,7 @@ NEG = -1.0e9  # transformers' "impossible" score
 # the state tensors whose first dimension is the prompt
 _PER_PROMPT = ("running", "finished", "running_scores", "finished_scores", "is_finished", "can_improve", "hits_stop",
                "running_origin", "finished_origin")
+_PER_STEP = ("running", "finished", "running_origin", "finished_origin")  # their last dimension grows
 GROWTH = 64  # steps the sequence buffers hold at first; they double when full
 
 
@@ -37,15 +44,15 @@ class BeamSearch:
         beams, device = params.num_beams, input_ids.device
         self.params = params
         self.batch = input_ids.shape[0] // beams
-        self.prompt_len = self.cur_len = input_ids.shape[1]
+        self.prompt_len = length = input_ids.shape[1]
+        self.lengths = [length] * self.batch  # per prompt: tokens of its running beams
         self.num_candidates = max(2, 1 + (0 if eos is None else eos.shape[0])) * beams
         self.is_top_beam = torch.arange(self.num_candidates, device=device) < beams  # [K]
         # transformers fills unwritten positions with `pad or eos[0]`: a pad id of 0 falls through to eos
         self.fill = (params.pad_token_id or int(eos[0])) if eos is not None else -1
         # sequences and backpointers are sized for the steps taken so far, and grow (max_length is only a limit)
-        self.running = torch.full((self.batch, beams, self.cur_len + GROWTH), self.fill, dtype=torch.long,
-                                  device=device)
-        self.running[:, :, : self.cur_len] = input_ids.view(self.batch, beams, -1)
+        self.running = torch.full((self.batch, beams, length + GROWTH), self.fill, dtype=torch.long, device=device)
+        self.running[:, :, :length] = input_ids.view(self.batch, beams, -1)
         self.finished = self.running.clone()
         # only the first beam of each prompt is live at the start, so the first step does not pick duplicates
         self.running_scores = torch.zeros((self.batch, beams), dtype=torch.float32, device=device)
@@ -58,24 +65,59 @@ class BeamSearch:
         self.finished_origin = self.running_origin.clone()
         self.prompts = list(range(self.batch))  # the prompts of the caller's batch that this search holds
 
-    def running_sequences(self) -> torch.Tensor:  # [batch * beams, cur_len]
-        return self.running[:, :, : self.cur_len].flatten(0, 1)
+    def running_sequences(self) -> list[list[int]]:  # per running beam [batch * beams]: its tokens
+        ends = [n for n in self.lengths for _ in range(self.params.num_beams)]
+        return [row[:n] for row, n in zip(self.running.flatten(0, 1).tolist(), ends)]
 
-    def step(self, log_probs: torch.Tensor, criteria: StoppingCriteriaList, scores) -> TraceStep:
-        """log_probs: [batch * beams, vocab], processed. Returns what happened, for the trace; afterwards
-        `parents()` names the previous running beam of every new one."""
-        beams, batch, step = self.params.num_beams, self.batch, self.cur_len - self.prompt_len
-        if self.cur_len == self.running.shape[-1]:
+    def same_length(self) -> bool:
+        return all(n == self.lengths[0] for n in self.lengths)
+
+    def tail(self, count: int) -> torch.Tensor:  # [batch * beams, count]: each running beam's last `count` tokens
+        return self.running.gather(2, self._position(-count + torch.arange(count, device=self.running.device))
+                                   .expand(-1, self.params.num_beams, -1)).flatten(0, 1)
+
+    def _position(self, offset) -> torch.Tensor:  # [batch, 1, n]: each prompt's length + offset ([n] or int)
+        lengths = torch.tensor(self.lengths, device=self.running.device)
+        return (lengths[:, None] + offset).view(self.batch, 1, -1)
+
+    def _per_length(self, fn: Callable[[int, slice | list[int]], torch.Tensor]) -> torch.Tensor:  # -> [batch, ...]
+        """fn(length, index) over the prompts of each distinct length (index: slice(None) when that is all of
+        them, else their indices), assembled over the batch."""
+        if self.same_length():
+            return fn(self.lengths[0], slice(None))
+        by_length = defaultdict(list)
+        for g, n in enumerate(self.lengths):
+            by_length[n].append(g)
+        parts = [(index, fn(n, index)) for n, index in by_length.items()]
+        out = parts[0][1].new_empty((self.batch, *parts[0][1].shape[1:]))
+        for index, part in parts:
+            out[index] = part
+        return out
+
+    def _ids(self, index: slice | list[int]) -> list[int]:
+        """The caller's prompts at these indices."""
+        return self.prompts[index] if isinstance(index, slice) else [self.prompts[g] for g in index]
+
+    def step(self, log_probs: torch.Tensor, criteria: StoppingCriteriaList,
+             history: Callable[[list[int]], tuple | None]) -> TraceStep:
+        """log_probs: [batch * beams, vocab], processed; history(prompts): the scores the stopping criteria get for
+        those of the caller's prompts. Returns what happened, for the trace; afterwards `parents()` names the previous
+        running beam of every new one."""
+        beams, batch, k = self.params.num_beams, self.batch, self.num_candidates
+        if max(self.lengths) == self.running.shape[-1]:
             self._grow()
         total = log_probs.view(batch, beams, -1) + self.running_scores[:, :, None]
         vocab = total.shape[-1]
-        cand_scores, flat = torch.topk(total.view(batch, -1), k=self.num_candidates)
+        cand_scores, flat = torch.topk(total.view(batch, -1), k=k)
         cand_beam, cand_token = flat // vocab, flat % vocab  # [batch, K]
+        at = self._position(0).expand(-1, k, -1)  # [batch, K, 1]: where each prompt's new token goes
         cand_seqs = _gather(self.running, cand_beam)
-        cand_seqs[:, :, self.cur_len] = cand_token
+        cand_seqs.scatter_(2, at, cand_token[..., None])
         cand_origin = _gather(self.running_origin, cand_beam)
-        cand_origin[:, :, step] = cand_beam  # the beam within its prompt (a search may be split by prompt)
-        hits = criteria(cand_seqs[:, :, : self.cur_len + 1].flatten(0, 1), scores).view(batch, -1)
+        # the beam within its prompt (a search may be split by prompt)
+        cand_origin.scatter_(2, at - self.prompt_len, cand_beam[..., None].to(cand_origin.dtype))
+        hits = self._per_length(lambda n, index: criteria(
+            cand_seqs[index, :, : n + 1].flatten(0, 1), history(self._ids(index))).view(-1, k))
         self.hits_stop = hits
 
         # the best B candidates that do not stop run on
@@ -86,7 +128,7 @@ class BeamSearch:
         self.running_origin = _gather(cand_origin, survivors)
 
         entered = self._update_finished(cand_seqs, cand_scores, cand_origin, hits)
-        self.cur_len += 1
+        self.lengths = [n + 1 for n in self.lengths]
         self._update_can_improve()
         return TraceStep(cand_beam, cand_token, cand_scores, survivors, entered)
 
@@ -99,7 +141,8 @@ class BeamSearch:
                                                      (self.running_origin, self.finished_origin))
 
     def parents(self) -> torch.Tensor:  # [batch * beams]: flat index of each running beam's parent
-        local = self.running_origin[:, :, self.cur_len - 1 - self.prompt_len].long()
+        at = self._position(-1 - self.prompt_len).expand(-1, self.params.num_beams, -1)
+        local = self.running_origin.gather(2, at)[..., 0].long()
         return (local + torch.arange(self.batch, device=local.device)[:, None] * self.params.num_beams).flatten()
 
     def prompts_done(self) -> torch.Tensor:  # [batch] bool
@@ -118,13 +161,33 @@ class BeamSearch:
         for name in _PER_PROMPT:
             setattr(other, name, getattr(self, name).index_select(0, index))
         other.batch, other.prompts = len(keep), [self.prompts[i] for i in keep]
+        other.lengths = [self.lengths[i] for i in keep]
         return other
+
+    @staticmethod
+    def merge(parts: list["BeamSearch"]) -> "BeamSearch":
+        """One search over the prompts of `parts` (splits of one search), in the caller's prompt order."""
+        merged = copy.copy(parts[0])
+        width = max(p.running.shape[-1] for p in parts)  # prompt_len + the room for steps, as _grow keeps them
+        for name in _PER_PROMPT:
+            tensors = [getattr(p, name) for p in parts]
+            if name in _PER_STEP:  # sized for the steps taken so far: padded to the widest
+                origin = name.endswith("origin")
+                wide = width - merged.prompt_len if origin else width
+                tensors = [torch.nn.functional.pad(t, (0, wide - t.shape[-1]), value=-1 if origin else merged.fill)
+                           for t in tensors]
+            setattr(merged, name, torch.cat(tensors))
+        merged.prompts = [g for p in parts for g in p.prompts]
+        merged.lengths = [n for p in parts for n in p.lengths]
+        merged.batch = len(merged.prompts)
+        order = sorted(range(merged.batch), key=merged.prompts.__getitem__)
+        return merged.split(order) if order != list(range(merged.batch)) else merged
 
     def _update_finished(self, cand_seqs, cand_scores, cand_origin, hits) -> torch.Tensor:
         """Merge the candidates that stopped among the top B into the best B finished hypotheses."""
-        beams, generated = self.params.num_beams, self.cur_len + 1 - self.prompt_len
+        beams, penalty = self.params.num_beams, self.params.length_penalty
         just_finished = hits & self.is_top_beam[None, :]
-        scores = cand_scores / (generated**self.params.length_penalty)
+        scores = self._per_length(lambda n, index: cand_scores[index] / ((n + 1 - self.prompt_len)**penalty))
         scores = scores + self._full()[:, None].to(torch.float32) * NEG  # early_stopping=True: full takes no more
         scores = scores + (~self.can_improve).to(torch.float32) * NEG  # nothing can beat the set
         scores = scores + (~just_finished) * NEG  # still running: not a hypothesis
@@ -144,11 +207,13 @@ class BeamSearch:
         """transformers' early-stopping heuristic: can a prompt's running beams still beat its worst finished
         hypothesis? (`prompts_done` then applies its stopping rule.)"""
         params = self.params
-        if params.early_stopping == "never" and params.length_penalty > 0.0:
-            best_length = params.max_length - self.prompt_len
-        else:
-            best_length = self.cur_len - self.prompt_len
-        best_running = self.running_scores[:, :1] / (best_length**params.length_penalty)
+        longest = params.early_stopping == "never" and params.length_penalty > 0.0
+
+        def best_running(length: int, index) -> torch.Tensor:  # [prompts, 1]
+            best_length = (params.max_length if longest else length) - self.prompt_len
+            return self.running_scores[index, :1] / (best_length**params.length_penalty)
+
+        best_running = self._per_length(best_running)
         worst_finished = torch.where(self.is_finished, self.finished_scores.min(dim=1, keepdim=True)[0], NEG)
         self.can_improve = self.can_improve & (best_running > worst_finished).any(dim=-1, keepdim=True)
 

@@ -67,11 +67,8 @@ class PagedKVCache:
         # views made once: per layer, K and V as blocks [num_blocks, block_size, Hkv, D] and as slots
         self.layers = [(self.pool[i, 0], self.pool[i, 1]) for i in range(num_layers)]
         self.slots = [(k.view(-1, *k.shape[2:]), v.view(-1, *v.shape[2:])) for k, v in self.layers]
-
-    @property
-    def block_bytes(self) -> int:
-        """Bytes of one block across all layers, K and V."""
-        return self.pool[:, :, 0].numel() * self.pool.element_size()
+        # one block, all layers, K and V
+        self.block_bytes = int(np.prod(shape[:2] + shape[3:])) * self.pool.element_size()
 
     def fork(self, table: BlockTable) -> BlockTable:
         """A new table sharing every block of `table`."""

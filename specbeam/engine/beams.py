@@ -3,12 +3,14 @@ its draft tree (the draft searches all of a prompt's beams at once), and each pr
 beam step while every new running beam is a node of the trees (its distribution is then known); the first step
 that leaves them ends that prompt's round, not the others' (strict top-B verification). A tree of the root
 alone is a plain beam step."""
+import itertools
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from specbeam.beam import NEG, BeamSearch
 from specbeam.engine.decoding import Decoding, tree_work
-from specbeam.model_runner import Work
 from specbeam.outputs import SpecbeamBeamOutput
 from specbeam.processing import process_rows
 from specbeam.trace import Trace, TraceStep, draft_rounds
@@ -19,26 +21,40 @@ from specbeam.validation import check_finite
 _TRACE_FIELDS = ("parent", "token", "score", "survivors", "finished")
 
 
+@dataclass
+class _Step:
+    """One beam step over some prompts of the search, kept whole: a prompt's part is read when needed."""
+
+    prompts: list[int]
+    scores: torch.Tensor  # [prompts * beams, vocab] processed log-probabilities
+    raw: torch.Tensor  # [prompts * beams, vocab] logits
+    trace: TraceStep  # [prompts, K] per field ([prompts, B] survivors)
+
+    def part(self, name: str, g: int | None = None) -> torch.Tensor:  # field `name`: its g-th prompt's rows, or all
+        value = getattr(self, name) if name in ("scores", "raw") else getattr(self.trace, name)
+        rows = value.shape[0] // len(self.prompts)
+        return value if g is None else value[g * rows:(g + 1) * rows]
+
+
 class BeamDecoding(Decoding):
-    """The prompts' searches run in groups that share a length (one batched beam step each); a group splits
-    when its prompts replay different numbers of steps, and a prompt leaves it when its search ends."""
+    """The running prompts' searches are one `BeamSearch` (their lengths may differ); within a round, a replay
+    step runs over the prompts still inside their trees, and a prompt leaves the search when it ends."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        search = BeamSearch(self.request.input_ids, self.params, self.request.config._eos_token_tensor)
-        self.groups = [search]  # searches still running
+        self.search: BeamSearch | None = BeamSearch(self.request.input_ids, self.params,
+                                                    self.request.config._eos_token_tensor)  # None: all ended
         self.ended: dict[int, BeamSearch] = {}  # per prompt, its search once it has ended
-        prompts = range(search.batch)
-        self.traces = [Trace() for _ in prompts]
-        self.scores = [[] for _ in prompts]  # per prompt, per step: [beams, vocab] processed log-probs
-        self.raw = [[] for _ in prompts]
+        self.log: list[_Step] = []  # every beam step
+        self.taken = [[] for _ in range(self.search.batch)]  # per prompt, per step: (its _Step, its index in it)
+        self.drafts = [[] for _ in range(self.search.batch)]  # per prompt: its DraftRounds, for the trace
 
     # --- one round ----------------------------------------------------------------------------------------
 
     def plan(self):  # a generator -> list[Work]
         beams = self.params.num_beams
-        self.round_rows = [p * beams + b for g in self.groups for p in g.prompts for b in range(beams)]
-        scores = [s for g in self.groups for s in g.running_scores.flatten().tolist()]
+        self.round_rows = [p * beams + b for p in self.search.prompts for b in range(beams)]
+        scores = self.search.running_scores.flatten().tolist()
         depths = [min(self.depth, self.params.max_length - len(self.rows[r].tokens) - 1) for r in self.round_rows]
         groups = [(r // beams, s) for r, s in zip(self.round_rows, scores)]  # (prompt, running beam score)
         trees = yield from self.propose(self.round_rows, depths, beams=groups)
@@ -46,30 +62,33 @@ class BeamDecoding(Decoding):
         self.starts = {r: self.rows[r].table.length for r in self.round_rows}
         return [tree_work(self.rows[r].table, self.trees[r]) for r in self.round_rows]
 
-    def absorb(self, logits: list[torch.Tensor]) -> None:  # per beam of the round: [tree nodes, vocab]
-        logits = [x.to(torch.float32) for x in logits]
-        check_finite(torch.cat(logits), self.stats.steps)
-        self.logits = dict(zip(self.round_rows, logits))
+    def absorb(self, logits: torch.Tensor) -> None:  # [the round's tree nodes, vocab]
+        self.logits = logits.to(torch.float32)
+        check_finite(self.logits, self.stats.steps)
+        offsets = itertools.accumulate((len(self.trees[r]) for r in self.round_rows[:-1]), initial=0)
+        self.offset = dict(zip(self.round_rows, offsets))  # per beam of the round: its root's row of the logits
         self.draft_origins = [(r, [0]) for r in range(len(self.rows))]
         self.seen, self.advanced = [], 0  # for the tree policy, added up per prompt (`_end_round`)
-        self.groups = [g for group in self.groups for g in self._replay(group)]
+        running_on = self._replay(self.search)
+        self.search = BeamSearch.merge(running_on) if running_on else None
         if self.draft is not None:
             self.draft.commit(self.draft_origins)
-        self.finished = not self.groups
+        self.finished = self.search is None
 
     def _replay(self, group: BeamSearch) -> list[BeamSearch]:
-        """Beam steps of a group from one target pass: a prompt goes on while every running beam of it is a tree
-        node (its distribution is known), and its round ends at the first step that leaves its trees. Returns
-        the groups that run on."""
+        """Beam steps of the search from one target pass: a prompt goes on while every running beam of it is a
+        tree node (its distribution is known), and its round ends at the first step that leaves its trees (the
+        others step on without it). Returns the parts of the search that run on."""
         beams = self.params.num_beams
         # per running beam: (the request row it descends from at the round's start, its node path in that row's
         # tree, the last entry the new root's node or None)
         origin = [(p * beams + b, [0]) for p in group.prompts for b in range(beams)]
-        first = {p: len(self.traces[p].steps) for p in group.prompts}
+        first = {p: len(self.taken[p]) for p in group.prompts}
         walked = {r: {0} for r, _ in origin}
         replayed, running_on = 0, []
         while True:
-            self._beam_step(group, torch.stack([self.logits[r][path[-1]] for r, path in origin]))
+            index = torch.tensor([self.offset[r] + path[-1] for r, path in origin], device=self.logits.device)
+            self._beam_step(group, self.logits.index_select(0, index))
             replayed += 1
             done = group.prompts_done().tolist()
             origin, inside = _follow(group, self.trees, origin)
@@ -83,7 +102,8 @@ class BeamDecoding(Decoding):
             stopped = [g for g in stop if not done[g]]
             if stopped:
                 part = group if len(stopped) == group.batch else group.split(stopped)
-                running_on.append(self._commit(part, [origin[g * beams + b] for g in stopped for b in range(beams)]))
+                running_on.append(self._commit(part, [origin[g * beams + b] for g in stopped for b in range(beams)],
+                                               replayed))
             going = [g for g in range(group.batch) if g not in stop]
             if not going:
                 return running_on
@@ -93,26 +113,25 @@ class BeamDecoding(Decoding):
     def _beam_step(self, group: BeamSearch, logits: torch.Tensor) -> None:  # [group rows, vocab] their logits
         beams, processors = self.params.num_beams, self.request.logits_processor
         log_probs = F.log_softmax(logits, dim=-1)
-        if processors and group.batch * beams == len(self.rows):  # the whole batch, in order: as transformers
-            log_probs = processors(group.running_sequences(), log_probs)
+        if processors and group.batch * beams == len(self.rows) and group.same_length():  # as transformers
+            log_probs = processors(group.tail(group.lengths[0]), log_probs)
         elif processors:
             rows = [p * beams + b for p in group.prompts for b in range(beams)]
-            log_probs = process_rows(processors, group.running_sequences().tolist(), logits, rows, len(self.rows),
+            log_probs = process_rows(processors, group.running_sequences(), logits, rows, len(self.rows),
                                      log_softmax=True)
-        step = group.step(log_probs, self.request.stopping_criteria, self._history(group))
-        per_prompt = zip(group.prompts, log_probs.view(group.batch, beams, -1), logits.view(group.batch, beams, -1))
-        for g, (p, scores, raw) in enumerate(per_prompt):
-            self.scores[p].append(scores)
-            self.raw[p].append(raw)
-            self.traces[p].steps.append(TraceStep(*(getattr(step, f)[g:g + 1] for f in _TRACE_FIELDS)))
-            self.stats.steps = max(self.stats.steps, len(self.scores[p]))
+        step = _Step(group.prompts, log_probs, logits, group.step(log_probs, self.request.stopping_criteria,
+                                                                   self._history))
+        self.log.append(step)
+        for g, p in enumerate(group.prompts):
+            self.taken[p].append((step, g))
+        self.stats.steps = max(self.stats.steps, max(len(self.taken[p]) for p in group.prompts))
 
-    def _history(self, group: BeamSearch):
-        """The group's processed scores so far, as transformers passes them to stopping criteria."""
+    def _history(self, prompts: list[int]):
+        """The processed scores so far of prompts of one length, as transformers passes them to stopping
+        criteria."""
         if not self.request.config.output_scores:
             return None
-        steps = len(self.scores[group.prompts[0]])
-        return tuple(torch.cat([self.scores[p][t] for p in group.prompts]) for t in range(steps))
+        return tuple(scores for scores, in self._per_step(("scores",), len(self.taken[prompts[0]]), prompts))
 
     def _end_round(self, p: int, first_step: int, replayed: int, walked: dict, ended: bool) -> None:
         """Count what prompt p's round accepted and record its drafted trees for the trace. For the tree policy:
@@ -127,7 +146,7 @@ class BeamDecoding(Decoding):
             self.seen += [(d, 0, 1) for d in range(1, replayed)]
             if not ended and replayed <= max(max(t.depths()) for t in trees):
                 self.seen.append((replayed, None, 1))
-        self.traces[p].drafts += draft_rounds(first_step, rows, trees, [walked[r] for r in rows], beams)
+            self.drafts[p] += draft_rounds(first_step, rows, trees, [walked[r] for r in rows], beams)
 
     def _end_search(self, group: BeamSearch, g: int) -> None:
         """Prompt g of the group has its final hypotheses: its rows' blocks are free at once."""
@@ -136,12 +155,14 @@ class BeamDecoding(Decoding):
         for row in self.rows[p * beams:(p + 1) * beams]:
             self.release_row(row)
 
-    def _commit(self, group: BeamSearch, origin: list[tuple[int, list]]) -> BeamSearch:
+    def _commit(self, group: BeamSearch, origin: list[tuple[int, list]], replayed: int) -> BeamSearch:
         """New beams fork the table of the beam they descend from and keep their path's K/V, their newest token
-        (the next root) excluded; the draft's rows follow them."""
+        (the next root) excluded; the draft's rows follow them. Their tokens: the source's and the `replayed`
+        new ones."""
         beams = self.params.num_beams
         rows = [p * beams + b for p in group.prompts for b in range(beams)]
         old = {r: self.rows[r].table for r in rows}
+        old_tokens = {r: self.rows[r].tokens for r in rows}
         takers = {}  # per source row: its new beams; the first takes its table over, the others fork it
         for r, (source, _) in zip(rows, origin):
             takers.setdefault(source, []).append(r)
@@ -155,13 +176,13 @@ class BeamDecoding(Decoding):
         for r, (source, path) in zip(rows, origin):
             self.cache.keep_path(self.rows[r].table, self.starts[source], path[:-1])
             self.draft_origins[r] = (source, path[:-1])
-        for r, tokens in zip(rows, group.running_sequences().tolist()):
-            self.rows[r].tokens = tokens
+        for r, (source, _), new in zip(rows, origin, group.tail(replayed).tolist()):
+            self.rows[r].tokens = old_tokens[source] + new
         return group
 
     def num_trees(self) -> int:
         """A prompt's beams' trees are drafted together: one per running prompt."""
-        return sum(g.batch for g in self.groups)
+        return self.search.batch if self.search is not None else 0
 
     # --- output -------------------------------------------------------------------------------------------
 
@@ -174,14 +195,16 @@ class BeamDecoding(Decoding):
         sequences, sequence_scores, beam_indices = self._results()
         if not config.return_dict_in_generate:
             return sequences
-        steps = self.stats.steps
-        trace = _merge_traces(self.traces, steps, self.params.num_beams)
+        names = _TRACE_FIELDS + ("scores",) * bool(config.output_scores) + ("raw",) * bool(config.output_logits)
+        per_step = dict(zip(names, zip(*self._per_step(names, self.stats.steps))))  # name -> per step
+        trace = Trace([TraceStep(*fields) for fields in zip(*(per_step[f] for f in _TRACE_FIELDS))],
+                      drafts=[d for drafts in self.drafts for d in drafts])
         trace.mark_returned(sequences, beam_indices, self.request.input_ids.shape[1])
         return SpecbeamBeamOutput(
             sequences=sequences,
             sequences_scores=sequence_scores if config.output_scores else None,
-            scores=tuple(self._per_step(self.scores, steps)) if config.output_scores else None,
-            logits=tuple(self._per_step(self.raw, steps)) if config.output_logits else None,
+            scores=per_step.get("scores"),
+            logits=per_step.get("raw"),
             beam_indices=beam_indices,
             trace=trace,
             stats=self.stats,
@@ -201,18 +224,42 @@ class BeamDecoding(Decoding):
                                    value=-1) for p, (_, _, origin) in enumerate(results)])
         return sequences, torch.cat([scores for _, scores, _ in results]), indices
 
-    def _per_step(self, history: list[list[torch.Tensor]], steps: int) -> list[torch.Tensor]:
-        """Per step, every prompt's beams [batch * beams, vocab]; a prompt whose search has ended shows uniform
-        log-probabilities (transformers keeps feeding it; its rows are not part of any result)."""
-        vocab = history[0][0].shape[-1]
-        ended = F.log_softmax(torch.zeros(self.params.num_beams, vocab, device=history[0][0].device), dim=-1)
-        return [torch.cat([h[t] if t < len(h) else ended for h in history]) for t in range(steps)]
+    def _per_step(self, names: tuple[str, ...], steps: int, prompts: list[int] | None = None) -> list[tuple]:
+        """Per step, fields `names` of every prompt (or of `prompts`), concatenated; a step that ran over all of
+        them in order is taken as it is. A prompt whose search has ended shows `_ended_rows`."""
+        prompts = list(range(len(self.taken))) if prompts is None else prompts
+        ended = self._ended_rows() if any(len(self.taken[p]) < steps for p in prompts) else {}
+        out = []
+        for t in range(steps):
+            taken = [self.taken[p][t] if t < len(self.taken[p]) else (None, 0) for p in prompts]
+            whole = taken[0][0]
+            if whole is not None and whole.prompts == prompts and all(s is whole for s, _ in taken):
+                out.append(tuple(whole.part(name) for name in names))
+            else:
+                out.append(tuple(torch.cat([s.part(name, g) if s is not None else ended[name] for s, g in taken])
+                                 for name in names))
+        return out
+
+    def _ended_rows(self) -> dict[str, torch.Tensor]:
+        """What a prompt whose search has ended shows, per field: uniform log-probabilities (transformers keeps
+        feeding it; its rows are not part of any result) and candidates that were dropped."""
+        trace, scores, beams = self.log[0].trace, self.log[0].scores, self.params.num_beams
+        k, device = trace.token.shape[1], scores.device
+        uniform = F.log_softmax(torch.zeros(beams, scores.shape[-1], device=device), dim=-1)
+        return dict(
+            scores=uniform, raw=uniform,
+            parent=torch.zeros(1, k, dtype=trace.parent.dtype, device=device),
+            token=torch.zeros(1, k, dtype=trace.token.dtype, device=device),
+            score=torch.full((1, k), NEG, dtype=trace.score.dtype, device=device),
+            survivors=torch.arange(beams, device=device)[None],
+            finished=torch.zeros(1, k, dtype=torch.bool, device=device),
+        )
 
 
 def _follow(search: BeamSearch, trees: dict[int, DraftTree], origin) -> tuple[list, list[bool]]:
     """Each new running beam's origin after one more replayed step, and per prompt whether all of its running
     beams are tree nodes."""
-    tokens = search.running_sequences()[:, -1].tolist()
+    tokens = search.tail(1).flatten().tolist()
     beams = search.params.num_beams
     new, inside = [], [True] * search.batch
     for beam, parent in enumerate(search.parents().tolist()):
@@ -221,19 +268,3 @@ def _follow(search: BeamSearch, trees: dict[int, DraftTree], origin) -> tuple[li
         inside[beam // beams] &= child is not None
         new.append((row, path + [child]))
     return new, inside
-
-
-def _merge_traces(traces: list[Trace], steps: int, beams: int) -> Trace:
-    """One trace over the batch: per step, every prompt's candidates; a prompt whose search has ended shows
-    candidates that were dropped."""
-    like = traces[0].steps[0]
-    k, device = like.token.shape[1], like.token.device
-    ended = TraceStep(torch.zeros(1, k, dtype=like.parent.dtype, device=device),
-                      torch.zeros(1, k, dtype=like.token.dtype, device=device),
-                      torch.full((1, k), NEG, dtype=like.score.dtype, device=device),
-                      torch.arange(beams, device=device)[None], torch.zeros(1, k, dtype=torch.bool, device=device))
-    merged = Trace(drafts=[d for trace in traces for d in trace.drafts])
-    for t in range(steps):
-        parts = [trace.steps[t] if t < len(trace.steps) else ended for trace in traces]
-        merged.steps.append(TraceStep(*(torch.cat([getattr(s, f) for s in parts]) for f in _TRACE_FIELDS)))
-    return merged

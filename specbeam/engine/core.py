@@ -172,11 +172,11 @@ class EngineCore:
         logits = self._forward(works, [s for s, _, _ in planned], outputs, cost) if works else None
         if logits is None:
             return []
-        per_work = logits.split([w.num_logits for w in works])
+        bounds = [0, *itertools.accumulate(w.num_logits for w in works)]  # per work: its first row of logits
         for state, first, count in planned:
             state.stats.target_passes += 1
             try:
-                state.absorb(list(per_work[first:first + count]))
+                state.absorb(logits[bounds[first]:bounds[first + count]])
             except Exception as error:  # noqa: BLE001: a request's own failure (a processor, a criterion)
                 outputs.append(self._fail(state, error))
         return [s for s, _, _ in planned if s.request_id in self.requests]

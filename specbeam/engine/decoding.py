@@ -208,7 +208,7 @@ class Decoding:
         """This round's works: each row's root and draft tree. Yields the draft passes it needs first."""
         raise NotImplementedError
 
-    def absorb(self, logits: list[torch.Tensor]) -> None:
+    def absorb(self, logits: torch.Tensor) -> None:  # [its works' scored tokens, vocab]
         raise NotImplementedError
 
     def propose(self, rows: list[int], depths: list[int], beams=None):  # a generator -> list[DraftTree]

@@ -35,9 +35,10 @@ class TokenDecoding(Decoding):
         self.starts = [self.rows[r].table.length for r in self.round_rows]
         return [tree_work(self.rows[r].table, t) for r, t in zip(self.round_rows, self.trees)]
 
-    def absorb(self, logits: list[torch.Tensor]) -> None:  # per row of the round: [tree nodes, vocab]
-        logits = [x.to(torch.float32) for x in logits]
-        check_finite(torch.cat(logits), self.stats.steps)
+    def absorb(self, logits: torch.Tensor) -> None:  # [the round's tree nodes, vocab]
+        logits = logits.to(torch.float32)
+        check_finite(logits, self.stats.steps)
+        logits = logits.split([len(t) for t in self.trees])  # per row of the round: [tree nodes, vocab]
         processed = self._process(logits)
         paths, next_tokens = self._verify(processed)
         self.advanced = 0
