@@ -61,6 +61,9 @@ class CascadeSession:
     def caught_up(self) -> int:
         return max(session.caught_up for session in self.sessions)
 
+    def behind(self, rows: list[int], lengths: list[int]) -> int:
+        return max(session.behind(rows, lengths) for session in self.sessions)
+
     def end(self) -> None:
         for session in self.sessions:
             session.end()

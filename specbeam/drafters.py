@@ -71,6 +71,11 @@ class DraftSession:
         self.caught_up = 0  # tokens the last proposal fed besides the roots: those of rounds that did not draft
         self.scored: dict[int, tuple[BlockTable, int]] = {}  # row -> (its scored tree's table, the root's position)
 
+    def behind(self, rows: list[int], lengths: list[int]) -> int:
+        """Tokens these rows, of these lengths (root included, padding not), have not fed the draft before their
+        roots: what a drafting round would catch up on first."""
+        return sum(n - 1 - self.tables[r].length for r, n in zip(rows, lengths))
+
     def end(self) -> None:
         """Release every block (the request finished, failed or was preempted)."""
         self._release_all()
@@ -233,6 +238,9 @@ class NgramDrafter:
 
     def blocks_needed(self, lengths: list[int], nodes: int) -> dict:
         return {}
+
+    def behind(self, rows: list[int], lengths: list[int]) -> int:
+        return 0  # nothing to catch up on
 
     def end(self) -> None:
         pass

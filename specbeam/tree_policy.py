@@ -21,10 +21,12 @@ A round with u trees (rows; under beam search, prompts with B roots each) of `no
 advances u (1 + E(D, w)) tokens in T_share(u (roots + nodes)) plus the draft's share of one pass over the roots and
 D - 1 over the frontier; D = 0 is a plain step. That model leaves out the request's own work (planning its trees,
 selecting, committing), which on a small model is most of a round: so each shape's rounds are also timed whole, and
-the model's rate is multiplied by the ratio of the tokens they advanced to the tokens the model expected in the
-time they took (discounted sums, which start from a few tokens at the model's word). The model carries
-each shape's rate across loads and batch sizes and ranks the shapes not run yet; the ratio corrects it where it has
-run.
+the model's rate is multiplied by two measured factors: the tokens they advanced over the tokens the acceptance
+model expected, and the seconds the pass costs predicted over the seconds they took (discounted sums, each starting
+from some rounds' worth at a prior's word, more for the tokens, which the luck of acceptance makes noisy; for
+drafting shapes the prior is the same factor over all drafting rounds, which fades more slowly, so that a shape not
+run lately is judged as drafting has paid here so far). The model carries each shape's rate across loads and
+batch sizes and ranks the shapes not run yet; the factors correct it where it has run.
 
 Which shape runs never changes the output (every shape is lossless), only the speed; the policy draws from its
 own `random.Random`, never from torch's generators, so seeded sampling stays reproducible."""
@@ -47,6 +49,7 @@ class PassCost:
     shape: dict[int, float] = field(default_factory=dict)  # tokens -> seconds, as calibrated
     scale: float = 1.0  # how the machine runs now against the calibration
     memory: float = 0.9  # weight of the past in the scale's running mean
+    _interpolated: tuple[dict, dict[float, float]] = field(default=({}, {}), repr=False)  # (of shape, tokens -> s)
 
     def calibrate(self, run: Callable[[int], None], sizes=CALIBRATION_TOKENS, repeats: int = 3) -> None:
         """Time `run(n)` for each size n, `repeats` sweeps over the sizes (the first also warms up), and keep each
@@ -77,7 +80,16 @@ class PassCost:
         return self.scale * self._shape(tokens)
 
     def _shape(self, tokens: float) -> float:
-        """Linear between the counts calibrated and along the last slope past the largest."""
+        """Linear between the counts calibrated and along the last slope past the largest (remembered per count
+        until the shape is calibrated again: the tree policy asks for the same few counts every round)."""
+        of, known = self._interpolated
+        if of is not self.shape:
+            of, known = self._interpolated = self.shape, {}
+        if tokens not in known:
+            known[tokens] = self._interpolate(tokens)
+        return known[tokens]
+
+    def _interpolate(self, tokens: float) -> float:
         counts = sorted(self.shape)
         if len(counts) == 1 or tokens <= counts[0]:
             return self.shape[counts[0]]
@@ -201,6 +213,21 @@ class TreeShape:
         return seen
 
 
+@dataclass(frozen=True)
+class RoundSums:
+    """Discounted sums over rounds: the tokens they advanced and the seconds they took, beside what the models
+    expected of them (the acceptance model's tokens, the pass costs' seconds)."""
+
+    tokens: float = 0.0
+    expected: float = 0.0
+    seconds: float = 0.0
+    predicted: float = 0.0
+
+    def add(self, memory: float, tokens: float, expected: float, seconds: float, predicted: float) -> "RoundSums":
+        return RoundSums(memory * self.tokens + tokens, memory * self.expected + expected,
+                         memory * self.seconds + seconds, memory * self.predicted + predicted)
+
+
 @dataclass
 class TreePolicy:
     """Chooses each round's (depth, width) for one drafter and one mode (module docstring)."""
@@ -210,51 +237,83 @@ class TreePolicy:
     target: PassCost
     draft: PassCost
     widths: tuple[int, ...]  # the widths to choose from, increasing
-    explore: float = 0.05  # chance that a round tries a neighbour of the best shape as fast as it
-    memory: float = 0.97  # weight of the past, per round, in every shape's sums of measured and modelled tokens
-    evidence: float = 2.0  # tokens' worth of rounds that a shape's measurements outweigh the model by
-    stay: float = 0.95  # a request keeps its shape while that is at least this share of the best rate
-    measured: dict[tuple[int, int], tuple[float, float]] = field(default_factory=dict)  # shape -> (tokens, modelled)
+    explore: float = 0.02  # chance that a round tries a neighbour of the best shape as fast as it
+    memory: float = 0.97  # weight of the past, per round, in every shape's sums
+    pool_memory: float = 0.995  # the same for the sums over every drafting shape's rounds
+    token_evidence: float = 8.0  # rounds' worth that a shape's tokens outweigh their prior by (they are noisy)
+    cost_evidence: float = 2.0  # rounds' worth that a shape's seconds outweigh their prior by
+    stay: float = 0.95  # a request stepping plainly keeps doing so while that is at least this share of the best
+    measured: dict[tuple[int, int], RoundSums] = field(default_factory=dict)  # per shape
+    pooled: RoundSums = RoundSums()  # over the rounds of every drafting shape
     rng: random.Random = field(default_factory=lambda: random.Random(0))
 
-    def modelled(self, depth: int, width: int, trees: int, load: float) -> float:
-        """Expected tokens per second of a round of `trees` trees of this shape beside `load` other tokens, by
-        the pass costs and the acceptance alone."""
+    def expected(self, depth: int, width: int, trees: int, load: float) -> tuple[float, float]:
+        """(tokens, seconds) that a round of `trees` trees of this shape beside `load` other tokens is expected
+        to advance and to take, by the acceptance and the pass costs alone."""
         roots, tokens = trees * self.shape.roots, float(trees)
         seconds = self.target.share(roots + trees * self.shape.nodes(depth, width), load)
         if depth:
             tokens += trees * self.acceptance.expected_accepted(self.shape.ranked(depth, width))
             seconds += self.draft.share(roots, load) + (depth - 1) * self.draft.share(trees * width, load)
+        return tokens, seconds
+
+    def modelled(self, depth: int, width: int, trees: int, load: float) -> float:
+        """Expected tokens per second of such a round, by the models alone."""
+        tokens, seconds = self.expected(depth, width, trees, load)
         return tokens / seconds
 
-    def ratio(self, depth: int, width: int) -> float:
-        """What this shape's rounds advanced over what the model expected in the time they took, both sums
-        starting from `evidence` tokens at the model's word (a shape not run yet: the model's, 1)."""
-        tokens, modelled = self.measured.get((depth, width), (0.0, 0.0))
-        return (tokens + self.evidence) / (modelled + self.evidence)
+    def ratio(self, depth: int, width: int, unit: tuple[float, float] | None = None) -> float:
+        """The measured rate of this shape's rounds over the modelled one, as two factors: the tokens they
+        advanced over the tokens expected, and the seconds predicted over the seconds taken. Each starts from
+        its evidence's worth of one-tree rounds at a prior's word: for a drafting shape, the factor over every
+        drafting round (a shape not run lately is judged as drafting has paid here so far); for plain steps, 1."""
+        sums = self.measured.get((depth, width), RoundSums())
+        tokens, seconds = unit or self.expected(depth, width, 1, 0)  # a one-tree round: the evidence's unit
+        token_prior, cost_prior = self._pooled_factors() if depth else (1.0, 1.0)
+        t, c = self.token_evidence * tokens, self.cost_evidence * seconds
+        return ((sums.tokens + t * token_prior) / (sums.expected + t)
+                * (sums.predicted + c * cost_prior) / (sums.seconds + c))
+
+    def _pooled_factors(self) -> tuple[float, float]:
+        pooled = self.pooled
+        cost = pooled.predicted / pooled.seconds if pooled.seconds > 0 else 1.0
+        return (pooled.tokens + 1) / (pooled.expected + 1), cost
 
     def rate(self, depth: int, width: int, trees: int, load: float) -> float:
         """The modelled rate, corrected by what this shape's rounds measured against the model so far: the work
         the model leaves out, per shape."""
-        return self.ratio(depth, width) * self.modelled(depth, width, trees, load)
+        tokens, seconds = self.expected(depth, width, trees, load)
+        return self.ratio(depth, width, (tokens, seconds) if (trees, load) == (1, 0) else None) * tokens / seconds
 
-    def choose(self, trees: int, load: float, current: tuple[int, int] | None = None) -> tuple[int, int]:
-        """The (depth, width) with the best rate, unless the request's `current` one is within `stay` of it
-        (switching between drafting and plain steps costs the draft a catch-up); now and then a neighbour of
-        the best instead. Before the pass costs are known: the deepest, widest tree."""
+    def choose(self, trees: int, load: float, current: tuple[int, int] | None = None, behind: int = 0
+               ) -> tuple[int, int]:
+        """The (depth, width) with the best rate, unless the request's `current` one is a plain step within
+        `stay` of it (going from plain steps to drafting costs the draft a catch-up on the `behind` tokens it
+        has not fed; the other way costs nothing); now and then a neighbour of the best instead. Before the
+        pass costs are known: the deepest, widest tree."""
         if not (self.target.known and self.draft.known):
             return self.acceptance.max_depth, self.widths[-1]
         shapes = [(0, self.widths[0])] + [(d, w) for d in range(1, self.acceptance.max_depth + 1) for w in self.widths]
         rates = {shape: self.rate(*shape, trees, load) for shape in shapes}
         best = max(shapes, key=rates.get)
-        if current in rates and rates[current] >= self.stay * rates[best]:
+        if current in rates and current[0] == 0 and rates[current] >= self.stay * rates[best]:
             best = current
-        # a neighbour as fast as the best runs one round in 1 / explore, a slower one less often by the square of
-        # its relative speed (each try costs what it is slower)
         neighbour = self._neighbour(best)
-        if self.rng.random() < self.explore * (rates[neighbour] / rates[best]) ** 2:
+        if self.rng.random() < self._exploring(neighbour, rates[neighbour] / rates[best], trees, load, behind):
             return neighbour
         return best
+
+    def _exploring(self, shape: tuple[int, int], relative: float, trees: int, load: float, behind: int) -> float:
+        """The chance of trying a neighbour whose rate is `relative` times the best's: a neighbour as fast runs
+        one round in 1 / explore, a slower one less often by the square of its relative speed (each try costs
+        what it is slower), and a drafting one less often by its round's share of the round plus the draft's
+        catch-up on the tokens it would feed first (a request that has stepped plainly for long, or never
+        drafted, pays for all of them)."""
+        chance = self.explore * relative ** 2
+        if shape[0] and behind:
+            seconds = self.expected(*shape, trees, load)[1]
+            chance *= seconds / (seconds + self.draft.share(behind, load))
+        return chance
 
     def observe(self, depth: int, width: int, trees: int, load: float, tokens: int, seconds: float,
                 seen: list[tuple[int, int | None, int]], caught_up: int = 0) -> None:
@@ -273,12 +332,14 @@ class TreePolicy:
         seconds -= self.draft.share(roots + caught_up, load) - self.draft.share(roots, load)
         if seconds <= 0:
             return
-        # every shape's sums fade each round, so that a shape not run for a while returns to the model's word
-        # (and is tried again where the model ranks it first) instead of keeping a few early, noisy rounds' verdict
-        self.measured = {shape: (self.memory * t, self.memory * m) for shape, (t, m) in self.measured.items()}
-        past_tokens, past_modelled = self.measured.get((depth, width), (0.0, 0.0))
-        modelled = seconds * self.modelled(depth, width, trees, load)  # the tokens the model expected in that time
-        self.measured[depth, width] = (past_tokens + tokens, past_modelled + modelled)
+        # every shape's sums fade each round, so that a shape not run for a while returns to its prior (and is
+        # tried again where that ranks it first) instead of keeping a few early, noisy rounds' verdict
+        self.measured = {shape: sums.add(self.memory, 0, 0, 0, 0) for shape, sums in self.measured.items()}
+        expected_tokens, predicted_seconds = self.expected(depth, width, trees, load)
+        this_round = (tokens, expected_tokens, seconds, predicted_seconds)
+        self.measured[depth, width] = self.measured.get((depth, width), RoundSums()).add(1.0, *this_round)
+        if depth:
+            self.pooled = self.pooled.add(self.pool_memory, *this_round)
 
     def _neighbour(self, shape: tuple[int, int]) -> tuple[int, int]:
         depth, width = shape
@@ -313,10 +374,11 @@ class StagesPolicy:
         self.policies = policies
         self.shape = next(iter(policies.values())).shape
 
-    def choose(self, trees: int, load: float, current: tuple | None = None) -> tuple[int, int, tuple[int, ...]]:
+    def choose(self, trees: int, load: float, current: tuple | None = None, behind: int = 0
+               ) -> tuple[int, int, tuple[int, ...]]:
         """(depth, width, the stages taking part); `current`: the request's (depth, width, stages) now."""
-        options = [(policy.choose(trees, load, current[:2] if current and current[2] == stages else None), stages)
-                   for stages, policy in self.policies.items()]
+        options = [(policy.choose(trees, load, current[:2] if current and current[2] == stages else None, behind),
+                    stages) for stages, policy in self.policies.items()]
         (depth, width), stages = max(options, key=lambda o: self.policies[o[1]].rate(*o[0], trees, load))
         return depth, width, stages
 

@@ -11,7 +11,7 @@ from parity import assert_same_beams, assert_same_tokens, run_both
 from specbeam import Engine
 from specbeam.config import BEAM, GREEDY, SAMPLE
 from specbeam.tree import DraftTree
-from specbeam.tree_policy import (BEAMS, SAMPLING, Acceptance, PassCost, TreePolicy, TreeShape,
+from specbeam.tree_policy import (BEAMS, SAMPLING, Acceptance, PassCost, RoundSums, TreePolicy, TreeShape,
                                   _lower_convex_hull)
 from specbeam.tree_policy import GREEDY as GREEDY_TREES
 from test_speculative import EOS_ONE, _inputs, drafts
@@ -116,8 +116,7 @@ def _rate(policy: TreePolicy, depth: int, width: int, trees: int, load: float) -
         roots = trees * shape.roots
         seconds += policy.draft(roots + load) * roots / (roots + load)
         seconds += (depth - 1) * policy.draft(trees * width + load) * trees * width / (trees * width + load)
-    tokens, modelled = policy.measured.get((depth, width), (0.0, 0.0))
-    return (tokens + 2.0) / (modelled + 2.0) * trees * (1 + accepted) / seconds
+    return policy.ratio(depth, width) * trees * (1 + accepted) / seconds
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -131,8 +130,9 @@ def test_the_policy_chooses_the_shape_with_the_most_tokens_per_second(seed):
                      hits=rng.uniform(0.05, 0.95))
     policy.shape = TreeShape(kind, branch=2, roots=4 if kind == BEAMS else 1)
     trees, load = rng.randint(1, 4), rng.choice([0, 0, 10, 50])
-    policy.measured = {(0, widths[0]): (rng.uniform(5, 10), 10.0), (2, widths[-1]): (rng.uniform(2, 10), 10.0),
-                       (3, widths[0]): (rng.uniform(2, 10), 10.0)}
+    policy.measured = {(0, widths[0]): RoundSums(10.0, 10.0, rng.uniform(1, 2), 1.0),
+                       (2, widths[-1]): RoundSums(rng.uniform(2, 10), 10.0, 1.0, 1.0),
+                       (3, widths[0]): RoundSums(rng.uniform(2, 10), 10.0, rng.uniform(1, 2), 1.0)}
     shapes = [(0, widths[0])] + [(d, w) for d in range(1, 6) for w in widths]
     best = max(shapes, key=lambda s: _rate(policy, *s, trees, load))
     assert policy.choose(trees, load) == best
@@ -151,41 +151,52 @@ def test_steep_passes_make_chains_flat_ones_wide_trees_and_a_useless_draft_plain
 
 
 def test_measured_rounds_correct_the_model_per_shape():
+    """A shape's rate is the model's times two measured factors, tokens advanced over expected (prior: 8 one-tree
+    rounds) and seconds predicted over taken (prior: 2 rounds), each at the pooled drafting factor's word."""
     policy = _policy(target=PassCost({1: 1.0, 8: 1.1, 16: 2.0}), draft=PassCost({1: 0.1, 8: 0.5}), hits=0.7)
     best = policy.choose(1, 0)
     assert best[0] > 0 and policy.ratio(*best) == 1.0  # not run yet: the model's word
-    modelled = policy.modelled(*best, 1, 0)
-    policy.observe(*best, 1, 0, tokens=1, seconds=2 / modelled, seen=[])  # its round ran at half the model's rate
-    assert policy.ratio(*best) == pytest.approx((1 + 2) / (2 + 2))  # two tokens' worth of the model's word
-    policy.observe(*best, 1, 0, tokens=1, seconds=1 / modelled, seen=[])  # sums: 0.97 * 1 + 1, 0.97 * 2 + 1
-    assert policy.ratio(*best) == pytest.approx((1.97 + 2) / (2.94 + 2))
-    policy.measured[best] = (1.0, 30.0)  # far slower than modelled: another shape runs
+    tokens, seconds = policy.expected(*best, 1, 0)
+    policy.observe(*best, 1, 0, tokens=tokens, seconds=2 * seconds, seen=[])  # as many tokens, in twice the time
+    pooled_cost = 0.5  # the pool has seen that round alone
+    assert policy.ratio(*best) == pytest.approx((seconds + 2 * seconds * pooled_cost) / (2 * seconds + 2 * seconds))
+    other = next(shape for shape in ((1, 1), (2, 1), (1, 2)) if shape != best)
+    assert policy.ratio(*other) == pytest.approx(pooled_cost)  # a drafting shape not run: the pool's word
+    assert policy.ratio(0, 1) == 1.0  # plain steps: the model's
+    lucky = policy.measured[best]
+    policy.measured[best] = RoundSums(lucky.tokens + 3 * tokens, lucky.expected + tokens, lucky.seconds,
+                                      lucky.predicted)  # a round of luck: 4 times the tokens expected
+    assert policy.ratio(*best) < 1.5 * policy.ratio(*other)  # moves the token factor by less than 40%
+    policy.measured[best] = RoundSums(1.0, 1.0, 30.0, 1.0)  # far slower than modelled: another shape runs
     assert policy.choose(1, 0) != best
     # a round whose draft first caught up on 5 tokens: the draft's time for them, D(6) - D(1), is not the shape's
-    shape, before = (1, 1), policy.modelled(1, 1, 1, 0)
+    shape, (tokens, seconds) = (1, 1), policy.expected(1, 1, 1, 0)
     catch_up = policy.draft(6) - policy.draft(1)
-    policy.observe(*shape, 1, 0, tokens=2, seconds=2 / before + catch_up, seen=[], caught_up=5)
-    assert policy.measured[shape] == pytest.approx((2.0, 2.0))
-    # the shape not run that round faded towards the model's word: it will be tried again where the model ranks it
-    assert policy.measured[best] == pytest.approx((0.97, 29.1))
-    assert policy.ratio(*best) < 0.1
+    policy.observe(*shape, 1, 0, tokens=2, seconds=seconds + catch_up, seen=[], caught_up=5)
+    assert policy.measured[shape] == RoundSums(2.0, pytest.approx(tokens), pytest.approx(seconds),
+                                               pytest.approx(seconds))
+    # the shape not run that round faded towards its prior: it will be tried again where the model ranks it
+    assert policy.measured[best] == RoundSums(0.97, 0.97, pytest.approx(29.1), 0.97)
+    before = policy.ratio(*best)
     for _ in range(200):
-        policy.observe(*shape, 1, 0, tokens=2, seconds=2 / before, seen=[])
-    assert policy.ratio(*best) == pytest.approx(1, abs=0.05)
+        policy.observe(*shape, 1, 0, tokens=tokens, seconds=seconds, seen=[])
+    assert before < 0.2 and policy.ratio(*best) == pytest.approx(policy.ratio(*other), rel=0.05)
 
 
-def test_a_request_keeps_its_shape_while_it_is_nearly_the_best():
-    policy = _policy(target=PassCost({1: 1.0, 2: 1.5, 4: 2.5, 8: 4.5}), hits=0.5)
-    policy.stay = 0.9
+def test_a_request_stepping_plainly_keeps_doing_so_while_that_is_nearly_the_best():
+    """Going from plain steps to drafting costs the draft a catch-up, so a plain request stays plain while plain
+    steps are within `stay` of the best; a drafting request takes the best shape at once."""
+    policy = _policy(target=PassCost({1: 1.0, 4: 1.5, 8: 2.5}), hits=0.5)
     best = policy.choose(1, 0)
-    rates = {(d, w): policy.rate(d, w, 1, 0) for d in range(6) for w in (1, 2, 3) if d or w == 1}
-    close = [s for s in rates if s != best and rates[s] >= 0.9 * rates[best]]
-    far = min(rates, key=rates.get)
-    assert close and rates[far] < 0.9 * rates[best]
-    assert all(policy.choose(1, 0, current=shape) == shape for shape in close)  # nearly as good: kept
-    assert policy.choose(1, 0, current=far) == best  # far slower: gives way
-    policy.stay = 1.0
-    assert policy.choose(1, 0, current=close[0]) == best
+    plain = policy.rate(0, 1, 1, 0) / policy.rate(*best, 1, 0)
+    assert best[0] > 0 and 0.5 < plain < 1
+    policy.stay = plain - 0.01
+    assert policy.choose(1, 0, current=(0, 1)) == (0, 1)  # nearly as good: kept
+    policy.stay = plain + 0.01
+    assert policy.choose(1, 0, current=(0, 1)) == best  # not good enough: gives way
+    policy.stay = 0.0
+    drafting = next(shape for shape in ((1, 1), (2, 1), (1, 2), (2, 2)) if shape != best)
+    assert policy.choose(1, 0, current=drafting) == best  # from one drafting shape to another: no hysteresis
 
 
 def test_a_plain_step_neighbours_the_depth_one_trees_of_every_width():
@@ -209,6 +220,15 @@ def test_exploration_tries_neighbours_of_the_best_shape_less_the_slower_they_are
         assert abs(picks.count(shape) / 4000 - expected) < 0.03
 
 
+def test_a_drafting_neighbour_is_tried_less_the_more_the_draft_would_catch_up_on():
+    policy = _policy(target=PassCost({1: 1.0, 8: 1.1}), draft=PassCost({1: 0.1, 64: 2.0}), hits=0.3)
+    assert policy._exploring((0, 1), 1.0, 1, 0, behind=50) == policy.explore  # a plain step catches up on nothing
+    seconds = policy.expected(1, 1, 1, 0)[1]
+    assert policy._exploring((1, 1), 1.0, 1, 0, behind=0) == policy.explore
+    assert policy._exploring((1, 1), 1.0, 1, 0, behind=50) == pytest.approx(
+        policy.explore * seconds / (seconds + policy.draft(50)))
+
+
 class CyclingShapes:
     """A stand-in policy: shapes in a fixed cycle, so that a run interleaves plain steps and drafting rounds
     the same way every time (after each plain stretch the draft catches up on the tokens it has not seen)."""
@@ -218,7 +238,7 @@ class CyclingShapes:
     def __init__(self, shapes: list[tuple[int, int]]):
         self.shapes = itertools.cycle(shapes)
 
-    def choose(self, trees: int, load: float, current=None) -> tuple[int, int]:
+    def choose(self, trees: int, load: float, current=None, behind: int = 0) -> tuple[int, int]:
         return next(self.shapes)
 
     def observe(self, *round) -> None:

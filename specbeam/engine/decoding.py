@@ -181,7 +181,10 @@ class Decoding:
         else:  # a cascade's policy also says which of its stages take part
             self.chosen_for = (self.num_trees(), load)
             current = (self.depth, self.width, *self.stages) if self.rows else None
-            self.depth, self.width, *self.stages = self.policy.choose(*self.chosen_for, current=current)
+            live = self.live_rows() if self.rows else []
+            behind = self.draft.behind([r.index for r in live], [len(r.tokens) - r.pad for r in live])
+            self.depth, self.width, *self.stages = self.policy.choose(*self.chosen_for, current=current,
+                                                                      behind=behind)
 
     def num_trees(self) -> int:
         """The trees a round drafts: one per live row (beam search: per running prompt)."""
