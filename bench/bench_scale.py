@@ -8,10 +8,10 @@ measured and recorded as `draft_agreement`.
 
 Cases, specbeam against transformers in one run, 96 new tokens after a 64-token prompt, one timed round after a
 warm-up, torch.set_num_threads(THREADS): greedy (transformers plain and assisted, specbeam plain, speculative at
-the default adaptive tree, with the draft read in bfloat16 (`SpecConfig(draft_weights="bfloat16")`) and at a
+the default adaptive tree, with the draft read in bfloat16 or int8 (`SpecConfig(draft_weights=...)`) and at a
 fixed depth 3, n-gram prompt lookup, a 4-layer draft alone, and the cascade of the 1-layer and the 4-layer
-drafts), sampling and beam search 4 (plain, speculative, speculative with the draft read in bfloat16), all in
-float32; greedy again with bfloat16-exact weights (every weight rounded through bfloat16, held in float32:
+drafts, as stored and in int8), sampling and beam search 4 (plain, speculative, speculative with the draft read in bfloat16 or int8),
+all in float32; greedy again with bfloat16-exact weights (every weight rounded through bfloat16, held in float32:
 specbeam's C++ linear then streams half the bytes, losslessly, `specbeam/linear_weight.py`).
 `extra_info`: tokens/s, target and draft passes per call (forward hooks count transformers' calls), accepted
 drafted tokens per round, identical_to_transformers (greedy and beam).
@@ -139,22 +139,26 @@ def _generator(side: str, weights: str):
         "specbeam-speculative": lambda: Engine(target, draft_model=draft).generate,
         "specbeam-speculative-bf16-draft": lambda: Engine(target, draft_model=draft,
                                                           spec=SpecConfig(draft_weights="bfloat16")).generate,
+        "specbeam-speculative-int8-draft": lambda: Engine(target, draft_model=draft,
+                                                          spec=SpecConfig(draft_weights="int8")).generate,
         "specbeam-speculative-depth3": lambda: Engine(target, draft_model=draft,
                                                       spec=SpecConfig(depth=3, adaptive=False)).generate,
         "specbeam-ngram": lambda: Engine(target, draft_model="ngram").generate,
         "specbeam-speculative-4-layers": lambda: Engine(target, draft_model=mid_draft(weights)).generate,
         "specbeam-cascade-1-4-layers": lambda: Engine(target, draft_model=[draft, mid_draft(weights)]).generate,
+        "specbeam-cascade-1-4-layers-int8": lambda: Engine(target, draft_model=[draft, mid_draft(weights)],
+                                                           spec=SpecConfig(draft_weights="int8")).generate,
     }[side]()
 
 
-SPECULATIVE = ["specbeam-speculative", "specbeam-speculative-bf16-draft"]
+SPECULATIVE = ["specbeam-speculative", "specbeam-speculative-bf16-draft", "specbeam-speculative-int8-draft"]
 SIDES = {("fp32", "greedy"): ["transformers", "transformers-assisted", "specbeam", *SPECULATIVE,
                               "specbeam-speculative-depth3", "specbeam-ngram", "specbeam-speculative-4-layers",
-                              "specbeam-cascade-1-4-layers"],
+                              "specbeam-cascade-1-4-layers", "specbeam-cascade-1-4-layers-int8"],
          ("fp32", "sample"): ["transformers", "specbeam", *SPECULATIVE],
          ("fp32", "beam4"): ["transformers", "specbeam", *SPECULATIVE],
          ("bf16-exact", "greedy"): ["transformers", "transformers-assisted", "specbeam", "specbeam-speculative",
-                                    "specbeam-speculative-depth3"]}
+                                    "specbeam-speculative-int8-draft", "specbeam-speculative-depth3"]}
 CASES = [(weights, mode, side) for (weights, mode), sides in SIDES.items() for side in sides]
 
 

@@ -1,7 +1,7 @@
 """Tokens/s against model size (issue 17): greedy decoding by transformers, specbeam plain and specbeam
 speculative, for the shipped pair's target (8.7M parameters, with its shipped draft), a ~55M and the ~246M Llama of
-`bench_scale.py` (each with a draft of its own first layer, read in bfloat16), 96 new tokens, 2 threads, one timed
-call after a warm-up. `python bench/report.py run.json --sizes-png bench/sizes.png` draws the chart."""
+`bench_scale.py` (each with a draft of its own first layer), the drafts read in int8, 96 new tokens, 2 threads, one
+timed call after a warm-up. `python bench/report.py run.json --sizes-png bench/sizes.png` draws the chart."""
 import functools
 import json
 
@@ -38,7 +38,7 @@ def _generate(side: str, target, draft):
         return target.generate
     if side == "specbeam":
         return Engine(target).generate
-    return Engine(target, draft_model=draft, spec=SpecConfig(draft_weights="bfloat16")).generate
+    return Engine(target, draft_model=draft, spec=SpecConfig(draft_weights="int8")).generate
 
 
 @pytest.mark.parametrize("size", SIZES)
