@@ -245,7 +245,10 @@ class TreePolicy:
     stay: float = 0.95  # a request stepping plainly keeps doing so while that is at least this share of the best
     measured: dict[tuple[int, int], RoundSums] = field(default_factory=dict)  # per shape
     pooled: RoundSums = RoundSums()  # over the rounds of every drafting shape
+    refresh: int = 8  # plain rounds the rates are reused for (a drafting round, which teaches more, renews them)
     rng: random.Random = field(default_factory=lambda: random.Random(0))
+    _rates: dict = field(default_factory=dict, repr=False)  # (trees, load) -> {shape: rate}, until renewed
+    _plain_rounds: int = 0  # observed since the rates were renewed
 
     def expected(self, depth: int, width: int, trees: int, load: float) -> tuple[float, float]:
         """(tokens, seconds) that a round of `trees` trees of this shape beside `load` other tokens is expected
@@ -293,15 +296,20 @@ class TreePolicy:
         pass costs are known: the deepest, widest tree."""
         if not (self.target.known and self.draft.known):
             return self.acceptance.max_depth, self.widths[-1]
-        shapes = [(0, self.widths[0])] + [(d, w) for d in range(1, self.acceptance.max_depth + 1) for w in self.widths]
-        rates = {shape: self.rate(*shape, trees, load) for shape in shapes}
-        best = max(shapes, key=rates.get)
+        if (trees, load) not in self._rates:
+            self._rates[trees, load] = self._rate_every_shape(trees, load)
+        rates = self._rates[trees, load]
+        best = max(rates, key=rates.get)
         if current in rates and current[0] == 0 and rates[current] >= self.stay * rates[best]:
             best = current
         neighbour = self._neighbour(best)
         if self.rng.random() < self._exploring(neighbour, rates[neighbour] / rates[best], trees, load, behind):
             return neighbour
         return best
+
+    def _rate_every_shape(self, trees: int, load: float) -> dict[tuple[int, int], float]:
+        shapes = [(0, self.widths[0])] + [(d, w) for d in range(1, self.acceptance.max_depth + 1) for w in self.widths]
+        return {shape: self.rate(*shape, trees, load) for shape in shapes}
 
     def _exploring(self, shape: tuple[int, int], relative: float, trees: int, load: float, behind: int) -> float:
         """The chance of trying a neighbour whose rate is `relative` times the best's: a neighbour as fast runs
@@ -321,6 +329,10 @@ class TreePolicy:
         request's share of the round), its draft first catching up on `caught_up` tokens of plain steps before it
         (the cost of switching, not of the shape: the draft's modelled time for them is taken off), and accepted
         as `seen` says ((depth, rank or None, width) observations, `TreeShape.observations`)."""
+        self._plain_rounds = 0 if depth else self._plain_rounds + 1
+        if depth or self._plain_rounds >= self.refresh:
+            self._rates.clear()
+            self._plain_rounds = 0
         if depth:
             self.acceptance.fade()
             for d, rank, ranked in seen:
