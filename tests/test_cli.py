@@ -73,11 +73,12 @@ def test_demo_writes_both_pictures_and_matches_transformers(pair, tmp_path, caps
     assert page_data(tmp_path / "beam_tree.html")["prompts"][0]["returned"]  # the page beside the PNGs
 
 
+@pytest.mark.parametrize("draft_weights", [[], ["--draft-weights", "int8"]], ids=["as-stored", "int8"])
 @pytest.mark.parametrize("num_beams", [1, 3])
-def test_generate_with_the_draft_prints_what_transformers_generates(pair, num_beams, capsys):
+def test_generate_with_the_draft_prints_what_transformers_generates(pair, num_beams, draft_weights, capsys):
     target, _, tokenizer = pair
     args = ["--prompt", PROMPT, "--num-beams", str(num_beams), "--max-new-tokens", "8", "--threads", "1"]
-    assert main(["generate", "--model", TARGET, "--draft", DRAFT, *args]) == 0
+    assert main(["generate", "--model", TARGET, "--draft", DRAFT, *draft_weights, *args]) == 0
     captured = capsys.readouterr()
     inputs = tokenizer(PROMPT, return_tensors="pt")
     expected = target.generate(**inputs, num_beams=num_beams, do_sample=False, max_new_tokens=8)

@@ -6,6 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from specbeam import Engine
+from specbeam.config import DRAFT_WEIGHTS, SpecConfig
 
 from specbeam.cli.errors import CliError
 
@@ -14,6 +15,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, model_required: bool =
     parser.add_argument("--model", type=Path, required=model_required,
                         help="local transformers model directory (the target)")
     parser.add_argument("--draft", default=None, help='local draft model directory, or "ngram" (default: none)')
+    add_draft_weights(parser)
     parser.add_argument("--tokenizer", type=Path, default=None,
                         help="tokenizer directory (default: the model's, else a sibling 'tokenizer' directory)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -21,6 +23,12 @@ def add_common_arguments(parser: argparse.ArgumentParser, model_required: bool =
                         help="auto: the checkpoint's dtype on a GPU, float32 on the CPU")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+
+
+def add_draft_weights(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--draft-weights", default=None, choices=[w for w in DRAFT_WEIGHTS if w],
+                        help="read the draft's linear weights rounded to bfloat16 or quantized to int8 (the output "
+                             "stays the target's; on the CPU a float32 draft streams fewer bytes)")
 
 
 def model_dtype(name: str, device: str) -> torch.dtype | str:
@@ -68,7 +76,7 @@ def load_engine(args: argparse.Namespace) -> tuple[PreTrainedModel, Engine]:
     """The `--model` and a specbeam engine over it with the `--draft`."""
     target = load_model(args.model, args)
     draft = args.draft if args.draft in (None, "ngram") else load_model(Path(args.draft), args)
-    return target, Engine(target, draft_model=draft)
+    return target, Engine(target, draft_model=draft, spec=SpecConfig(draft_weights=args.draft_weights))
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, prompt: str, device, chat: bool = False) -> dict[str, torch.Tensor]:

@@ -10,7 +10,7 @@ import torch
 from specbeam.assets import load_default_pair
 
 from specbeam.cli.errors import CliError
-from specbeam.cli.loading import load_model, load_tokenizer
+from specbeam.cli.loading import add_draft_weights, load_model, load_tokenizer
 
 SHIPPED_NAME = "specbeam-pair"
 
@@ -20,6 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft", default=None,
                         help='a draft model directory, "ngram" or "none" (default: the shipped draft with the shipped '
                              "target, else none)")
+    add_draft_weights(parser)
     parser.add_argument("--tokenizer", type=Path, default=None,
                         help="tokenizer directory (default: the model's, else a sibling 'tokenizer' directory)")
     parser.add_argument("--served-model-name", default=None, help="the name clients ask for (default: the "
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
                        "pip install 'specbeam[serve]'") from error
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     target, draft, tokenizer, name = load(args)
-    server = Server(target, tokenizer, draft, ServeConfig(name, args.max_num_seqs, args.max_queue))
+    server = Server(target, tokenizer, draft, ServeConfig(name, args.max_num_seqs, args.max_queue, args.draft_weights))
     config = uvicorn.Config(create_app(server), host=args.host, port=args.port, access_log=False,
                             timeout_graceful_shutdown=args.shutdown_timeout, log_config=None)
     _serve_until_signalled(uvicorn.Server(config))

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from specbeam.config import SpecConfig
 from specbeam.serve.admission import Admission
 from specbeam.serve.bridge import Handle, submit
 from specbeam.serve.engine_api import Engine
@@ -21,6 +22,7 @@ class ServeConfig:
     model_name: str = "specbeam"
     max_num_seqs: int = 64  # sequences (beams, samples) running at once
     max_queue: int = 512  # requests waiting beyond those; more get a 503
+    draft_weights: str | None = None  # how the draft's weights are read (`SpecConfig.draft_weights`)
 
     def __post_init__(self):
         if self.max_num_seqs < 1:
@@ -33,7 +35,7 @@ class Server:
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, draft=None,
                  config: ServeConfig = ServeConfig()):
         """draft: a draft model, "ngram", or None."""
-        self.engine = Engine(model, draft_model=draft)
+        self.engine = Engine(model, draft_model=draft, spec=SpecConfig(draft_weights=config.draft_weights))
         self.tokenizer, self.config, self.speculative = tokenizer, config, draft is not None
         self.limits = Limits(_context_length(model), config.max_num_seqs)
         generation = model.generation_config
