@@ -88,3 +88,15 @@ def test_bad_routers_are_refused_before_any_work():
         Engine(model, draft_model=drafts()["perturbed"], router={"lam": 1.0})
     with pytest.raises(ValueError, match="lam"):
         RouterConfig(lam=-1.0)
+
+
+def test_stages_without_the_lean_decoder_are_read_through_their_own_forward():
+    """GPT-2 stages: the features come from the models' own forwards; λ = inf is still the target's output."""
+    target = tiny_model("gpt2")
+    engine = Engine(target, draft_model=[tiny_model("gpt2", seed=3), tiny_model("gpt2", seed=5)],
+                    router=RouterConfig(lam=math.inf))
+    assert all(runner.lean is None for runner in engine.router.runners)
+    p = engine.router._acceptance(PROMPTS[0], MAX_LENGTH)
+    assert p.shape == (3,) and p[-1] == 1 and bool(((p > 0) & (p <= 1)).all())
+    inputs = _inputs(eos=EOS_ONE)
+    assert torch.equal(engine.generate(**inputs), target.generate(**inputs))
