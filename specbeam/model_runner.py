@@ -89,7 +89,8 @@ class ModelRunner:
         Returns the logits of each work's last `num_logits` tokens, in order."""
         batch = pack(cache, works, self.device, self.attention_backend)
         if self.lean is not None:
-            return self.lean(batch.input_ids, batch.positions, batch.logit_rows, batch.step.attend)
+            return self.lean(batch.input_ids, batch.positions, batch.logit_rows, batch.step.attend,
+                             batch.num_positions)
         with self._specbeam_attention():
             out = self.model(input_ids=batch.input_ids[None], position_ids=batch.positions[None],
                              logits_to_keep=batch.logit_rows, use_cache=False, specbeam_step=batch.step)
@@ -125,6 +126,7 @@ class PackedBatch:
     positions: torch.Tensor  # [T]
     logit_rows: torch.Tensor  # [R] rows of the T tokens to score
     step: StepMetadata
+    num_positions: int  # every position is below it
 
 
 def pack(cache: PagedKVCache, works: list[Work], device, attention_backend: str | None) -> PackedBatch:
@@ -139,6 +141,7 @@ def pack(cache: PagedKVCache, works: list[Work], device, attention_backend: str 
     logit_rows = [q - k for q, w in zip(query_start_loc[1:], works) for k in range(w.num_logits, 0, -1)]
     tokens = [t for w in works for t in w.tokens]
     seq_lens = [w.table.length for w in works]
+    num_positions = max(seq_lens)
     flat = torch.tensor(tokens + positions + slots + logit_rows + seq_lens + query_start_loc, dtype=torch.long,
                         device=device)
     tokens, positions, slots, logit_rows, seq_lens, query_start_loc = flat.split(
@@ -148,7 +151,7 @@ def pack(cache: PagedKVCache, works: list[Work], device, attention_backend: str 
         _pad_tables([w.table for w in works]).to(device), seq_lens, query_start_loc,
         None if masks is None else masks.to(device), cache.block_size, backend=attention_backend,
     )
-    return PackedBatch(tokens, positions, logit_rows, StepMetadata(cache, slots, plan))
+    return PackedBatch(tokens, positions, logit_rows, StepMetadata(cache, slots, plan), num_positions)
 
 
 def _pad_tables(tables: list[BlockTable]) -> torch.Tensor:  # [num_seqs, max_blocks]
