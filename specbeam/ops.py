@@ -73,16 +73,18 @@ def store_kv(key_slots, value_slots, key, value, slot_mapping) -> None:
     _ref_attention.store_kv(key_slots, value_slots, key, value, slot_mapping)
 
 
-def plan_attention(block_tables, seq_lens, query_start_loc, tree_mask, block_size, backend=None):
-    """The per-step part of paged attention, done once per forward and shared by every layer."""
+def plan_attention(block_tables, seq_lens, query_start_loc, tree_mask, block_size, backend=None, max_new=None):
+    """The per-step part of paged attention, done once per forward and shared by every layer. max_new: the most
+    new tokens of one sequence, when the caller knows it without reading the device."""
     chosen = _pick(backend, seq_lens.device)
     if chosen == "triton":
         return ("triton", (block_tables, seq_lens, query_start_loc, tree_mask))
     # many new tokens per sequence (prefill, big draft trees): the reference's batched SDPA beats the C++ kernel's
     # query-by-query walk (3x at 16 new tokens over 1024 keys); up to 8, the C++ kernel wins (its plan is free)
-    new_per_seq = query_start_loc.diff()
-    few = new_per_seq.numel() == 0 or int(new_per_seq.max()) <= CPP_ATTENTION_MAX_NEW
-    if chosen == "cpp" and (few or backend == "cpp"):  # the metadata as _C takes it: int64, contiguous
+    if max_new is None:
+        new_per_seq = query_start_loc.diff()
+        max_new = int(new_per_seq.max()) if new_per_seq.numel() else 0
+    if chosen == "cpp" and (max_new <= CPP_ATTENTION_MAX_NEW or backend == "cpp"):  # as _C takes them: int64
         tables, lens, starts = (t.long().contiguous() for t in (block_tables, seq_lens, query_start_loc))
         return ("cpp", (tables, lens, starts, None if tree_mask is None else tree_mask.contiguous()))
     return ("reference", _ref_attention.plan_attention(block_tables, seq_lens, query_start_loc, tree_mask, block_size))
