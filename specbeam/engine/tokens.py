@@ -41,7 +41,7 @@ class TokenDecoding(Decoding):
     def absorb(self, logits: torch.Tensor) -> None:  # [the round's tree nodes, vocab]
         logits = logits.to(torch.float32)
         check_finite(logits, self.stats.steps)
-        logits = logits.split([len(t) for t in self.trees])  # per row of the round: [tree nodes, vocab]
+        logits = logits.split_with_sizes([len(t) for t in self.trees])  # per row of the round: [tree nodes, vocab]
         processed = self._process(logits)
         paths, next_tokens = self._verify(processed)
         self.advanced = 0
