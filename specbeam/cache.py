@@ -106,10 +106,10 @@ class PagedKVCache:
         if moves:
             self._make_private(table, [dst for _, dst in moves])
             self.flush()
-            src = torch.tensor([self._slot(table, s) for s, _ in moves], device=self.pool.device)
-            dst = torch.tensor([self._slot(table, d) for _, d in moves], device=self.pool.device)
-            flat = self.pool.view(*self.pool.shape[:2], -1, *self.pool.shape[4:])
-            flat[:, :, dst] = flat[:, :, src]
+            slots = [[self._slot(table, s), self._slot(table, d)] for s, d in moves]
+            src, dst = torch.tensor(slots, device=self.pool.device).unbind(1)
+            flat = self.pool.view(*self.pool.shape[:2], -1, *self.pool.shape[4:])  # [layers, 2, slots, Hkv, D]
+            flat.index_copy_(2, dst, flat.index_select(2, src))
         self.truncate(table, start + len(nodes))
 
     def _slot(self, table: BlockTable, position: int) -> int:
@@ -140,8 +140,8 @@ class PagedKVCache:
     def flush(self) -> None:
         """Do the pending copies on write, all in one indexed copy."""
         if self.pending:
-            source, new = (torch.tensor(b, device=self.pool.device) for b in zip(*self.pending))
-            self.pool[:, :, new] = self.pool[:, :, source]
+            source, new = torch.tensor(self.pending, device=self.pool.device).unbind(1)
+            self.pool.index_copy_(2, new, self.pool.index_select(2, source))
             self.pending = []
 
 

@@ -5,6 +5,7 @@ kwargs plumbing) that costs a small model more than its arithmetic. Each layer i
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from specbeam import linear_weight, ops
@@ -49,6 +50,9 @@ class LeanDecoder:
         (`linear_weight.read_as`: a copy; the model is not changed)."""
         decoder = model.model
         self.embed, self.rotary = decoder.embed_tokens, decoder.rotary_emb
+        # rope types whose frequencies depend on the longest position of a call are computed per call
+        self.rope_cached = not any(k in self.rotary.rope_type for k in ("dynamic", "longrope"))
+        self.rope_table: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin: [positions, head_dim]
         backend, self.ops = ops.layer_backend(model.device, model.dtype)
 
         def weight(w: torch.Tensor) -> torch.Tensor:  # [N, K]: packed for C++, as it is read for the reference
@@ -66,12 +70,23 @@ class LeanDecoder:
         positions: torch.Tensor,  # [T]
         logit_rows: torch.Tensor,  # [R] rows of the packed tokens to score
         attend: Attend,
+        num_positions: int,  # every position is below it
     ) -> torch.Tensor:  # [R, vocab]
-        hidden = self.embed(input_ids)
-        cos, sin = (t[0] for t in self.rotary(hidden[None], positions[None]))
+        hidden = F.embedding(input_ids, self.embed.weight)  # the module's own call, without the module machinery
+        cos, sin = self._rope(hidden, positions, num_positions)
         for index, (before, after) in enumerate(self.layers):
             query, key, value = self.ops.attention_inputs(hidden, *before, cos, sin, self.head_dim)
             attention = attend(index, query, key, value, self.scale).reshape(hidden.shape[0], -1)
             hidden = self.ops.mlp_block(hidden, attention, *after)
         last = rms_norm(hidden[logit_rows], self.norm.weight, self.norm.variance_epsilon)
         return self.ops.linear(last, self.head_weight, self.head_bias)
+
+    def _rope(self, hidden: torch.Tensor, positions: torch.Tensor, num_positions: int):  # [T, H], [T] -> [T, D] x 2
+        """The rotary module's cos and sin at `positions`: read from a table of the module's own values (each
+        position's are computed elementwise, so the same bits), grown to the next power of two as needed."""
+        if not self.rope_cached:
+            return (t[0] for t in self.rotary(hidden[None], positions[None]))
+        if self.rope_table is None or self.rope_table[0].shape[0] < num_positions:
+            every = torch.arange(1 << max(num_positions - 1, 1).bit_length(), device=positions.device)
+            self.rope_table = tuple(t[0] for t in self.rotary(hidden[None], every[None]))
+        return (t[positions] for t in self.rope_table)

@@ -89,7 +89,8 @@ class ModelRunner:
         Returns the logits of each work's last `num_logits` tokens, in order."""
         batch = pack(cache, works, self.device, self.attention_backend)
         if self.lean is not None:
-            return self.lean(batch.input_ids, batch.positions, batch.logit_rows, batch.step.attend)
+            return self.lean(batch.input_ids, batch.positions, batch.logit_rows, batch.step.attend,
+                             batch.num_positions)
         with self._specbeam_attention():
             out = self.model(input_ids=batch.input_ids[None], position_ids=batch.positions[None],
                              logits_to_keep=batch.logit_rows, use_cache=False, specbeam_step=batch.step)
@@ -125,11 +126,12 @@ class PackedBatch:
     positions: torch.Tensor  # [T]
     logit_rows: torch.Tensor  # [R] rows of the T tokens to score
     step: StepMetadata
+    num_positions: int  # every position is below it (the longest sequence's length)
 
 
 def pack(cache: PagedKVCache, works: list[Work], device, attention_backend: str | None) -> PackedBatch:
     """Reserve every work's slots (copy on write included) and lay the forward out flat: the per-token and
-    per-sequence integers travel to the device as one tensor."""
+    per-sequence integers, block tables included, travel to the device as one tensor."""
     starts = [w.table.length for w in works]
     slots = [slot for w in works for slot in cache.reserve(w.table, len(w.tokens))]
     cache.flush()
@@ -139,26 +141,24 @@ def pack(cache: PagedKVCache, works: list[Work], device, attention_backend: str 
     logit_rows = [q - k for q, w in zip(query_start_loc[1:], works) for k in range(w.num_logits, 0, -1)]
     tokens = [t for w in works for t in w.tokens]
     seq_lens = [w.table.length for w in works]
-    flat = torch.tensor(tokens + positions + slots + logit_rows + seq_lens + query_start_loc, dtype=torch.long,
-                        device=device)
-    tokens, positions, slots, logit_rows, seq_lens, query_start_loc = flat.split(
-        [len(tokens), len(positions), len(slots), len(logit_rows), len(seq_lens), len(query_start_loc)])
-    masks = None if all(w.tree_mask is None for w in works) else _pack_tree_masks(works)
-    plan = ops.plan_attention(
-        _pad_tables([w.table for w in works]).to(device), seq_lens, query_start_loc,
-        None if masks is None else masks.to(device), cache.block_size, backend=attention_backend,
-    )
-    return PackedBatch(tokens, positions, logit_rows, StepMetadata(cache, slots, plan))
-
-
-def _pad_tables(tables: list[BlockTable]) -> torch.Tensor:  # [num_seqs, max_blocks]
-    width = max(len(t.blocks) for t in tables)
-    return torch.tensor([t.blocks + [0] * (width - len(t.blocks)) for t in tables], dtype=torch.long)
+    cpp = ops.cpp_attends(counts, seq_lens, cache.pool.shape[-2] * cache.pool.shape[-1])
+    num_positions, width = max(seq_lens), max(len(w.table.blocks) for w in works)
+    tables = [b for w in works for b in w.table.blocks + [0] * (width - len(w.table.blocks))]  # padded to width
+    parts = (tokens, positions, slots, logit_rows, seq_lens, query_start_loc, tables)
+    flat = torch.tensor(list(itertools.chain.from_iterable(parts)), dtype=torch.long, device=device)
+    tokens, positions, slots, logit_rows, seq_lens, query_start_loc, tables = flat.split_with_sizes(
+        [len(p) for p in parts])
+    masks = None if all(w.tree_mask is None for w in works) else _pack_tree_masks(works).to(device)
+    plan = ops.plan_attention(tables.view(len(works), width), seq_lens, query_start_loc, masks, cache.block_size,
+                              backend=attention_backend, cpp=cpp)
+    return PackedBatch(tokens, positions, logit_rows, StepMetadata(cache, slots, plan), num_positions)
 
 
 def _pack_tree_masks(works: list[Work]) -> torch.Tensor:  # [num_tokens, max_new] bool
     """Each work's mask among its own new tokens (causal where it has none), padded to the widest."""
     masks = [w.tree_mask if w.tree_mask is not None else torch.ones(len(w.tokens), len(w.tokens)).tril().bool()
              for w in works]
+    if len(masks) == 1:
+        return masks[0]
     width = max(m.shape[1] for m in masks)
     return torch.cat([torch.nn.functional.pad(m, (0, width - m.shape[1])) for m in masks])

@@ -54,6 +54,8 @@ def process_trees(
 ) -> list[torch.Tensor]:  # per tree: [nodes, vocab]
     """The processors at every node of draft trees, each node with its own prefix (its row's tokens and the
     node's path)."""
+    if not processors and not log_softmax:
+        return logits
     prefixes, entry_rows = [], []
     for row_tokens, tree, row in zip(tokens, trees, rows) if processors else ():  # (built only for processors)
         prefixes += [row_tokens + [tree.tokens[n] for n in tree.path(node)[1:]] for node in range(len(tree))]

@@ -39,16 +39,19 @@ def test_lean_logits_equal_the_models_own_forward(arch):
 
 @torch.no_grad()
 def _prefill_logits(engine: Engine, tokens: list[torch.Tensor]) -> torch.Tensor:  # every row of every token
-    cache = engine.runner.new_cache(num_blocks=32, block_size=4)
+    cache = engine.runner.new_cache(num_blocks=64, block_size=4)
     return engine.runner.forward(cache, [Work(BlockTable(), t.tolist(), len(t)) for t in tokens])
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
-@pytest.mark.parametrize("lengths", [(5, 2), (12, 11)], ids=["cpp-attention", "sdpa"])
+@pytest.mark.parametrize("lengths", [(5, 2), (12, 11), (70, 64)], ids=["cpp-attention", "cpp-short", "sdpa"])
 def test_lean_prefill_equals_the_models_own_forward(arch, lengths):
-    """Up to 8 new tokens per sequence the CPU attends in C++, beyond through SDPA: both give the model's own
-    forward."""
+    """Up to 8 new tokens per sequence, or a short walk, the CPU attends in C++, beyond through SDPA: both give
+    the model's own forward."""
     model = tiny_model(arch)
+    pool = Engine(model).cache.pool  # [layers, 2, blocks, block size, KV heads, head dim]
+    kv_width = pool.shape[-2] * pool.shape[-1]
+    assert ops.cpp_attends(list(lengths), list(lengths), kv_width) == (lengths != (70, 64))
     prompts = [torch.arange(3, 3 + n) for n in lengths]
     torch.testing.assert_close(_prefill_logits(Engine(model), prompts),
                                _prefill_logits(Engine(model, lean_decoder=False), prompts), rtol=1e-12, atol=1e-12)
@@ -84,7 +87,7 @@ def _layer_args(dtype, bias: bool, tokens=5, hidden=24, heads=4, kv_heads=2, hea
 
 needs_cpp = pytest.mark.skipif(ops._load_cpp()[0] is None, reason="specbeam._C is not built")
 # the same trees in both runs: the adaptive depth follows wall time, and on the CPU a pass of several new
-# tokens attends through SDPA, one of one token through the C++ kernel (equal to float tolerance, not bits)
+# tokens may attend through SDPA, one of one token through the C++ kernel (equal to float tolerance, not bits)
 FIXED_DEPTH = SpecConfig(adaptive=False)
 
 

@@ -6,10 +6,12 @@ from tokenizers import Tokenizer
 from tokenizers.decoders import Fuse
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Split
-from transformers import MaxTimeCriteria, PreTrainedTokenizerFast, StoppingCriteriaList
+from transformers import (MaxLengthCriteria, MaxTimeCriteria, PreTrainedTokenizerFast, StoppingCriteria,
+                          StoppingCriteriaList)
 from transformers.generation.streamers import BaseStreamer
 
 from specbeam import Engine
+from specbeam.engine.tokens import StopCheck
 from parity import run_both
 from tiny_models import PAD, VOCAB, left_padded_batch, tiny_model
 
@@ -63,3 +65,35 @@ def test_user_stopping_criteria_are_applied():
     criteria = StoppingCriteriaList([MaxTimeCriteria(max_time=0.0)])  # stops after the first token
     out = Engine(model).generate(prompt, max_new_tokens=10, stopping_criteria=criteria)
     assert out.shape == (1, 4)
+
+
+class Record(StoppingCriteria):
+    """Stops nothing; keeps the length of every sequence it is shown."""
+
+    def __init__(self):
+        self.lengths = []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.lengths.append(input_ids.shape[1])
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+
+def test_user_criteria_see_every_step_beside_eos_ids():
+    model, prompt = tiny_model("llama"), torch.tensor([[5, 9, 11, 3]])
+    greedy = model.generate(prompt, max_new_tokens=8, do_sample=False)
+    eos = [96, int(greedy[0, 7])]  # the second: a token the row emits mid-run
+    records = [Record(), Record()]
+    outs = [generate(prompt, max_new_tokens=8, do_sample=False, eos_token_id=eos,
+                     stopping_criteria=StoppingCriteriaList([record]))
+            for generate, record in zip((model.generate, Engine(model).generate), records)]
+    assert torch.equal(outs[0], outs[1]) and outs[1].shape[1] < greedy.shape[1]
+    assert records[0].lengths == records[1].lengths
+
+
+def test_a_max_length_criterion_that_may_warn_is_called():
+    """transformers' max-length criterion warns while a row is longer than the model's positions: that one is
+    called; one that cannot warn is read off the row's length."""
+    quiet, warns = (StopCheck(StoppingCriteriaList([MaxLengthCriteria(10, max_position_embeddings=p)])) for p in (9, 5))
+    assert quiet.max_length == 10 and not quiet.others
+    assert warns.max_length is None and len(warns.others) == 1
+    assert warns(list(range(10)), lambda: None, "cpu") and not warns(list(range(9)), lambda: None, "cpu")

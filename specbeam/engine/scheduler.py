@@ -23,14 +23,14 @@ class Scheduler:
         for state in self.running:
             state.choose_shape(load - state.round_tokens)
         needs = {state: self._need(state) for state in self.running}
-        if not _fits(sum(needs.values(), Counter())):  # a plain step for everyone before anyone is preempted
+        if not _fits(_total(needs.values())):  # a plain step for everyone before anyone is preempted
             for state in self.running:
                 state.plain_step()
             needs = {state: self._need(state) for state in self.running}
-        total = sum(needs.values(), Counter())
+        total = _total(needs.values())
         while self.running and not _fits(total):
             victim = self.running.pop()
-            total -= needs.pop(victim)
+            total.subtract(needs.pop(victim))
             if not self.running:
                 failures.append((victim, too_large(victim, self.cache)))
                 break
@@ -41,12 +41,12 @@ class Scheduler:
             state = self.waiting[0]
             state.choose_shape(sum(s.round_tokens for s in self.running))
             need = self._need(state)
-            if not _fits(total + need):
+            if not _fits(total, need):
                 state.plain_step()  # a plain first step, if only that fits
                 need = self._need(state)
-            if _fits(total + need):
+            if _fits(total, need):
                 self.running.append(self.waiting.popleft())
-                total += need
+                total.update(need)
             elif not self.running:
                 failures.append((self.waiting.popleft(), too_large(state, self.cache)))
             else:
@@ -62,12 +62,22 @@ class Scheduler:
     def _need(self, state: Decoding) -> Counter:
         """Blocks per pool (the target's, the draft's) that one round of `state`, and its prefill, may take."""
         target, draft = state.blocks_needed()
-        return Counter({self.cache: target + (state.prefill_blocks() if state.needs_prefill else 0)}) + Counter(draft)
+        need = Counter(draft)
+        need[self.cache] += target + (state.prefill_blocks() if state.needs_prefill else 0)
+        return need
 
 
-def _fits(need: Counter) -> bool:
-    """Whether the blocks needed from each pool are free in it."""
-    return all(blocks <= cache.allocator.num_free for cache, blocks in need.items())
+def _total(needs) -> Counter:
+    total = Counter()
+    for need in needs:
+        total.update(need)
+    return total
+
+
+def _fits(*needs: Counter) -> bool:
+    """Whether the blocks `needs` take together from each pool are free in it."""
+    pools = {cache for need in needs for cache in need}
+    return all(sum(need[cache] for need in needs) <= cache.allocator.num_free for cache in pools)
 
 
 def _rows(states: list[Decoding]) -> int:

@@ -2,6 +2,8 @@
 then the target's own next token after it (greedy: the argmax; sampling: tree speculative sampling, which emits
 exactly the target's processed distribution). A tree of the root alone is a plain step."""
 import torch
+from transformers import StoppingCriteriaList
+from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 
 from specbeam.config import SAMPLE
 from specbeam.engine.decoding import Decoding, tree_work
@@ -18,6 +20,7 @@ class TokenDecoding(Decoding):
         num_rows = self.request.input_ids.shape[0]
         self.scores, self.raw = [[] for _ in range(num_rows)], [[] for _ in range(num_rows)]
         self.sent = [0] * num_rows  # per row, generated tokens already handed out
+        self.stop = StopCheck(self.request.stopping_criteria)
 
     def after_prefill(self) -> None:
         """The streamer hears the prompt once it is admitted (a request refused before any work sends nothing)."""
@@ -38,7 +41,7 @@ class TokenDecoding(Decoding):
     def absorb(self, logits: torch.Tensor) -> None:  # [the round's tree nodes, vocab]
         logits = logits.to(torch.float32)
         check_finite(logits, self.stats.steps)
-        logits = logits.split([len(t) for t in self.trees])  # per row of the round: [tree nodes, vocab]
+        logits = logits.split_with_sizes([len(t) for t in self.trees])  # per row of the round: [tree nodes, vocab]
         processed = self._process(logits)
         paths, next_tokens = self._verify(processed)
         self.advanced = 0
@@ -94,9 +97,7 @@ class TokenDecoding(Decoding):
         self.raw[r].append(logits[None])
         if self.streamer is not None:
             self.streamer.put(torch.tensor([token]))
-        sequence = torch.tensor([row.tokens], device=self.request.input_ids.device)
-        stop = self.request.stopping_criteria(sequence, self.history(self.scores[r]))
-        if bool(stop[0]):
+        if self.stop(row.tokens, lambda: self.history(self.scores[r]), self.request.input_ids.device):
             self.release_row(row)  # its blocks are free at once
         self.stats.steps = max(self.stats.steps, len(self.scores[r]))
 
@@ -113,27 +114,52 @@ class TokenDecoding(Decoding):
         return new, logits
 
     def result(self):
-        config = self.request.config
-        sequences, scores, raw = self._assemble()
+        """Rows of different lengths padded after their end, as transformers pads finished rows."""
+        config, pad = self.request.config, self.params.pad_token_id
+        steps = max(len(s) for s in self.scores)
+        rows = [row.tokens + [pad] * (steps - len(s)) for row, s in zip(self.rows, self.scores)]
+        sequences = torch.tensor(rows, device=self.request.input_ids.device)
         if not config.return_dict_in_generate:
             return sequences
         return SpecbeamOutput(
             sequences=sequences,
-            scores=tuple(scores) if config.output_scores else None,
-            logits=tuple(raw) if config.output_logits else None,
+            scores=self._per_step(self.scores) if config.output_scores else None,
+            logits=self._per_step(self.raw) if config.output_logits else None,
             stats=self.stats,
         )
 
-    def _assemble(self):
-        """Rows of different lengths, padded after their end, as transformers pads finished rows."""
-        pad = self.params.pad_token_id
-        steps = max(len(s) for s in self.scores)
-        vocab, device = self.scores[0][0].shape[-1], self.scores[0][0].device
-        fill = one_hot_logits(pad, vocab, device)[None]
-        rows = [row.tokens + [pad] * (steps - len(s)) for row, s in zip(self.rows, self.scores)]
-        scores = [torch.cat([s[t] if t < len(s) else fill for s in self.scores]) for t in range(steps)]
-        raw = [torch.cat([s[t] if t < len(s) else fill for s in self.raw]) for t in range(steps)]
-        return torch.tensor(rows, device=self.request.input_ids.device), scores, raw
+    def _per_step(self, history: list[list[torch.Tensor]]) -> tuple[torch.Tensor, ...]:  # per row: [1, vocab] each
+        """Per step [rows, vocab]: a finished row's entries are those of padding."""
+        vocab, device = history[0][0].shape[-1], history[0][0].device
+        fill = one_hot_logits(self.params.pad_token_id, vocab, device)[None]
+        steps = max(len(h) for h in history)
+        return tuple(torch.cat([h[t] if t < len(h) else fill for h in history]) for t in range(steps))
+
+
+class StopCheck:
+    """A request's stopping criteria on one row after each new token. transformers' max-length and eos criteria
+    are read off the token list (what they return, without making the row a tensor); any other criterion is
+    called on the row as a one-row batch, as transformers calls it."""
+
+    def __init__(self, criteria: StoppingCriteriaList):
+        self.max_length = min((c.max_length for c in criteria if _quiet_max_length(c)), default=None)
+        self.eos = {t for c in criteria if type(c) is EosTokenCriteria for t in c.eos_token_id.flatten().tolist()}
+        self.others = StoppingCriteriaList(
+            c for c in criteria if not (_quiet_max_length(c) or type(c) is EosTokenCriteria))
+
+    def __call__(self, tokens: list[int], history, device) -> bool:
+        """tokens: the row's so far, the newest last; history() -> the scores the criteria get."""
+        stop = (self.max_length is not None and len(tokens) >= self.max_length) or tokens[-1] in self.eos
+        if self.others:  # called even when the row stops anyway: a criterion may keep state
+            stop = bool(self.others(torch.tensor([tokens], device=device), history())[0]) or stop
+        return stop
+
+
+def _quiet_max_length(criterion) -> bool:
+    """transformers' max-length criterion, when it can never warn that the model's positions are exceeded (it
+    warns only while a row is longer than max_position_embeddings and shorter than max_length)."""
+    limit = getattr(criterion, "max_position_embeddings", None)
+    return type(criterion) is MaxLengthCriteria and (limit is None or criterion.max_length <= limit + 1)
 
 
 def raw_empty(raw: list[torch.Tensor]) -> torch.Tensor:  # [0, vocab]
