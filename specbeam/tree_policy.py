@@ -49,7 +49,8 @@ class PassCost:
     shape: dict[int, float] = field(default_factory=dict)  # tokens -> seconds, as calibrated
     scale: float = 1.0  # how the machine runs now against the calibration
     memory: float = 0.9  # weight of the past in the scale's running mean
-    _interpolated: tuple[dict, dict[float, float]] = field(default=({}, {}), repr=False)  # (of shape, tokens -> s)
+    # (the shape it was made of, tokens -> seconds): `_shape`'s memory, renewed when the shape is calibrated again
+    _interpolated: tuple[dict, dict] = field(default_factory=lambda: ({}, {}), repr=False, compare=False)
 
     def calibrate(self, run: Callable[[int], None], sizes=CALIBRATION_TOKENS, repeats: int = 3) -> None:
         """Time `run(n)` for each size n, `repeats` sweeps over the sizes (the first also warms up), and keep each
@@ -247,7 +248,7 @@ class TreePolicy:
     pooled: RoundSums = RoundSums()  # over the rounds of every drafting shape
     refresh: int = 8  # plain rounds the rates are reused for (a drafting round, which teaches more, renews them)
     rng: random.Random = field(default_factory=lambda: random.Random(0))
-    _rates: dict = field(default_factory=dict, repr=False)  # (trees, load) -> {shape: rate}, until renewed
+    _rates: dict = field(default_factory=dict, repr=False, compare=False)  # (trees, load) -> {shape: rate}
     _plain_rounds: int = 0  # observed since the rates were renewed
 
     def expected(self, depth: int, width: int, trees: int, load: float) -> tuple[float, float]:
