@@ -61,8 +61,7 @@ class Router:
         A budget that no stop keeps sends the call to the quickest stop, stage 0."""
         p_rows = torch.stack([self._acceptance(prompt, max_length) for prompt in prompts])  # [prompts, stages]
         costs = self.stop_costs(max_length - max(len(p) for p in prompts))
-        cheapest = costs[0].item()
-        if self.config.latency_budget is not None and self.config.latency_budget < cheapest:
+        if self.config.latency_budget is not None and self.config.latency_budget < costs[0].item():
             return 0
         lam = self.config.resolve_lam(p_rows, costs)
         stage = max(optimal_cut(row, costs, lam) for row in p_rows)
