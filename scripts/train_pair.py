@@ -1,10 +1,11 @@
 """Train specbeam's shipped target/draft pair on the Python standard library's own sources.
 
-Retrain (from the repository root; one CPU thread: about 37 minutes alone, 41 on a shared 2-core machine):
+Retrain (from the repository root; one CPU thread: about 65 minutes alone):
 
     python scripts/train_pair.py                          # writes specbeam/assets/pair/
     python scripts/train_pair.py --quick --out /tmp/pair  # smoke run of every stage, about 10 seconds
     python scripts/train_pair.py --mid-only               # add the middle stage to the shipped pair (~15 minutes)
+    python scripts/train_pair.py --draft-only             # train the shipped pair's draft again (~30 minutes)
 
 Stages:
   1. corpus     the stdlib's `.py` files in sorted order, tests, IDLE, generated tables and docs left out;
@@ -123,11 +124,11 @@ class PairConfig:
     # ~1.6M parameters, about 0.18 of the target's cost per token
     draft: ModelShape = ModelShape(hidden_size=192, intermediate_size=512, num_layers=2, num_heads=3, num_kv_heads=1)
     # steps of 8 x 256 tokens measured on one thread: target 1.6 s, draft 1.0 s (half of it the teacher's forward);
-    # 900 x 1.6 + 600 x 1.0 s ~ 34 min, plus ~3 min of tokenizer, encoding and evaluation
+    # 900 x 1.6 + 1800 x 1.0 s ~ 54 min, plus ~3 min of tokenizer, encoding and evaluation (and the mid's ~15)
     # the cascade's middle stage: ~3.5M parameters, about 0.35 of the target's cost per token
     mid: ModelShape = ModelShape(hidden_size=256, intermediate_size=640, num_layers=3, num_heads=4, num_kv_heads=1)
     target_train: TrainConfig = TrainConfig(steps=900, lr=1e-3, warmup_steps=50)
-    draft_train: TrainConfig = TrainConfig(steps=600, lr=1.5e-3, warmup_steps=50, ce_weight=0.2)
+    draft_train: TrainConfig = TrainConfig(steps=1800, lr=1.5e-3, warmup_steps=50, ce_weight=0.2)
     mid_train: TrainConfig = TrainConfig(steps=600, lr=1.2e-3, warmup_steps=50, ce_weight=0.2)
     max_positions: int = 1024  # RoPE extrapolates past the 256 trained positions; the engine may go further
     max_cost_ratio: float = 0.2
@@ -356,10 +357,7 @@ def run(cfg: PairConfig, out: Path) -> dict:
     target_training = train(target, train_stream, cfg.target_train, cfg.seed, "target")
     save_bf16(target, out / "target")
     teacher = load_saved(out / "target")  # distil from exactly the weights that ship
-    draft_training = train(draft, train_stream, cfg.draft_train, cfg.seed + 1, "draft", teacher=teacher)
-    save_bf16(draft, out / "draft")
-
-    quality = evaluate(teacher, load_saved(out / "draft"), heldout_stream, cfg.target_train.seq_len, cfg.eval_tokens)
+    draft_metrics, quality = train_draft(cfg, out, draft, teacher, train_stream, heldout_stream)
     mid = train_mid(cfg, out, teacher, train_stream, heldout_stream)
     return {
         "seed": cfg.seed,
@@ -370,13 +368,22 @@ def run(cfg: PairConfig, out: Path) -> dict:
                    "heldout_files": len(heldout_files), "train_tokens": len(train_stream),
                    "heldout_tokens": len(heldout_stream), **asdict(cfg.corpus)},
         "target": model_metrics(target, cfg.target, target_training),
-        "draft": model_metrics(draft, cfg.draft, draft_training),
+        "draft": draft_metrics,
         "cost_ratio": round(cost_ratio, 4),
         **quality,
         "mid": mid,
         "foreign_code": foreign_agreement(cfg, out),
         "total_seconds": round(time.perf_counter() - start, 1),
     }
+
+
+def train_draft(cfg: PairConfig, out: Path, draft: LlamaForCausalLM, teacher: LlamaForCausalLM,
+                train_stream: torch.Tensor, heldout_stream: torch.Tensor) -> tuple[dict, dict]:
+    """The draft distilled from the shipped target, saved to out / "draft": (its metrics, its held-out quality)."""
+    training = train(draft, train_stream, cfg.draft_train, cfg.seed + 1, "draft", teacher=teacher)
+    save_bf16(draft, out / "draft")
+    quality = evaluate(teacher, load_saved(out / "draft"), heldout_stream, cfg.target_train.seq_len, cfg.eval_tokens)
+    return model_metrics(draft, cfg.draft, training), quality
 
 
 def train_mid(cfg: PairConfig, out: Path, teacher: LlamaForCausalLM, train_stream: torch.Tensor,
@@ -410,14 +417,31 @@ def foreign_agreement(cfg: PairConfig, out: Path) -> dict:
     return {"packages": list(FOREIGN_PACKAGES), "files": len(files), **agreement}
 
 
-def run_mid_only(cfg: PairConfig, out: Path) -> dict:
-    """Add the middle stage to a pair already in `out`: its tokenizer and target as they are."""
+def _streams(cfg: PairConfig, out: Path) -> tuple[PreTrainedTokenizerFast, torch.Tensor, torch.Tensor]:
+    """The tokenizer of the pair in `out` and the train and held-out token streams it gives."""
     train_files, heldout_files = stdlib_files(cfg.corpus)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(out / "tokenizer")
     train_stream = token_stream(tokenizer, [read_source(p) for p in train_files], "encode train")
     heldout_stream = token_stream(tokenizer, [read_source(p) for p in heldout_files], "encode heldout")
+    return tokenizer, train_stream, heldout_stream
+
+
+def run_mid_only(cfg: PairConfig, out: Path) -> dict:
+    """Add the middle stage to a pair already in `out`: its tokenizer and target as they are."""
+    _, train_stream, heldout_stream = _streams(cfg, out)
     metrics = json.loads((out / "metrics.json").read_text())
     metrics["mid"] = train_mid(cfg, out, load_saved(out / "target"), train_stream, heldout_stream)
+    metrics["foreign_code"] = foreign_agreement(cfg, out)
+    return metrics
+
+
+def run_draft_only(cfg: PairConfig, out: Path) -> dict:
+    """Train the draft of a pair already in `out` again: its tokenizer, target and mid as they are."""
+    tokenizer, train_stream, heldout_stream = _streams(cfg, out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    draft = build_model(cfg.draft, tokenizer, cfg, cfg.seed + 1)
+    metrics["draft"], quality = train_draft(cfg, out, draft, load_saved(out / "target"), train_stream, heldout_stream)
+    metrics.update(quality)
     metrics["foreign_code"] = foreign_agreement(cfg, out)
     return metrics
 
@@ -428,6 +452,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="tiny models and corpus: a smoke run of every stage")
     parser.add_argument("--mid-only", action="store_true", help="add the middle stage to the pair in --out")
+    parser.add_argument("--draft-only", action="store_true", help="train the draft of the pair in --out again")
     parser.add_argument("--foreign-only", action="store_true",
                         help="only measure the drafts' agreement on installed packages' code (not the stdlib)")
     args = parser.parse_args()
@@ -437,7 +462,7 @@ def main() -> None:
         metrics = json.loads((args.out / "metrics.json").read_text())
         metrics["foreign_code"] = foreign_agreement(cfg, args.out)
     else:
-        metrics = run_mid_only(cfg, args.out) if args.mid_only else run(cfg, args.out)
+        metrics = (run_mid_only if args.mid_only else run_draft_only if args.draft_only else run)(cfg, args.out)
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(json.dumps(metrics, indent=2))
 

@@ -76,11 +76,13 @@ def test_assets_fit_in_30_mb():
 
 
 def test_the_middle_stage_sits_between_the_draft_and_the_target(pair):
+    """By cost, the middle stage sits between the draft and the target; both drafts agree with the target on at
+    least 0.7 of the positions of Python code that is not the standard library's (issue 13's goal)."""
     target, (draft, mid), tokenizer = load_default_cascade()
     assert mid.config.vocab_size == target.config.vocab_size and not mid.training
     assert flops_per_token(draft) < flops_per_token(mid) <= 0.5 * flops_per_token(target)
-    metrics = json.loads((PAIR_DIR / "metrics.json").read_text())["mid"]
-    assert metrics["mid_greedy_agreement"] > json.loads((PAIR_DIR / "metrics.json").read_text())["draft_greedy_agreement"]
+    foreign = json.loads((PAIR_DIR / "metrics.json").read_text())["foreign_code"]
+    assert foreign["draft_greedy_agreement"] >= 0.7 and foreign["mid_greedy_agreement"] >= 0.7
     prompt = tokenizer("import os\n\n\ndef ", return_tensors="pt")
     out = Engine(target, draft_model=[draft, mid]).generate(**prompt, max_new_tokens=16, do_sample=False)
     assert torch.equal(out, target.generate(**prompt, max_new_tokens=16, do_sample=False))
