@@ -303,8 +303,9 @@ class TreePolicy:
         best = max(rates, key=rates.get)
         if current in rates and current[0] == 0 and rates[current] >= self.stay * rates[best]:
             best = current
-        neighbour = self._neighbour(best)
-        if self.rng.random() < self._exploring(neighbour, rates[neighbour] / rates[best], trees, load, behind):
+        neighbour, draw = self._neighbour(best), self.rng.random()
+        relative = rates[neighbour] / rates[best]
+        if draw < self.explore * relative ** 2 and draw < self._exploring(neighbour, relative, trees, load, behind):
             return neighbour
         return best
 
@@ -321,7 +322,7 @@ class TreePolicy:
         chance = self.explore * relative ** 2
         if shape[0] and behind:
             seconds = self.expected(*shape, trees, load)[1]
-            chance *= seconds / (seconds + self.draft.share(behind, load))
+            chance *= seconds / (seconds + self.draft(behind))  # the catch-up is its own: no one shares it
         return chance
 
     def observe(self, depth: int, width: int, trees: int, load: float, tokens: int, seconds: float,

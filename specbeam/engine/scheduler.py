@@ -37,9 +37,13 @@ class Scheduler:
             victim.preempt()
             self.waiting.appendleft(victim)
             self.preemptions += 1
+        # a request admitted now shares its first round with the running ones and with those admitted after it: its
+        # tree is sized beside them all (else a burst of arrivals would each draft as if alone)
+        waiting_rows = sum(state.num_rows for state in self.waiting)
         while self.waiting and (not self.running or _rows(self.running + [self.waiting[0]]) <= self.max_num_seqs):
             state = self.waiting[0]
-            state.choose_shape(sum(s.round_tokens for s in self.running))
+            waiting_rows -= state.num_rows
+            state.choose_shape(sum(s.round_tokens for s in self.running) + waiting_rows)
             need = self._need(state)
             if not _fits(total, need):
                 state.plain_step()  # a plain first step, if only that fits
