@@ -51,6 +51,11 @@ class DraftModelDrafter:
         self.cache = self.runner.new_cache(num_blocks, config.block_size)
         self.pass_cost = PassCost()  # seconds of a draft pass by the tokens it feeds
 
+    @property
+    def stages(self) -> list["DraftModelDrafter"]:
+        """The draft models this drafter runs: itself (a cascade: its stages; prompt lookup: none)."""
+        return [self]
+
     def session(self, num_rows: int) -> "DraftSession":
         return DraftSession(self, num_rows)
 
@@ -228,6 +233,7 @@ class NgramDrafter:
     propose what followed it, as a chain. No model, no cache."""
 
     passes = caught_up = 0
+    stages = ()  # no draft model
 
     def __init__(self, vocab_size: int, max_ngram: int = 3):
         self.vocab_size, self.max_ngram = vocab_size, max_ngram

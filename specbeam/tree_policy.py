@@ -289,10 +289,10 @@ class TreePolicy:
         tokens, seconds = self.expected(depth, width, trees, load)
         return self.ratio(depth, width, (tokens, seconds) if (trees, load) == (1, 0) else None) * tokens / seconds
 
-    def choose(self, trees: int, load: float, current: tuple[int, int] | None = None, behind: int = 0
-               ) -> tuple[int, int]:
+    def choose(self, trees: int, load: float, current: tuple[int, int] | None = None,
+               behind: Callable[[], int] | None = None) -> tuple[int, int]:
         """The (depth, width) with the best rate, unless the request's `current` one is a plain step within
-        `stay` of it (going from plain steps to drafting costs the draft a catch-up on the `behind` tokens it
+        `stay` of it (going from plain steps to drafting costs the draft a catch-up on the `behind()` tokens it
         has not fed; the other way costs nothing); now and then a neighbour of the best instead. Before the
         pass costs are known: the deepest, widest tree."""
         if not (self.target.known and self.draft.known):
@@ -305,7 +305,8 @@ class TreePolicy:
             best = current
         neighbour, draw = self._neighbour(best), self.rng.random()
         relative = rates[neighbour] / rates[best]
-        if draw < self.explore * relative ** 2 and draw < self._exploring(neighbour, relative, trees, load, behind):
+        if draw < self.explore * relative ** 2 and draw < self._exploring(
+                neighbour, relative, trees, load, behind() if behind else 0):
             return neighbour
         return best
 
@@ -388,8 +389,8 @@ class StagesPolicy:
         self.policies = policies
         self.shape = next(iter(policies.values())).shape
 
-    def choose(self, trees: int, load: float, current: tuple | None = None, behind: int = 0
-               ) -> tuple[int, int, tuple[int, ...]]:
+    def choose(self, trees: int, load: float, current: tuple | None = None,
+               behind: Callable[[], int] | None = None) -> tuple[int, int, tuple[int, ...]]:
         """(depth, width, the stages taking part); `current`: the request's (depth, width, stages) now."""
         options = [(policy.choose(trees, load, current[:2] if current and current[2] == stages else None, behind),
                     stages) for stages, policy in self.policies.items()]

@@ -238,7 +238,7 @@ class CyclingShapes:
     def __init__(self, shapes: list[tuple[int, int]]):
         self.shapes = itertools.cycle(shapes)
 
-    def choose(self, trees: int, load: float, current=None, behind: int = 0) -> tuple[int, int]:
+    def choose(self, trees: int, load: float, current=None, behind=None) -> tuple[int, int]:
         return next(self.shapes)
 
     def observe(self, *round) -> None:

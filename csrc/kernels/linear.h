@@ -54,11 +54,11 @@ inline float widen(int8_t v) { return float(v); }
 inline float widen(float v) { return v; }
 inline double widen(double v) { return v; }
 
-// A column's sum as it is stored: scaled (an int8 weight's column scale, one rounding with the bias) and
-// biased; the vector stores do the same operations lane by lane.
+// A column's sum as it is stored: scaled (an int8 weight's column scale, one rounding with the bias, 0 without
+// one) and biased; the vector stores do the same operations lane by lane.
 template <typename T>
 inline T finish(T sum, const T* bias, const T* scale) {
-  if (scale) return bias ? std::fma(sum, *scale, *bias) : sum * *scale;
+  if (scale) return std::fma(sum, *scale, bias ? *bias : T(0));
   return bias ? sum + *bias : sum;
 }
 
@@ -123,9 +123,7 @@ struct PanelRow<float> {
   void fma(Broadcast x, const PanelRow& w) { v = _mm512_fmadd_ps(x, w.v, v); }
   void store(float* p, const float* bias, const float* scale) const {
     const __m512 b = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
-    _mm512_storeu_ps(p, scale ? (bias ? _mm512_fmadd_ps(v, _mm512_loadu_ps(scale), b)
-                                      : _mm512_mul_ps(v, _mm512_loadu_ps(scale)))
-                              : (bias ? _mm512_add_ps(v, b) : v));
+    _mm512_storeu_ps(p, scale ? _mm512_fmadd_ps(v, _mm512_loadu_ps(scale), b) : bias ? _mm512_add_ps(v, b) : v);
   }
 };
 
@@ -172,9 +170,9 @@ struct PanelRow<float> {
   }
   static void store_half(float* p, __m256 sums, const float* bias, const float* scale) {
     const __m256 b = bias ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();
-    _mm256_storeu_ps(p, scale ? (bias ? _mm256_fmadd_ps(sums, _mm256_loadu_ps(scale), b)
-                                      : _mm256_mul_ps(sums, _mm256_loadu_ps(scale)))
-                              : (bias ? _mm256_add_ps(sums, b) : sums));
+    _mm256_storeu_ps(p, scale  ? _mm256_fmadd_ps(sums, _mm256_loadu_ps(scale), b)
+                        : bias ? _mm256_add_ps(sums, b)
+                               : sums);
   }
 };
 

@@ -321,9 +321,8 @@ class EngineCore:
     def _calibrate(self) -> bool:
         """Measure the target's and each draft's pass costs at first use, on scratch K/V freed at once (a step
         that finds too few free blocks leaves it to a later one). Returns whether all are measured."""
-        stages = [s for d in self.drafters.values() for s in (d.stages if isinstance(d, CascadeDrafter) else [d])]
         pools = [(self.runner, self.cache, self.target_cost)] + [
-            (d.runner, d.cache, d.pass_cost) for d in stages if isinstance(d, DraftModelDrafter)]
+            (s.runner, s.cache, s.pass_cost) for d in self.drafters.values() for s in d.stages]
         for runner, cache, cost in pools:
             if not cost.known and cache.allocator.num_free * cache.block_size >= max(CALIBRATION_TOKENS):
                 cost.calibrate(lambda n: _scratch_forward(runner, cache, n))

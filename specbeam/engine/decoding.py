@@ -181,10 +181,13 @@ class Decoding:
         else:  # a cascade's policy also says which of its stages take part
             self.chosen_for = (self.num_trees(), load)
             current = (self.depth, self.width, *self.stages) if self.rows else None
-            live = self.live_rows() if self.rows else []
-            behind = self.draft.behind([r.index for r in live], [len(r.tokens) - r.pad for r in live])
             self.depth, self.width, *self.stages = self.policy.choose(*self.chosen_for, current=current,
-                                                                      behind=behind)
+                                                                      behind=self._behind)
+
+    def _behind(self) -> int:
+        """Tokens the draft would catch up on before a drafting round (asked only when one is considered)."""
+        live = self.live_rows() if self.rows else []
+        return self.draft.behind([r.index for r in live], [len(r.tokens) - r.pad for r in live])
 
     def num_trees(self) -> int:
         """The trees a round drafts: one per live row (beam search: per running prompt)."""

@@ -9,7 +9,6 @@ import warnings
 import torch
 from transformers import PreTrainedModel
 
-from specbeam.cascade import CascadeDrafter
 from specbeam.config import EngineConfig, SpecConfig
 from specbeam.engine.core import EngineCore
 from specbeam.engine.loop import EngineLoop
@@ -40,17 +39,15 @@ class Engine:
         if router is not None and (draft_model is None or isinstance(draft_model, str)):
             raise ValueError(f"router needs draft models to stop at (draft_model=[...]), got {draft_model!r}")
         self.core = EngineCore(model, draft_model, spec, EngineConfig(**options))
-        self.router = None if router is None else Router(router, [*self._draft_runners(), self.core.runner])
+        self.router = None
+        if router is not None:  # it reads the stages through their runners: the drafts', then the target's
+            self.router = Router(router, [stage.runner for stage in self.core.drafter.stages] + [self.core.runner])
         self.loop = EngineLoop(self.core)
         self.config, self.spec, self.runner = self.core.config, self.core.spec, self.core.runner
         self.cache, self.drafter, self.tree_policies = self.core.cache, self.core.drafter, self.core.tree_policies
         self.add_request, self.step, self.abort = self.core.add_request, self.core.step, self.core.abort
         self.has_unfinished_requests = self.core.has_unfinished_requests
         self._calls = threading.local()
-
-    def _draft_runners(self) -> list:
-        drafter = self.core.drafter
-        return [stage.runner for stage in (drafter.stages if isinstance(drafter, CascadeDrafter) else [drafter])]
 
     def generate(self, inputs: torch.Tensor | None = None, generation_config=None, **kwargs):
         """Same arguments and results as `transformers.GenerationMixin.generate`; `generator=` seeds sampling."""
