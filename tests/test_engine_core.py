@@ -8,6 +8,8 @@ import threading
 import pytest
 import torch
 
+from transformers.generation.streamers import BaseStreamer
+
 from specbeam import Engine, SpecConfig
 from tiny_models import PAD, left_padded_batch, tiny_model
 
@@ -265,4 +267,59 @@ def test_a_step_that_breaks_fails_its_requests_and_the_engine_goes_on():
     with pytest.raises(RuntimeError, match="a bug in a step"):
         engine.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=5, pad_token_id=PAD)
     assert engine.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=5, pad_token_id=PAD).shape == (1, 8)
+    _assert_no_leak(engine)
+
+
+def test_calls_in_and_out_of_inference_mode_share_an_engine():
+    """The caller's thread steps the engine: whatever grad mode the call is made in, the state it leaves (pools,
+    the draft's caches, made at first use) serves the next call made in another mode."""
+    model, prompt = tiny_model("llama"), torch.tensor([[5, 6, 7]])
+    engine = Engine(model, draft_model=perturbed_draft())
+    reference = model.generate(prompt, max_new_tokens=6, num_beams=2, pad_token_id=PAD)
+    with torch.inference_mode():
+        first = engine.generate(prompt, max_new_tokens=6, num_beams=2, pad_token_id=PAD)
+    second = engine.generate(prompt, max_new_tokens=6, num_beams=2, pad_token_id=PAD)
+    with torch.inference_mode():
+        third = engine.generate(prompt, max_new_tokens=6, num_beams=2, pad_token_id=PAD)
+    assert all(torch.equal(out, reference) for out in (first, second, third))
+
+
+def test_generate_steps_on_the_callers_thread():
+    """No thread of the engine's own: the caller's thread runs the forwards (its OpenMP team is the one that
+    exists; `specbeam.engine.loop`), and a streamer hears the tokens there, as under transformers."""
+    engine, threads_before = Engine(tiny_model("llama")), threading.active_count()
+
+    class Where(BaseStreamer):
+        seen = set()
+
+        def put(self, value):
+            self.seen.add(threading.get_ident())
+
+        def end(self):
+            self.seen.add(threading.get_ident())
+
+    streamer = Where()
+    engine.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, pad_token_id=PAD, streamer=streamer)
+    assert streamer.seen == {threading.get_ident()} and threading.active_count() == threads_before
+
+
+def test_a_thread_given_to_the_loop_serves_submitted_requests_until_closed():
+    engine, started, outputs = Engine(tiny_model("llama")), threading.Event(), []
+    reference = engine.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, pad_token_id=PAD)
+    stepper = threading.Thread(target=engine.loop.run_forever, kwargs=dict(started=started.set))
+    stepper.start()
+    started.wait()
+    done = threading.Event()
+
+    def on_output(output):
+        outputs.append((threading.current_thread(), output))
+        if output.finished:
+            done.set()
+
+    engine.loop.submit(torch.tensor([[5, 6, 7]]), on_output, max_new_tokens=4, pad_token_id=PAD)
+    assert done.wait(timeout=60)
+    engine.loop.close()
+    stepper.join(timeout=60)
+    assert not stepper.is_alive() and all(thread is stepper for thread, _ in outputs)
+    assert outputs[-1][1].result.tolist() == reference.tolist()
     _assert_no_leak(engine)

@@ -3,6 +3,7 @@ pair."""
 import argparse
 import logging
 import signal
+import threading
 from pathlib import Path
 
 import torch
@@ -65,17 +66,34 @@ def run(args: argparse.Namespace) -> int:
     server = Server(target, tokenizer, draft, ServeConfig(name, args.max_num_seqs, args.max_queue, args.draft_weights))
     config = uvicorn.Config(create_app(server), host=args.host, port=args.port, access_log=False,
                             timeout_graceful_shutdown=args.shutdown_timeout, log_config=None)
-    _serve_until_signalled(uvicorn.Server(config))
+    http = uvicorn.Server(config)
+    _serve_until_signalled(http, server)
+    if not http.started:
+        raise CliError(f"the server could not start on {args.host}:{args.port} (its log says why)")
     return 0
 
 
-def _serve_until_signalled(server) -> None:
-    """uvicorn stops gracefully on SIGINT / SIGTERM, then raises the signal again under the handler it found:
-    ignored here, so that a requested stop exits with status 0."""
+def _serve_until_signalled(http, server) -> None:
+    """uvicorn answers HTTP on a thread of its own while this thread, which loaded the models, steps the engine
+    (its OpenMP team is the only one: `specbeam.engine.loop`). SIGINT / SIGTERM stop uvicorn gracefully (a
+    second one at once); its shutdown closes the engine's loop, which ends `run_forever` here."""
     signals = (signal.SIGINT, signal.SIGTERM)
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in signals}
+
+    def stop(sig, frame) -> None:
+        http.force_exit = http.should_exit
+        http.should_exit = True
+
+    def answer() -> None:
+        try:
+            http.run()
+        finally:  # also when uvicorn could not start
+            server.close()
+
+    previous = {sig: signal.signal(sig, stop) for sig in signals}
+    thread = threading.Thread(target=answer, name="uvicorn")
     try:
-        server.run()
+        server.engine.loop.run_forever(started=thread.start)
+        thread.join()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

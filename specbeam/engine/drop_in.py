@@ -1,6 +1,6 @@
 """`Engine.generate`: transformers' `model.generate`, same arguments and outputs, served by the step-based core
-(`specbeam.engine.core`): calls from several threads on one engine are batched into the same forwards by one
-engine loop, and each gets exactly what it would get alone. `patch(model)` routes `model.generate` through an
+(`specbeam.engine.core`): calls from several threads on one engine are batched into the same forwards, stepped
+by one of the waiting callers (`specbeam.engine.loop`), and each gets exactly what it would get alone. `patch(model)` routes `model.generate` through an
 engine; `unpatch(model)` undoes it."""
 import threading
 import time
@@ -96,11 +96,13 @@ class Engine:
                 box.append(output)
                 finished.set()
 
-        request_id = self.loop.submit_state(state, on_output)
+        request_id = self.loop.submit_state(state, on_output, waits=True)
         try:
-            finished.wait()
+            self.loop.wait(finished)
         except BaseException:  # KeyboardInterrupt: the request stops, its blocks are freed
-            self.loop.abort(request_id)
+            if not finished.is_set():
+                self.loop.abort(request_id)
+                self.loop.wait(finished)
             raise
         self._calls.stats = state.stats
         output = box[0]
