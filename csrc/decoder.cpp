@@ -3,12 +3,12 @@
 // over each token's row (a token's result never depends on the other tokens). Semantics, to float tolerance:
 // specbeam/reference/decoder.py, which is transformers' maths op for op.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 
 #include <cmath>
 
 #include "checks.h"
 #include "ops.h"
+#include "parallel.h"
 
 namespace specbeam {
 namespace {
@@ -68,7 +68,7 @@ template <typename T>
 void swiglu_into(at::Tensor& gate, const at::Tensor& up) {
   T* g = gate.data_ptr<T>();
   const T* u = up.data_ptr<T>();
-  at::parallel_for(0, gate.numel(), kElementwiseGrain, [&](int64_t begin, int64_t end) {
+  parallel_for(0, gate.numel(), kElementwiseGrain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) g[i] = g[i] / (T(1) + std::exp(-g[i])) * u[i];
   });
 }

@@ -1,11 +1,11 @@
 // Torch glue of the small-M linear kernel: checks, dtype dispatch, groups of panels in parallel.
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 
 #include "checks.h"
 #include "kernels/linear.h"
 #include "ops.h"
+#include "parallel.h"
 
 namespace specbeam {
 namespace {
@@ -16,7 +16,7 @@ void run_linear(const at::Tensor& x, const WT* packed, const std::optional<at::T
                 const T* scale = nullptr) {
   const LinearArgs<T, WT> args{x.data_ptr<T>(), packed, bias ? bias->data_ptr<T>() : nullptr, out.data_ptr<T>(),
                                x.size(0), x.size(1), out.size(1), scale};
-  at::parallel_for(0, linear_unit_count<T>(args.N), 4,
+  parallel_for(0, linear_unit_count<T>(args.N), 4,
                    [&](int64_t begin, int64_t end) { linear_units(args, begin, end); });
 }
 

@@ -1,6 +1,5 @@
 // Torch glue of the paged attention kernel: checks (shapes, dtypes, metadata that would read out of
 // bounds), dtype dispatch, (query, KV head) pairs in parallel.
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
@@ -9,6 +8,7 @@
 #include "checks.h"
 #include "kernels/paged_attention.h"
 #include "ops.h"
+#include "parallel.h"
 
 namespace specbeam {
 namespace {
@@ -84,7 +84,7 @@ at::Tensor paged_attention(const at::Tensor& query,            // [num_queries, 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "specbeam_paged_attention", [&] {
     using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const A softmax_scale = static_cast<A>(scale.value_or(1.0 / std::sqrt(static_cast<double>(head_dim))));
-    at::parallel_for(0, num_queries * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    parallel_for(0, num_queries * kv_heads, 1, [&](int64_t begin, int64_t end) {
       AttentionWorkspace<A> ws(group, head_dim, block_size);
       for (int64_t unit = begin; unit < end; ++unit) {
         const int64_t row = unit / kv_heads, kv_head = unit % kv_heads;

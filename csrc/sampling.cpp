@@ -1,11 +1,11 @@
 // Torch glue of the sampling kernels: checks, dtype dispatch, rows in parallel.
-#include <ATen/Parallel.h>
 
 #include <type_traits>
 
 #include "checks.h"
 #include "kernels/sampling.h"
 #include "ops.h"
+#include "parallel.h"
 
 namespace specbeam {
 namespace {
@@ -35,7 +35,7 @@ void for_each_row(const at::Tensor& logits, const at::Tensor& temperature, const
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const scalar_t* rows = logits.data_ptr<scalar_t>();
     const int64_t vocab = logits.size(1);
-    at::parallel_for(0, logits.size(0), 1, [&](int64_t begin, int64_t end) {
+    parallel_for(0, logits.size(0), 1, [&](int64_t begin, int64_t end) {
       SamplingWorkspace<T> ws;
       for (int64_t row = begin; row < end; ++row) {
         const SamplingParams<T> params{static_cast<T>(temp.data_ptr<float>()[row]), k.data_ptr<int64_t>()[row],

@@ -1,9 +1,9 @@
 // Torch glue of the tree verification kernels: checks, dtype dispatch, rows in parallel.
-#include <ATen/Parallel.h>
 
 #include "checks.h"
 #include "kernels/tree_verify.h"
 #include "ops.h"
+#include "parallel.h"
 
 namespace specbeam {
 namespace {
@@ -40,7 +40,7 @@ Verified greedy_verify(const at::Tensor& parents,         // [batch, width] int6
   const auto draft = draft_tokens.contiguous(), target = target_tokens.contiguous();
   const int64_t width = par.size(1);
   Verified out = new_outputs(par.size(0), width);
-  at::parallel_for(0, par.size(0), 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, par.size(0), 1, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> depth;
     for (int64_t row = begin; row < end; ++row) {
       const int64_t at_row = row * width;
@@ -75,7 +75,7 @@ Verified stochastic_verify(const at::Tensor& parents,       // [batch, width] in
   const auto u = uniform.to(p.scalar_type()).contiguous(), draw = noise.to(at::kDouble).contiguous();
   Verified out = new_outputs(batch, width);
   AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "specbeam_stochastic_verify", [&] {
-    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> residual_p;
       for (int64_t row = begin; row < end; ++row) {
         const int64_t at_row = row * width;

@@ -1,0 +1,44 @@
+// The kernels' parallel loop, at::parallel_for's split (contiguous ranges of at least `grain`, one per thread, as
+// many threads as torch.set_num_threads allows), run where its team is hot. On the process's main thread, which
+// loaded the model and whose OpenMP team torch's own operations keep spinning: at::parallel_for. On any other
+// thread (one of several `generate` callers taking its turn): specbeam's worker team (kernels/worker_pool.h),
+// because a second OpenMP team makes libgomp stop spinning and wake its workers through the kernel for every
+// region, while the main thread's team, idle, would fight a spinning pool of ours there.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+#include "kernels/worker_pool.h"
+
+namespace specbeam {
+
+inline bool on_main_thread() {
+#if defined(__linux__)
+  return syscall(SYS_gettid) == getpid();
+#else
+  return true;
+#endif
+}
+
+template <typename F>
+void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& body) {  // body(begin, end)
+  if (on_main_thread()) return at::parallel_for(begin, end, grain, body);
+  const int64_t n = end - begin;
+  if (n <= 0) return;
+  const int64_t tasks = std::min<int64_t>(at::get_num_threads(), (n + grain - 1) / std::max<int64_t>(grain, 1));
+  if (tasks <= 1) return body(begin, end);
+  const int64_t chunk = (n + tasks - 1) / tasks;
+  WorkerPool::instance().run(int(tasks), [&](int t) {
+    const int64_t first = begin + t * chunk;
+    if (first < end) body(first, std::min(end, first + chunk));
+  });
+}
+
+}  // namespace specbeam

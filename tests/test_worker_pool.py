@@ -1,0 +1,82 @@
+"""The C++ kernels' parallel loops off the main thread run on specbeam's own worker team
+(csrc/kernels/worker_pool.h): the same bits as on the main thread (OpenMP), from any thread and any number of
+threads at once, and in a child process forked after the team started (from a thread: libgomp's own team on the
+main thread is not fork-safe)."""
+import multiprocessing
+import threading
+
+import pytest
+import torch
+
+from specbeam import ops
+
+pytestmark = pytest.mark.skipif(ops._load_cpp()[0] is None, reason="specbeam._C is not built")
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def _work(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A linear wide enough to split over threads, and paged attention over many queries."""
+    gen = torch.Generator().manual_seed(seed)
+    x, weight = torch.randn(8, 256, generator=gen), torch.randn(4096, 256, generator=gen)
+    keys, values = torch.randn(2, 64, 16, 2, 32, generator=gen), torch.randn(2, 64, 16, 2, 32, generator=gen)
+    query = torch.randn(40, 4, 32, generator=gen)
+    tables = torch.arange(64).view(2, 32)
+    attended = ops.paged_attention(query, keys[0], values[0], tables, torch.tensor([300, 200]),
+                                   torch.tensor([0, 20, 40]), backend="cpp")
+    return ops.linear(x, weight, backend="cpp"), attended
+
+
+def _in_thread(fn):
+    box = []
+    thread = threading.Thread(target=lambda: box.append(fn()))
+    thread.start()
+    thread.join()
+    return box[0]
+
+
+def _same(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_a_thread_gets_the_main_threads_bits(two_threads):
+    on_main = _work(0)
+    assert _same(_in_thread(lambda: _work(0)), on_main)
+    assert _same(_work(0), on_main)  # and the main thread's own loop still works after the team started
+
+
+def test_threads_at_once_each_get_their_own_answer(two_threads):
+    expected = [_work(seed) for seed in range(6)]
+    results = [None] * 6
+
+    def run(seed: int) -> None:
+        for _ in range(5):
+            results[seed] = _work(seed)
+
+    threads = [threading.Thread(target=run, args=(seed,)) for seed in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(_same(r, e) for r, e in zip(results, expected))
+
+
+def _child(queue) -> None:  # (the main thread's OpenMP is not fork-safe: libgomp's, not ours)
+    queue.put([t.tolist() for t in _in_thread(lambda: _work(1))])
+
+
+def test_a_forked_child_makes_its_own_team(two_threads):
+    _in_thread(lambda: _work(1))  # the parent's team exists
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_child, args=(queue,))
+    child.start()
+    got = queue.get(timeout=60)  # before join: the child's queue flushes before it exits
+    child.join(timeout=60)
+    assert child.exitcode == 0 and got == [t.tolist() for t in _work(1)]
