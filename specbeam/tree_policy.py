@@ -244,7 +244,9 @@ class TreePolicy:
     token_evidence: float = 8.0  # rounds' worth that a shape's tokens outweigh their prior by (they are noisy)
     cost_evidence: float = 2.0  # rounds' worth that a shape's seconds outweigh their prior by
     stay: float = 0.95  # a request stepping plainly keeps doing so while that is at least this share of the best
-    measured: dict[tuple[int, int], RoundSums] = field(default_factory=dict)  # per shape
+    measured: dict[tuple[int, int], RoundSums] = field(default_factory=dict)  # per shape, as of faded_at[shape]
+    faded_at: dict[tuple[int, int], int] = field(default_factory=dict)  # per shape: `clock` when last written
+    clock: int = 0  # rounds observed with both pass costs known
     pooled: RoundSums = RoundSums()  # over the rounds of every drafting shape
     refresh: int = 8  # plain rounds the rates are reused for (a drafting round, which teaches more, renews them)
     rng: random.Random = field(default_factory=lambda: random.Random(0))
@@ -271,12 +273,19 @@ class TreePolicy:
         advanced over the tokens expected, and the seconds predicted over the seconds taken. Each starts from
         its evidence's worth of one-tree rounds at a prior's word: for a drafting shape, the factor over every
         drafting round (a shape not run lately is judged as drafting has paid here so far); for plain steps, 1."""
-        sums = self.measured.get((depth, width), RoundSums())
+        sums = self.sums((depth, width))
         tokens, seconds = unit or self.expected(depth, width, 1, 0)  # a one-tree round: the evidence's unit
         token_prior, cost_prior = self._pooled_factors() if depth else (1.0, 1.0)
         t, c = self.token_evidence * tokens, self.cost_evidence * seconds
         return ((sums.tokens + t * token_prior) / (sums.expected + t)
                 * (sums.predicted + c * cost_prior) / (sums.seconds + c))
+
+    def sums(self, shape: tuple[int, int]) -> RoundSums:
+        """A shape's sums now: every round observed since they were written faded them by `memory` (so that a
+        shape not run for a while returns to its prior, and is tried again where that ranks it first, instead
+        of keeping a few early, noisy rounds' verdict)."""
+        faded = self.memory ** (self.clock - self.faded_at.get(shape, self.clock))
+        return self.measured.get(shape, RoundSums()).add(faded, 0, 0, 0, 0)
 
     def _pooled_factors(self) -> tuple[float, float]:
         pooled = self.pooled
@@ -347,12 +356,11 @@ class TreePolicy:
         seconds -= self.draft.share(roots + caught_up, load) - self.draft.share(roots, load)
         if seconds <= 0:
             return
-        # every shape's sums fade each round, so that a shape not run for a while returns to its prior (and is
-        # tried again where that ranks it first) instead of keeping a few early, noisy rounds' verdict
-        self.measured = {shape: sums.add(self.memory, 0, 0, 0, 0) for shape, sums in self.measured.items()}
+        self.clock += 1  # every shape's sums fade by `memory` (when read: `sums`)
         expected_tokens, predicted_seconds = self.expected(depth, width, trees, load)
         this_round = (tokens, expected_tokens, seconds, predicted_seconds)
-        self.measured[depth, width] = self.measured.get((depth, width), RoundSums()).add(1.0, *this_round)
+        self.measured[depth, width] = self.sums((depth, width)).add(1.0, *this_round)
+        self.faded_at[depth, width] = self.clock
         if depth:
             self.pooled = self.pooled.add(self.pool_memory, *this_round)
 

@@ -163,7 +163,7 @@ def test_measured_rounds_correct_the_model_per_shape():
     other = next(shape for shape in ((1, 1), (2, 1), (1, 2)) if shape != best)
     assert policy.ratio(*other) == pytest.approx(pooled_cost)  # a drafting shape not run: the pool's word
     assert policy.ratio(0, 1) == 1.0  # plain steps: the model's
-    lucky = policy.measured[best]
+    lucky = policy.sums(best)
     policy.measured[best] = RoundSums(lucky.tokens + 3 * tokens, lucky.expected + tokens, lucky.seconds,
                                       lucky.predicted)  # a round of luck: 4 times the tokens expected
     assert policy.ratio(*best) < 1.5 * policy.ratio(*other)  # moves the token factor by less than 40%
@@ -176,7 +176,7 @@ def test_measured_rounds_correct_the_model_per_shape():
     assert policy.measured[shape] == RoundSums(2.0, pytest.approx(tokens), pytest.approx(seconds),
                                                pytest.approx(seconds))
     # the shape not run that round faded towards its prior: it will be tried again where the model ranks it
-    assert policy.measured[best] == RoundSums(0.97, 0.97, pytest.approx(29.1), 0.97)
+    assert policy.sums(best) == RoundSums(0.97, 0.97, pytest.approx(29.1), 0.97)
     before = policy.ratio(*best)
     for _ in range(200):
         policy.observe(*shape, 1, 0, tokens=tokens, seconds=seconds, seen=[])

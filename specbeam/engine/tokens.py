@@ -52,7 +52,7 @@ class TokenDecoding(Decoding):
             if row.table is not None:
                 self.cache.keep_path(row.table, self.starts[i], paths[i])
             accepted[r] = paths[i]
-        if self.draft is not None:
+        if self.draft is not None and self.depth:  # (a plain round left the draft's rows as they were)
             self.draft.commit([(r, accepted.get(r, [0])) for r in range(len(self.rows))])
         if self.policy is not None and self.depth:
             self.seen = [seen for tree, path in zip(self.trees, paths) if len(tree) > 1
