@@ -19,9 +19,10 @@
 
 namespace specbeam {
 
-inline bool on_main_thread() {
+inline bool on_main_thread() {  // (asked once per thread: a system call)
 #if defined(__linux__)
-  return syscall(SYS_gettid) == getpid();
+  thread_local const bool main = syscall(SYS_gettid) == getpid();
+  return main;
 #else
   return true;
 #endif
