@@ -59,6 +59,21 @@ def test_each_row_is_bitwise_the_same_in_any_batch(backend, threads, num_threads
 
 @pytest.mark.parametrize("backend", ["cpp"])
 @pytest.mark.parametrize("num_threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_long_batch_goes_in_chunks_of_rows_that_change_no_row(backend, threads, num_threads, dtype):
+    """Past kRowChunk (128) rows, x is taken a chunk at a time (csrc/kernels/linear.h): every row of 300 is still
+    bitwise the row alone, and the same in any window of the batch."""
+    threads(num_threads)
+    x, weight, bias = operands(300, 40, 70, dtype, seed=3)
+    out = ops.linear(x, weight, bias, backend=backend)
+    for i in (0, 127, 128, 129, 255, 256, 299):
+        assert torch.equal(ops.linear(x[i : i + 1], weight, bias, backend=backend)[0], out[i]), i
+    for start, stop in ((0, 129), (100, 300), (5, 261)):
+        assert torch.equal(ops.linear(x[start:stop], weight, bias, backend=backend), out[start:stop]), (start, stop)
+
+
+@pytest.mark.parametrize("backend", ["cpp"])
+@pytest.mark.parametrize("num_threads", [1, 2])
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("k, n", [(37, 5), (384, 131), (61, 64), (896, 9), (200, 339)])
 def test_bfloat16_weight_gives_the_bits_of_its_exact_float32(backend, threads, num_threads, with_bias, k, n):
