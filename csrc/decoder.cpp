@@ -7,6 +7,7 @@
 #include <cmath>
 
 #include "checks.h"
+#include "kernels/fast_exp.h"
 #include "ops.h"
 #include "parallel.h"
 
@@ -61,7 +62,8 @@ void add_into(at::Tensor& a, const at::Tensor& b) {
 // Elements per thread at least, where an elementwise loop runs in parallel
 constexpr int64_t kElementwiseGrain = 8192;
 
-// In place: gate = silu(gate) * up, silu(g) = g / (1 + exp(-g)); in parallel over the elements (the exps are
+// In place: gate = silu(gate) * up, silu(g) = g / (1 + exp(-g)); in parallel over the elements, exp vectorised
+// (kernels/fast_exp.h: the same bits wherever a thread's range starts). (The exps are
 // most of a layer's time outside its linears: 0.7 ms of a 246M-parameter pass at 8 tokens on one thread,
 // 2.9 ms at 32)
 template <typename T>
@@ -69,7 +71,8 @@ void swiglu_into(at::Tensor& gate, const at::Tensor& up) {
   T* g = gate.data_ptr<T>();
   const T* u = up.data_ptr<T>();
   parallel_for(0, gate.numel(), kElementwiseGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) g[i] = g[i] / (T(1) + std::exp(-g[i])) * u[i];
+#pragma omp simd
+    for (int64_t i = begin; i < end; ++i) g[i] = g[i] / (T(1) + fast_exp(-g[i])) * u[i];
   });
 }
 

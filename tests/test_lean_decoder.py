@@ -120,6 +120,27 @@ def test_cpp_layer_halves_are_batch_invariant():
 
 
 @needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_activation_gives_a_row_the_same_bits_wherever_a_threads_range_starts(dtype):
+    """The MLP's activation runs in parallel over all the rows' elements, its exp vectorised
+    (csrc/kernels/fast_exp.h): with 501 rows of 45 the second thread's range starts inside a row and inside a
+    vector, and each row is still bitwise the row alone; against torch's silu, to float tolerance."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        hidden, attention, _, after = _layer_args(dtype, False, tokens=501, inter=45)
+        together = ops.mlp_block(hidden, attention, *after, backend="cpp")
+        for i in (0, 249, 250, 251, 500):
+            assert torch.equal(ops.mlp_block(hidden[i:i + 1], attention[i:i + 1], *after, backend="cpp")[0],
+                               together[i]), i
+        tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(together, ops.mlp_block(hidden, attention, *after, backend="reference"),
+                                   **tolerance)
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_cpp
 def test_cpp_layer_halves_name_bad_arguments():
     hidden, attention, before, after = _layer_args(torch.float32, False)
     with pytest.raises(ValueError, match="q_weight"):

@@ -9,6 +9,8 @@
 #include <limits>
 #include <vector>
 
+#include "fast_exp.h"
+
 namespace specbeam {
 
 // A pool [num_blocks, block_size, num_kv_heads, head_dim] with unit stride along head_dim (strides in elements).
@@ -72,18 +74,19 @@ template <typename S, typename A>
 void accumulate_block(const S* values, const KVLayout& kv, int64_t count, int64_t group, int64_t head_dim,
                       AttentionWorkspace<A>& ws) {
   for (int64_t g = 0; g < group; ++g) {
-    const A* s = &ws.scores[g * kv.block_size];
+    A* s = &ws.scores[g * kv.block_size];
     const A block_max = *std::max_element(s, s + count);
     const A new_max = std::max(ws.running_max[g], block_max);
     if (new_max == -std::numeric_limits<A>::infinity()) continue;  // nothing visible yet
-    const A rescale = std::exp(ws.running_max[g] - new_max);  // 0 before the first visible key
+    const A rescale = fast_exp(ws.running_max[g] - new_max);  // 0 before the first visible key
     A* acc = &ws.acc[g * head_dim];
     for (int64_t d = 0; d < head_dim; ++d) acc[d] *= rescale;
     ws.running_sum[g] *= rescale;
+#pragma omp simd
+    for (int64_t j = 0; j < count; ++j) s[j] = fast_exp(s[j] - new_max);  // the weights, in place
     for (int64_t j = 0; j < count; ++j) {
-      const A w = std::exp(s[j] - new_max);
-      ws.running_sum[g] += w;
-      axpy(acc, w, values + j * kv.slot_stride, head_dim);
+      ws.running_sum[g] += s[j];
+      axpy(acc, s[j], values + j * kv.slot_stride, head_dim);
     }
     ws.running_max[g] = new_max;
   }
