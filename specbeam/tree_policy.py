@@ -250,7 +250,7 @@ class TreePolicy:
     pooled: RoundSums = RoundSums()  # over the rounds of every drafting shape
     refresh: int = 8  # plain rounds the rates are reused for (a drafting round, which teaches more, renews them)
     rng: random.Random = field(default_factory=lambda: random.Random(0))
-    _rates: dict = field(default_factory=dict, repr=False, compare=False)  # (trees, load) -> {shape: rate}
+    _rates: dict = field(default_factory=dict, repr=False, compare=False)  # (trees, load) -> ({shape: rate}, best)
     _plain_rounds: int = 0  # observed since the rates were renewed
 
     def expected(self, depth: int, width: int, trees: int, load: float) -> tuple[float, float]:
@@ -307,12 +307,15 @@ class TreePolicy:
         if not (self.target.known and self.draft.known):
             return self.acceptance.max_depth, self.widths[-1]
         if (trees, load) not in self._rates:
-            self._rates[trees, load] = self._rate_every_shape(trees, load)
-        rates = self._rates[trees, load]
-        best = max(rates, key=rates.get)
+            rates = self._rate_every_shape(trees, load)
+            self._rates[trees, load] = rates, max(rates, key=rates.get)
+        rates, best = self._rates[trees, load]
         if current in rates and current[0] == 0 and rates[current] >= self.stay * rates[best]:
             best = current
-        neighbour, draw = self._neighbour(best), self.rng.random()
+        draw = self.rng.random()
+        if draw >= self.explore:  # no neighbour is tried more often than this (relative <= 1)
+            return best
+        neighbour = self._neighbour(best)
         relative = rates[neighbour] / rates[best]
         if draw < self.explore * relative ** 2 and draw < self._exploring(
                 neighbour, relative, trees, load, behind() if behind else 0):
@@ -352,10 +355,11 @@ class TreePolicy:
                     self.acceptance.record(d, rank, ranked)
         if not (self.target.known and self.draft.known):
             return
-        roots = trees * self.shape.roots
-        seconds -= self.draft.share(roots + caught_up, load) - self.draft.share(roots, load)
-        if seconds <= 0:
-            return
+        if caught_up:
+            roots = trees * self.shape.roots
+            seconds -= self.draft.share(roots + caught_up, load) - self.draft.share(roots, load)
+            if seconds <= 0:
+                return
         self.clock += 1  # every shape's sums fade by `memory` (when read: `sums`)
         expected_tokens, predicted_seconds = self.expected(depth, width, trees, load)
         this_round = (tokens, expected_tokens, seconds, predicted_seconds)
