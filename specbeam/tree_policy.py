@@ -263,11 +263,6 @@ class TreePolicy:
             seconds += self.draft.share(roots, load) + (depth - 1) * self.draft.share(trees * width, load)
         return tokens, seconds
 
-    def modelled(self, depth: int, width: int, trees: int, load: float) -> float:
-        """Expected tokens per second of such a round, by the models alone."""
-        tokens, seconds = self.expected(depth, width, trees, load)
-        return tokens / seconds
-
     def ratio(self, depth: int, width: int, unit: tuple[float, float] | None = None) -> float:
         """The measured rate of this shape's rounds over the modelled one, as two factors: the tokens they
         advanced over the tokens expected, and the seconds predicted over the seconds taken. Each starts from
@@ -316,11 +311,8 @@ class TreePolicy:
         if draw >= self.explore:  # no neighbour is tried more often than this (relative <= 1)
             return best
         neighbour = self._neighbour(best)
-        relative = rates[neighbour] / rates[best]
-        if draw < self.explore * relative ** 2 and draw < self._exploring(
-                neighbour, relative, trees, load, behind() if behind else 0):
-            return neighbour
-        return best
+        relative, unfed = rates[neighbour] / rates[best], behind() if neighbour[0] and behind else 0
+        return neighbour if draw < self._exploring(neighbour, relative, trees, load, unfed) else best
 
     def _rate_every_shape(self, trees: int, load: float) -> dict[tuple[int, int], float]:
         shapes = [(0, self.widths[0])] + [(d, w) for d in range(1, self.acceptance.max_depth + 1) for w in self.widths]
@@ -386,6 +378,9 @@ class SummedPassCost:
     @property
     def known(self) -> bool:
         return all(cost.known for cost in self.costs)
+
+    def __call__(self, tokens: float) -> float:
+        return sum(cost(tokens) for cost in self.costs)
 
     def share(self, own: float, load: float) -> float:
         return sum(cost.share(own, load) for cost in self.costs)

@@ -11,8 +11,8 @@ from parity import assert_same_beams, assert_same_tokens, run_both
 from specbeam import Engine
 from specbeam.config import BEAM, GREEDY, SAMPLE
 from specbeam.tree import DraftTree
-from specbeam.tree_policy import (BEAMS, SAMPLING, Acceptance, PassCost, RoundSums, TreePolicy, TreeShape,
-                                  _lower_convex_hull)
+from specbeam.tree_policy import (BEAMS, SAMPLING, Acceptance, PassCost, RoundSums, SummedPassCost, TreePolicy,
+                                  TreeShape, _lower_convex_hull)
 from specbeam.tree_policy import GREEDY as GREEDY_TREES
 from test_speculative import EOS_ONE, _inputs, drafts
 from tiny_models import PAD, tiny_model
@@ -222,12 +222,24 @@ def test_exploration_tries_neighbours_of_the_best_shape_less_the_slower_they_are
 
 def test_a_drafting_neighbour_is_tried_less_the_more_the_draft_would_catch_up_on():
     policy = _policy(target=PassCost({1: 1.0, 8: 1.1}), draft=PassCost({1: 0.1, 64: 2.0}), hits=0.3)
+    policy.explore = 0.02
     assert policy._exploring((0, 1), 1.0, 1, 0, behind=50) == policy.explore  # a plain step catches up on nothing
     seconds = policy.expected(1, 1, 1, 0)[1]
     assert policy._exploring((1, 1), 1.0, 1, 0, behind=0) == policy.explore
     assert policy._exploring((1, 1), 1.0, 1, 0, behind=50) == pytest.approx(
         policy.explore * seconds / (seconds + policy.draft(50)))
 
+
+
+def test_a_cascades_draft_cost_prices_a_catch_up_as_its_stages_summed():
+    """A cascade's policy holds a SummedPassCost for its draft: the catch-up a probe would pay is every stage's."""
+    small, mid = PassCost({1: 0.1, 64: 2.0}), PassCost({1: 0.3, 64: 5.0})
+    policy = _policy(target=PassCost({1: 1.0, 8: 1.1}), draft=SummedPassCost([small, mid]), hits=0.3)
+    policy.explore = 0.02
+    assert policy.draft(50) == pytest.approx(small(50) + mid(50))
+    seconds = policy.expected(1, 1, 1, 0)[1]
+    assert policy._exploring((1, 1), 1.0, 1, 0, behind=50) == pytest.approx(
+        policy.explore * seconds / (seconds + small(50) + mid(50)))
 
 class CyclingShapes:
     """A stand-in policy: shapes in a fixed cycle, so that a run interleaves plain steps and drafting rounds
