@@ -63,9 +63,8 @@ void add_into(at::Tensor& a, const at::Tensor& b) {
 constexpr int64_t kElementwiseGrain = 8192;
 
 // In place: gate = silu(gate) * up, silu(g) = g / (1 + exp(-g)); in parallel over the elements, exp vectorised
-// (kernels/fast_exp.h: the same bits wherever a thread's range starts). (The exps are
-// most of a layer's time outside its linears: 0.7 ms of a 246M-parameter pass at 8 tokens on one thread,
-// 2.9 ms at 32)
+// (kernels/fast_exp.h: the same bits wherever a thread's range starts). The exps are most of a layer's time
+// outside its linears: 0.7 ms of a 246M-parameter pass at 8 tokens on one thread, 2.9 ms at 32 (std::exp).
 template <typename T>
 void swiglu_into(at::Tensor& gate, const at::Tensor& up) {
   T* g = gate.data_ptr<T>();

@@ -17,7 +17,7 @@ void run_linear(const at::Tensor& x, const WT* packed, const std::optional<at::T
   const LinearArgs<T, WT> args{x.data_ptr<T>(), packed, bias ? bias->data_ptr<T>() : nullptr, out.data_ptr<T>(),
                                x.size(0), x.size(1), out.size(1), scale};
   parallel_for(0, linear_unit_count<T>(args.N), 4,
-                   [&](int64_t begin, int64_t end) { linear_units(args, begin, end); });
+               [&](int64_t begin, int64_t end) { linear_units(args, begin, end); });
 }
 
 }  // namespace

@@ -294,8 +294,9 @@ int64_t linear_unit_count(int64_t N) {
   return (N + kPanelColumns<T> - 1) / kPanelColumns<T>;
 }
 
-// out[:, the columns of units u_begin .. u_end] (every row of a chunk of x): tiles of rows + 1 or rows rows, innermost
-// over the few panels of one tile's width, so that panels read from memory serve every tile from the caches.
+// out[:, the columns of units u_begin .. u_end] (every row of a chunk of x): tiles of rows + 1 or rows rows,
+// innermost over the few panels of one tile's width, so that panels read from memory serve every tile from the
+// caches.
 // (Blocking k as well, so that every tile passes over a block from L1, was slower: 5-20% at 16 and 32 rows,
 // one thread or two.)
 template <typename T, typename WT>

@@ -1,7 +1,7 @@
 """`Engine.generate`: transformers' `model.generate`, same arguments and outputs, served by the step-based core
 (`specbeam.engine.core`): calls from several threads on one engine are batched into the same forwards, stepped
-by one of the waiting callers (`specbeam.engine.loop`), and each gets exactly what it would get alone. `patch(model)` routes `model.generate` through an
-engine; `unpatch(model)` undoes it."""
+by one of the waiting callers (`specbeam.engine.loop`), and each gets exactly what it would get alone.
+`patch(model)` routes `model.generate` through an engine; `unpatch(model)` undoes it."""
 import threading
 import time
 import warnings

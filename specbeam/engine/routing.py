@@ -87,7 +87,8 @@ class Router:
 def _last_logits(runner: ModelRunner, tokens: list[int]) -> torch.Tensor:  # [min(ENTROPY_WINDOW, n), vocab]
     """A model's logits at the last ENTROPY_WINDOW positions of `tokens`: one prefill through the lean decoder on
     a scratch cache (it shares nothing with the engine loop's forwards); a model without one runs its own forward
-    (specbeam's attention hook is set per forward on the model's config, which the loop's thread may be using)."""
+    (specbeam's attention hook is set per forward on the model's config, which the thread stepping the engine may
+    be using)."""
     if runner.lean is None:
         return runner.model(input_ids=torch.tensor([tokens], device=runner.device)).logits[0, -ENTROPY_WINDOW:]
     cache = runner.new_cache(-(-len(tokens) // SCRATCH_BLOCK), SCRATCH_BLOCK)
