@@ -296,39 +296,49 @@ class TreePolicy:
     def choose(self, trees: int, load: float, current: tuple[int, int] | None = None,
                behind: Callable[[], int] | None = None) -> tuple[int, int]:
         """The (depth, width) with the best rate, unless the request's `current` one is a plain step within
-        `stay` of it (going from plain steps to drafting costs the draft a catch-up on the `behind()` tokens it
-        has not fed; the other way costs nothing); now and then a neighbour of the best instead. Before the
-        pass costs are known: the deepest, widest tree."""
+        `stay` of it, the best's first round counting the draft's catch-up on the `behind()` tokens it has not
+        fed (going from plain steps to drafting costs that; the other way costs nothing: requests sharing a
+        policy do not all switch to drafting on a small edge and pay every catch-up in one round); now and then
+        a neighbour of the best instead. Before the pass costs are known: the deepest, widest tree."""
         if not (self.target.known and self.draft.known):
             return self.acceptance.max_depth, self.widths[-1]
         if (trees, load) not in self._rates:
             rates = self._rate_every_shape(trees, load)
             self._rates[trees, load] = rates, max(rates, key=rates.get)
         rates, best = self._rates[trees, load]
-        if current in rates and current[0] == 0 and rates[current] >= self.stay * rates[best]:
+        if current in rates and current[0] == 0 and best[0]:
+            switching = rates[best] * self._catching_up(best, trees, load, behind)
+            best = current if self.stay * switching <= rates[current] else best
+        elif current in rates and current[0] == 0 and rates[current] >= self.stay * rates[best]:
             best = current
         draw = self.rng.random()
         if draw >= self.explore:  # no neighbour is tried more often than this (relative <= 1)
             return best
         neighbour = self._neighbour(best)
-        relative, unfed = rates[neighbour] / rates[best], behind() if neighbour[0] and behind else 0
-        return neighbour if draw < self._exploring(neighbour, relative, trees, load, unfed) else best
+        relative = rates[neighbour] / rates[best]
+        return neighbour if draw < self._exploring(neighbour, relative, trees, load, behind) else best
 
     def _rate_every_shape(self, trees: int, load: float) -> dict[tuple[int, int], float]:
         shapes = [(0, self.widths[0])] + [(d, w) for d in range(1, self.acceptance.max_depth + 1) for w in self.widths]
         return {shape: self.rate(*shape, trees, load) for shape in shapes}
 
-    def _exploring(self, shape: tuple[int, int], relative: float, trees: int, load: float, behind: int) -> float:
+    def _exploring(self, shape: tuple[int, int], relative: float, trees: int, load: float,
+                   behind: Callable[[], int] | None) -> float:
         """The chance of trying a neighbour whose rate is `relative` times the best's: a neighbour as fast runs
         one round in 1 / explore, a slower one less often by the square of its relative speed (each try costs
-        what it is slower), and a drafting one less often by its round's share of the round plus the draft's
-        catch-up on the tokens it would feed first (a request that has stepped plainly for long, or never
-        drafted, pays for all of them)."""
-        chance = self.explore * relative ** 2
-        if shape[0] and behind:
-            seconds = self.expected(*shape, trees, load)[1]
-            chance *= seconds / (seconds + self.draft(behind))  # the catch-up is its own: no one shares it
-        return chance
+        what it is slower), and a drafting one less often by the share of its first round that the draft's
+        catch-up leaves to drafting."""
+        return self.explore * relative ** 2 * self._catching_up(shape, trees, load, behind)
+
+    def _catching_up(self, shape: tuple[int, int], trees: int, load: float, behind: Callable[[], int] | None) -> float:
+        """The share of a request's first round of `shape` that is the round itself, not the draft catching up on
+        the `behind()` tokens it has not fed (a request that has stepped plainly for long, or never drafted, pays
+        for all of them; no one shares the catch-up): 1 for plain steps."""
+        unfed = behind() if shape[0] and behind else 0
+        if not unfed:
+            return 1.0
+        seconds = self.expected(*shape, trees, load)[1]
+        return seconds / (seconds + self.draft(unfed))
 
     def observe(self, depth: int, width: int, trees: int, load: float, tokens: int, seconds: float,
                 seen: list[tuple[int, int | None, int]], caught_up: int = 0) -> None:

@@ -223,12 +223,29 @@ def test_exploration_tries_neighbours_of_the_best_shape_less_the_slower_they_are
 def test_a_drafting_neighbour_is_tried_less_the_more_the_draft_would_catch_up_on():
     policy = _policy(target=PassCost({1: 1.0, 8: 1.1}), draft=PassCost({1: 0.1, 64: 2.0}), hits=0.3)
     policy.explore = 0.02
-    assert policy._exploring((0, 1), 1.0, 1, 0, behind=50) == policy.explore  # a plain step catches up on nothing
+    assert policy._exploring((0, 1), 1.0, 1, 0, behind=lambda: 50) == policy.explore  # a plain step catches up on nothing
     seconds = policy.expected(1, 1, 1, 0)[1]
-    assert policy._exploring((1, 1), 1.0, 1, 0, behind=0) == policy.explore
-    assert policy._exploring((1, 1), 1.0, 1, 0, behind=50) == pytest.approx(
+    assert policy._exploring((1, 1), 1.0, 1, 0, behind=lambda: 0) == policy.explore
+    assert policy._exploring((1, 1), 1.0, 1, 0, behind=lambda: 50) == pytest.approx(
         policy.explore * seconds / (seconds + policy.draft(50)))
 
+
+def test_a_plain_request_starts_drafting_only_if_its_first_round_pays_for_the_catch_up():
+    """Requests sharing a policy see the same best shape: if a small edge made each of them switch, every draft
+    would catch up in one round. A plain request switches when the best shape's rate, its first round slowed by
+    the catch-up, beats plain's by more than `stay`."""
+    policy = _policy(target=PassCost({1: 1.0, 8: 1.1}), draft=PassCost({1: 0.1, 64: 2.0}), hits=0.3)
+    best = policy.choose(1, 0)
+    assert best[0] > 0
+    plain = (0, policy.widths[0])
+    edge = policy.rate(*best, 1, 0) / policy.rate(*plain, 1, 0)
+    seconds = policy.expected(*best, 1, 0)[1]
+    assert policy.choose(1, 0, current=plain, behind=lambda: 0) == best
+    # a catch-up that takes the edge away, and one that leaves it
+    for unfed, stays in ((64, True), (1, False)):
+        first_round = edge * seconds / (seconds + policy.draft(unfed))
+        assert (policy.stay * first_round <= 1.0) is stays
+        assert policy.choose(1, 0, current=plain, behind=lambda: unfed) == (plain if stays else best)
 
 
 def test_a_cascades_draft_cost_prices_a_catch_up_as_its_stages_summed():
@@ -238,7 +255,7 @@ def test_a_cascades_draft_cost_prices_a_catch_up_as_its_stages_summed():
     policy.explore = 0.02
     assert policy.draft(50) == pytest.approx(small(50) + mid(50))
     seconds = policy.expected(1, 1, 1, 0)[1]
-    assert policy._exploring((1, 1), 1.0, 1, 0, behind=50) == pytest.approx(
+    assert policy._exploring((1, 1), 1.0, 1, 0, behind=lambda: 50) == pytest.approx(
         policy.explore * seconds / (seconds + small(50) + mid(50)))
 
 class CyclingShapes:
