@@ -27,7 +27,7 @@ class StepMetadata:
         """Store this forward's K/V in the paged cache, then attend over it.
         query: [T, Hq, D]; key, value: [T, Hkv, D] -> [T, Hq, D]."""
         ops.store_kv(*self.cache.slots[layer], key, value, self.slot_mapping)
-        return ops.attend(query, *self.cache.layers[layer], self.plan, scale)
+        return ops.attend(query, *self.cache.layers[layer], self.plan, scale, key, value)
 
 
 def specbeam_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -149,8 +149,9 @@ def pack(cache: PagedKVCache, works: list[Work], device, attention_backend: str 
     tokens, positions, slots, logit_rows, seq_lens, query_start_loc, tables = flat.split_with_sizes(
         [len(p) for p in parts])
     masks = None if all(w.tree_mask is None for w in works) else _pack_tree_masks(works).to(device)
+    fresh = query_start_loc if not any(starts) else None  # as a list
     plan = ops.plan_attention(tables.view(len(works), width), seq_lens, query_start_loc, masks, cache.block_size,
-                              backend=attention_backend, cpp=cpp)
+                              backend=attention_backend, cpp=cpp, fresh=fresh)
     return PackedBatch(tokens, positions, logit_rows, StepMetadata(cache, slots, plan), num_positions)
 
 

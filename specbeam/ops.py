@@ -74,9 +74,12 @@ def store_kv(key_slots, value_slots, key, value, slot_mapping) -> None:
     _ref_attention.store_kv(key_slots, value_slots, key, value, slot_mapping)
 
 
-def plan_attention(block_tables, seq_lens, query_start_loc, tree_mask, block_size, backend=None, cpp=None):
+def plan_attention(block_tables, seq_lens, query_start_loc, tree_mask, block_size, backend=None, cpp=None,
+                   fresh=None):
     """The per-step part of paged attention, done once per forward and shared by every layer. cpp: whether the
-    CPU's own choice attends in C++ (`cpp_attends`), when the caller knows it without reading the device."""
+    CPU's own choice attends in C++ (`cpp_attends`), when the caller knows it without reading the device. fresh:
+    the sequences' starts (`query_start_loc` as a list) when none has keys cached before its new tokens (a
+    prefill of prompts): off CUDA, where C++ does not attend, each then attends causally over its own new K/V."""
     chosen = _pick(backend, seq_lens.device)
     if chosen == "triton":
         return ("triton", (block_tables, seq_lens, query_start_loc, tree_mask))
@@ -86,6 +89,8 @@ def plan_attention(block_tables, seq_lens, query_start_loc, tree_mask, block_siz
     if chosen == "cpp" and (cpp or backend == "cpp"):  # the metadata as _C takes it: int64, contiguous
         tables, lens, starts = (t.long().contiguous() for t in (block_tables, seq_lens, query_start_loc))
         return ("cpp", (tables, lens, starts, None if tree_mask is None else tree_mask.contiguous()))
+    if fresh is not None and tree_mask is None:
+        return ("fresh", fresh)
     return ("reference", _ref_attention.plan_attention(block_tables, seq_lens, query_start_loc, tree_mask, block_size))
 
 
@@ -98,9 +103,12 @@ def cpp_attends(new_per_seq: list[int], seq_lens: list[int], kv_width: int) -> b
     return max(new_per_seq, default=0) <= CPP_ATTENTION_MAX_NEW or pairs * kv_width <= CPP_ATTENTION_MAX_WORK
 
 
-def attend(query, key_cache, value_cache, plan, scale=None):
-    """Per-layer paged attention over a plan from `plan_attention`."""
+def attend(query, key_cache, value_cache, plan, scale=None, key=None, value=None):
+    """Per-layer paged attention over a plan from `plan_attention`; key, value: this forward's new K/V, which a
+    "fresh" plan reads instead of the pools."""
     backend, data = plan
+    if backend == "fresh":
+        return _ref_attention.attend_fresh(query, key, value, data, scale)
     if backend == "triton":
         from specbeam.kernels import paged_attention as kernel
 

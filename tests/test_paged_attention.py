@@ -133,3 +133,28 @@ def test_cpp_checks_its_inputs(backend, name, change, error):
     change(args)
     with pytest.raises(error, match=name):
         ops._cpp().paged_attention(**args, scale=None)
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", TOLERANCES, ids=["fp32", "fp16", "bf16"])
+def test_fresh_prompts_attend_causally_over_their_own_keys(dtype, atol, rtol):
+    """A prefill of prompts (no keys cached before the new ones): the "fresh" plan reads this forward's K/V, one
+    causal attention per sequence, as the paged reference reads them from the pools."""
+    gen = torch.Generator().manual_seed(7)
+    lens = [9, 30, 1, 17]
+    query, key_cache, value_cache, tables, seq_lens, starts, _ = make_batch(
+        lens, lens, 4, 2, 16, 5, dtype=dtype, tree=False, contiguous=True, gen=gen)
+    pos = torch.cat([torch.arange(n) for n in lens])
+    seq = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))
+    blocks, slots = tables[seq, pos // 5].long(), pos % 5
+    key, value = key_cache[blocks, slots], value_cache[blocks, slots]  # [T, Hkv, D]: the new tokens' own
+    plan = ops.plan_attention(tables, seq_lens, starts, None, 5, backend="reference", fresh=starts.tolist())
+    assert plan[0] == "fresh"
+    out = ops.attend(query, key_cache, value_cache, plan, None, key, value)
+    expected = ops.paged_attention(*as_float64((query, key_cache, value_cache, tables, seq_lens, starts, None)),
+                                   backend="reference")
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), expected, atol=atol, rtol=rtol)
+    # a tree's new tokens are not causal: the paged reference attends them
+    mask = torch.ones(len(pos), max(lens), dtype=torch.bool)
+    assert ops.plan_attention(tables, seq_lens, starts, mask, 5, backend="reference", fresh=starts.tolist())[0] \
+        == "reference"

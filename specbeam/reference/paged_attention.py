@@ -112,6 +112,24 @@ def attend(
     return out[:, 0] if plan.one_query_each else out[plan.seq_of_query, plan.local_idx]
 
 
+def attend_fresh(
+    query: torch.Tensor,  # [num_queries, num_q_heads, head_dim]
+    key: torch.Tensor,  # [num_queries, num_kv_heads, head_dim]: the new tokens' own keys
+    value: torch.Tensor,  # [num_queries, num_kv_heads, head_dim]
+    starts: list[int],  # [num_seqs + 1] cumulative count of new tokens
+    scale: float | None = None,
+) -> torch.Tensor:  # [num_queries, num_q_heads, head_dim]
+    """Sequences with no keys cached before their new tokens (prompts): each attends causally over its own new
+    K/V, one SDPA each, so that a prompt's result does not depend on the others (`attend` would pad every one
+    to the longest and score the pairs its mask hides)."""
+    out = torch.empty_like(query)
+    for start, end in zip(starts, starts[1:]):
+        q, k, v = (x[None, start:end].transpose(1, 2) for x in (query, key, value))  # [1, heads, n, head_dim]
+        out[start:end] = F.scaled_dot_product_attention(  # batched, as SDPA's flash kernel takes it on the CPU
+            q, k, v, is_causal=True, scale=scale, enable_gqa=query.shape[1] != key.shape[1])[0].transpose(0, 1)
+    return out
+
+
 def paged_attention(
     query: torch.Tensor,  # [num_queries, num_q_heads, head_dim]
     key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
