@@ -35,13 +35,13 @@ class BlockAllocator:
         self.peak_used = max(self.peak_used, self.num_blocks - len(self.free))
         return block
 
-    def incref(self, block: int) -> None:
-        self.refcount[block] += 1
-
-    def decref(self, block: int) -> None:
-        self.refcount[block] -= 1
-        if self.refcount[block] == 0:
-            self.free.append(block)
+    def decref(self, blocks: list[int]) -> None:
+        """One holder fewer for each of `blocks`; a block nobody holds is free."""
+        refcount, free = self.refcount, self.free
+        for block in blocks:
+            refcount[block] -= 1
+            if not refcount[block]:
+                free.append(block)
 
 
 @dataclass
@@ -72,9 +72,10 @@ class PagedKVCache:
 
     def fork(self, table: BlockTable) -> BlockTable:
         """A new table sharing every block of `table`."""
+        refcount = self.allocator.refcount
         for block in table.blocks:
-            self.allocator.incref(block)
-        return BlockTable(list(table.blocks), table.length)
+            refcount[block] += 1
+        return BlockTable(table.blocks.copy(), table.length)
 
     def zero(self, tables: list[BlockTable]) -> None:
         """Zero the blocks of `tables` (a forward that wrote non-finite K/V there must leave none behind)."""
@@ -83,8 +84,7 @@ class PagedKVCache:
             self.pool[:, :, torch.tensor(blocks, device=self.pool.device)] = 0
 
     def release(self, table: BlockTable) -> None:
-        for block in table.blocks:
-            self.allocator.decref(block)
+        self.allocator.decref(table.blocks)
         table.blocks, table.length = [], 0
 
     def reserve(self, table: BlockTable, num_tokens: int) -> list[int]:
@@ -98,19 +98,25 @@ class PagedKVCache:
         table.length = end
         return [self._slot(table, p) for p in range(start, end)]
 
-    def keep_path(self, table: BlockTable, start: int, nodes: list[int]) -> None:
-        """After a tree pass, keep only a root path. The tree's node i sits at position start + i; the path's
-        node at depth d moves to start + d (a node's index is at least its depth, and sources lie deeper than
-        destinations, so ascending order never overwrites a source still to be read). Then the rest goes."""
-        moves = [(start + node, start + depth) for depth, node in enumerate(nodes) if node != depth]
-        if moves:
-            self._make_private(table, [dst for _, dst in moves])
+    def keep_paths(self, kept: list[tuple[BlockTable, int, list[int]]]) -> None:
+        """After a tree pass, each (table, start, nodes) keeps only a root path: the tree's node i sits at
+        position start + i, and the path's node at depth d moves to start + d. Every move reads its source before
+        any is written (one gather, one scatter over all tables), so their order does not matter; a destination
+        is made private first, so no other table sees it change. Then the rest of each tree goes."""
+        moves = [[(start + node, start + depth) for depth, node in enumerate(nodes) if node != depth]
+                 for _, start, nodes in kept]
+        for (table, _, _), mine in zip(kept, moves):
+            if mine:
+                self._make_private(table, [dst for _, dst in mine])
+        slots = [[self._slot(table, s), self._slot(table, d)] for (table, _, _), mine in zip(kept, moves)
+                 for s, d in mine]
+        if slots:
             self.flush()
-            slots = [[self._slot(table, s), self._slot(table, d)] for s, d in moves]
             src, dst = torch.tensor(slots, device=self.pool.device).unbind(1)
             flat = self.pool.view(*self.pool.shape[:2], -1, *self.pool.shape[4:])  # [layers, 2, slots, Hkv, D]
             flat.index_copy_(2, dst, flat.index_select(2, src))
-        self.truncate(table, start + len(nodes))
+        for table, start, nodes in kept:
+            self.truncate(table, start + len(nodes))
 
     def _slot(self, table: BlockTable, position: int) -> int:
         return table.blocks[position // self.block_size] * self.block_size + position % self.block_size
@@ -125,8 +131,7 @@ class PagedKVCache:
     def truncate(self, table: BlockTable, length: int) -> None:
         """Forget positions >= length, releasing blocks that no longer hold any."""
         keep = -(-length // self.block_size)
-        for block in table.blocks[keep:]:
-            self.allocator.decref(block)
+        self.allocator.decref(table.blocks[keep:])
         del table.blocks[keep:]
         table.length = length
 
@@ -134,7 +139,7 @@ class PagedKVCache:
         """A private copy of a shared block (its source keeps another holder until the copy is flushed)."""
         new = self.allocator.allocate()
         self.pending.append((block, new))
-        self.allocator.decref(block)
+        self.allocator.decref([block])
         return new
 
     def flush(self) -> None:

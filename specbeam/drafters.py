@@ -171,16 +171,16 @@ class DraftSession:
 
     def commit(self, origins: list[tuple[int, list[int]]]) -> None:
         """New row i continues old row origins[i][0] along the node path origins[i][1] of its last tree."""
-        new = []
+        new, kept = [], []
         for old, path in origins:
             if old in self.scored:  # the tree went in one pass: keep the path's K/V in a copy of its table
                 scored, start = self.scored[old]
-                table = self.cache.fork(scored)
-                self.cache.keep_path(table, start, path)
-                new.append(table)
+                new.append(self.cache.fork(scored))
+                kept.append((new[-1], start, path))
                 continue
             fed = [self.fed[old][n] for n in path if n in self.fed[old]]
             new.append(self.cache.fork(fed[-1] if fed else self.tables[old]))
+        self.cache.keep_paths(kept)
         self._release_all()
         self.tables, self.fed = new, [{} for _ in new]
 

@@ -15,7 +15,6 @@ from specbeam.outputs import SpecbeamBeamOutput
 from specbeam.processing import process_rows
 from specbeam.trace import Trace, TraceStep, draft_rounds
 from specbeam.tree import DraftTree
-from specbeam.validation import check_finite
 
 
 _TRACE_FIELDS = ("parent", "token", "score", "survivors", "finished")
@@ -64,7 +63,6 @@ class BeamDecoding(Decoding):
 
     def absorb(self, logits: torch.Tensor) -> None:  # [the round's tree nodes, vocab]
         self.logits = logits.to(torch.float32)
-        check_finite(self.logits, self.stats.steps)
         offsets = itertools.accumulate((len(self.trees[r]) for r in self.round_rows[:-1]), initial=0)
         self.offset = dict(zip(self.round_rows, offsets))  # per beam of the round: its root's row of the logits
         self.draft_origins = [(r, [0]) for r in range(len(self.rows))]
@@ -173,8 +171,9 @@ class BeamDecoding(Decoding):
                 self.rows[takers[source][0]].table = table
             else:
                 self.cache.release(table)
+        self.cache.keep_paths([(self.rows[r].table, self.starts[source], path[:-1]) for r, (source, path) in
+                               zip(rows, origin)])
         for r, (source, path) in zip(rows, origin):
-            self.cache.keep_path(self.rows[r].table, self.starts[source], path[:-1])
             self.draft_origins[r] = (source, path[:-1])
         for r, (source, _), new in zip(rows, origin, group.tail(replayed).tolist()):
             self.rows[r].tokens = old_tokens[source] + new

@@ -11,7 +11,6 @@ from specbeam.outputs import SpecbeamOutput
 from specbeam.processing import process_trees
 from specbeam.tree import DraftTree
 from specbeam.verification import verify_trees
-from specbeam.validation import check_finite
 
 
 class TokenDecoding(Decoding):
@@ -40,18 +39,17 @@ class TokenDecoding(Decoding):
 
     def absorb(self, logits: torch.Tensor) -> None:  # [the round's tree nodes, vocab]
         logits = logits.to(torch.float32)
-        check_finite(logits, self.stats.steps)
         logits = logits.split_with_sizes([len(t) for t in self.trees])  # per row of the round: [tree nodes, vocab]
         processed = self._process(logits)
         paths, next_tokens = self._verify(processed)
         self.advanced = 0
-        accepted = {}
+        accepted, kept = {}, []
         for i, r in enumerate(self.round_rows):
             self._accept(r, self.trees[i], paths[i], next_tokens[i], self._reported(processed[i]), logits[i])
-            row = self.rows[r]
-            if row.table is not None:
-                self.cache.keep_path(row.table, self.starts[i], paths[i])
+            if self.rows[r].table is not None:
+                kept.append((self.rows[r].table, self.starts[i], paths[i]))
             accepted[r] = paths[i]
+        self.cache.keep_paths(kept)
         if self.draft is not None and self.depth:  # (a plain round left the draft's rows as they were)
             self.draft.commit([(r, accepted.get(r, [0])) for r in range(len(self.rows))])
         if self.policy is not None and self.depth:
