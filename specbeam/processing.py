@@ -2,11 +2,31 @@
 prefix. Processors take a rectangular `input_ids` and may keep per-row state (the repetition penalty keeps
 each row's padding length), so every call is a full batch in row order: entries are grouped by prefix length
 into layers that use each row at most once, and rows without an entry get a stand-in whose result is dropped."""
+import inspect
 from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
 from transformers import LogitsProcessorList
+
+
+class Processors(LogitsProcessorList):
+    """A request's logits processors, called as `LogitsProcessorList` calls them without kwargs: each on
+    (input_ids, scores) in turn. The list reads every processor's signature on every call; here it is read once,
+    and a processor that wants more arguments is refused before any work."""
+
+    def __init__(self, processors: LogitsProcessorList):
+        super().__init__(processors)
+        for processor in self:
+            names = list(inspect.signature(processor.__call__).parameters)
+            if len(names) > 2:
+                raise ValueError(f"logits_processor: {type(processor).__name__} takes {names}; specbeam passes "
+                                 "(input_ids, scores) only")
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:  # [rows, L], [rows, vocab]
+        for processor in self:
+            scores = processor(input_ids, scores)
+        return scores
 
 
 def _layers(prefixes: list[list[int]], rows: list[int]) -> list[list[int]]:

@@ -7,6 +7,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
 from specbeam.config import BEAM, SamplingParams
+from specbeam.processing import Processors
 from specbeam.validation import (
     UnsupportedOptionError,
     check_attention_mask,
@@ -87,14 +88,14 @@ def build_request(model, inputs, generation_config, logits_processor, stopping_c
     params = SamplingParams.from_generation_config(config)
     rows = params.rows_per_prompt
     padded = input_ids.repeat_interleave(rows, dim=0)
-    processors = model._get_logits_processor(
+    processors = Processors(model._get_logits_processor(
         generation_config=_without_warpers(config) if params.warpers is not None else config,
         input_ids_seq_length=length,
         encoder_input_ids=padded,
         logits_processor=logits_processor if logits_processor is not None else LogitsProcessorList(),
         device=input_ids.device,
         model_kwargs={"attention_mask": attention_mask.repeat_interleave(rows, dim=0)},
-    )
+    ))
     criteria = model._get_stopping_criteria(
         generation_config=config,
         stopping_criteria=stopping_criteria if stopping_criteria is not None else StoppingCriteriaList(),

@@ -2,12 +2,21 @@
 works and every KV block is free again."""
 import pytest
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from specbeam import Engine
 from specbeam.validation import UnsupportedOptionError
 from tiny_models import VOCAB, left_padded_batch, tiny_model
 
 PROMPT = torch.tensor([[5, 6, 7]])
+
+class _WantsCurLen(LogitsProcessor):
+    """A processor that wants an argument beyond (input_ids, scores): transformers' list refuses it at its first
+    call, specbeam before any work."""
+
+    def __call__(self, input_ids, scores, cur_len):
+        return scores
+
 
 BAD_CALLS = [
     (dict(inputs=torch.tensor([[5, VOCAB]])), ValueError, "input_ids"),
@@ -32,6 +41,7 @@ BAD_CALLS = [
     (dict(eos_token_id=VOCAB + 5), ValueError, "eos_token_id"),
     (dict(early_stopping="sometimes", num_beams=2), ValueError, "early_stopping"),
     (dict(generator=3, do_sample=True), TypeError, "generator"),
+    (dict(logits_processor=LogitsProcessorList([_WantsCurLen()])), ValueError, "logits_processor"),
 ]
 
 

@@ -31,6 +31,7 @@ from specbeam.request import build_request
 from specbeam.stats import DecodeStats
 from specbeam.tree_policy import (BEAMS, CALIBRATION_TOKENS, GREEDY, SAMPLING, Acceptance, PassCost, StagesPolicy,
                                   SummedPassCost, TreePolicy, TreeShape)
+from specbeam.validation import check_finite
 
 DEFAULT_CPU_CACHE_BYTES = 256 * 2**20  # the target's KV pool on the CPU (paged in only as it is used)
 DEVICE_CACHE_SHARE = 0.5  # of the device's free memory, on a GPU
@@ -173,10 +174,14 @@ class EngineCore:
         if logits is None:
             return []
         bounds = [0, *itertools.accumulate(w.num_logits for w in works)]  # per work: its first row of logits
+        finite = bool(torch.isfinite(logits).all())  # else each request checks its own rows
         for state, first, count in planned:
             state.stats.target_passes += 1
+            mine = logits[bounds[first]:bounds[first + count]]
             try:
-                state.absorb(logits[bounds[first]:bounds[first + count]])
+                if not finite:
+                    check_finite(mine, state.stats.steps)
+                state.absorb(mine)
             except Exception as error:  # noqa: BLE001: a request's own failure (a processor, a criterion)
                 outputs.append(self._fail(state, error))
         return [s for s, _, _ in planned if s.request_id in self.requests]
