@@ -37,6 +37,11 @@ def sampling_params(
         ("top_p", top_p, torch.float32, 0.0, 1.0),
         ("min_p", min_p, torch.float32, 0.0, 1.0),
     ):
+        if isinstance(value, (int, float)):  # (checked without making a tensor first: the common case)
+            if not low <= value <= high:
+                raise ValueError(f"{name} must lie in [{low}, {high}], got {value}")
+            rows[name] = torch.full((batch,), value, dtype=dtype, device=device)
+            continue
         row = torch.as_tensor(value, dtype=dtype, device=device)
         if row.dim() > 1 or (row.dim() == 1 and row.shape[0] != batch):
             raise ValueError(f"{name} must be a scalar or a [{batch}] tensor, got shape {tuple(row.shape)}")
