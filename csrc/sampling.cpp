@@ -36,7 +36,7 @@ void for_each_row(const at::Tensor& logits, const at::Tensor& temperature, const
     const scalar_t* rows = logits.data_ptr<scalar_t>();
     const int64_t vocab = logits.size(1);
     parallel_for(0, logits.size(0), 1, [&](int64_t begin, int64_t end) {
-      SamplingWorkspace<T> ws;
+      thread_local SamplingWorkspace<T> ws;  // its buffers outlive the call: a row's work allocates nothing
       for (int64_t row = begin; row < end; ++row) {
         const SamplingParams<T> params{static_cast<T>(temp.data_ptr<float>()[row]), k.data_ptr<int64_t>()[row],
                                        static_cast<T>(p.data_ptr<float>()[row]),

@@ -177,3 +177,14 @@ def test_cpp_checks_its_inputs(backend, name, bad, error):
         ops._cpp().filter_probs(**args)
     with pytest.raises(error, match=name):
         ops._cpp().sample(noise=torch.rand(2), **args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_subnormal_tail_stays_kept_as_softmax_keeps_it(backend, device):
+    """Scores 90 below the top have a subnormal probability (the C++ kernel's polynomial exp stops at the
+    smallest normal number, so its row falls back to the exact exp there); 200 below, none."""
+    logits = torch.tensor([[0.0, -1.0, -90.0, -100.0, -200.0]]).to(device)
+    probs = ops.filter_probs(logits, backend=backend)
+    expected = transformers_probs(logits)
+    assert torch.equal(probs > 0, expected > 0) and int((expected > 0).sum()) == 4
+    torch.testing.assert_close(probs, expected, atol=1e-6, rtol=1e-5)

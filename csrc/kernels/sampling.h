@@ -11,8 +11,10 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <utility>
 #include <vector>
 
+#include "fast_exp.h"
 #include "inverse_cdf.h"
 
 namespace specbeam {
@@ -83,16 +85,25 @@ T lowest_kept(Scored<T>* first, Scored<T>* last, double budget, T top) {
   return answer;
 }
 
-// Scale the row by the temperature; returns the max scaled score and writes its first index.
+// Scale the row by the temperature; returns the max and the min scaled score (NaN ignored; -inf for both when
+// nothing else is there).
 template <typename L, typename T>
-T scale_row(const L* logits, int64_t vocab, T temperature, T* scores, int64_t& first_max) {
-  T top = -std::numeric_limits<T>::infinity();
-  first_max = 0;
+std::pair<T, T> scale_row(const L* logits, int64_t vocab, T temperature, T* scores) {
+  T top = -std::numeric_limits<T>::infinity(), bottom = std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : top) reduction(min : bottom)
   for (int64_t i = 0; i < vocab; ++i) {
     scores[i] = static_cast<T>(logits[i]) / temperature;
-    if (scores[i] > top) top = scores[i], first_max = i;
+    top = std::max(top, scores[i]);
+    bottom = std::min(bottom, scores[i]);
   }
-  return top;
+  return {top, bottom};
+}
+
+// The first index holding `top` (0 when nothing beats -inf), as a running strict maximum finds it.
+template <typename T>
+int64_t first_index_of(const T* scores, int64_t vocab, T top) {
+  if (top == -std::numeric_limits<T>::infinity()) return 0;
+  return std::find(scores, scores + vocab, top) - scores;
 }
 
 // The lowest score that top-k and then top-p keep (-inf: everything).
@@ -110,7 +121,7 @@ T keep_floor(const T* scores, int64_t vocab, T top, const SamplingParams<T>& par
     double mass = 0;  // of what top-k kept, in units of p(top)
     for (int64_t i = 0; i < vocab; ++i) {
       if (scores[i] >= floor) {
-        cand.push_back({scores[i], std::exp(scores[i] - top)});
+        cand.push_back({scores[i], fast_exp(scores[i] - top)});
         mass += cand.back().weight;
       }
     }
@@ -127,19 +138,25 @@ double kept_weights(const L* logits,  // [vocab]
   ws.scores.resize(vocab);
   T* scores = ws.scores.data();
   const bool greedy = params.temperature == 0;
-  int64_t first_max;
-  const T top = scale_row(logits, vocab, greedy ? T(1) : params.temperature, scores, first_max);
+  const auto [top, bottom] = scale_row(logits, vocab, greedy ? T(1) : params.temperature, scores);
   if (greedy) {
     std::fill(weights, weights + vocab, T(0));
-    weights[first_max] = 1;
+    weights[first_index_of(scores, vocab, top)] = 1;
     return 1;
   }
   const T floor = keep_floor(scores, vocab, top, params, ws);
+#pragma omp simd
+  for (int64_t i = 0; i < vocab; ++i) weights[i] = fast_exp(scores[i] - top);
+  if (bottom - top < ExpTraits<T>::kLowest) {  // fast_exp's 0 there: std::exp keeps the subnormal tail
+    for (int64_t i = 0; i < vocab; ++i) {
+      if (scores[i] - top < ExpTraits<T>::kLowest) weights[i] = std::exp(scores[i] - top);
+    }
+  }
   double total = 0;
+#pragma omp simd reduction(+ : total)
   for (int64_t i = 0; i < vocab; ++i) {
-    const T w = scores[i] >= floor ? std::exp(scores[i] - top) : T(0);
     // min-p: p(x) >= min_p * p(top)  <=>  exp(score - max) >= min_p
-    weights[i] = w >= params.min_p ? w : T(0);
+    weights[i] = scores[i] >= floor && weights[i] >= params.min_p ? weights[i] : T(0);
     total += weights[i];
   }
   return total;
