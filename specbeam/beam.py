@@ -18,9 +18,8 @@ from collections import defaultdict
 from typing import Callable
 
 import torch
-from transformers import StoppingCriteriaList
-
 from specbeam.config import SamplingParams
+from specbeam.stopping import StopCheck
 from specbeam.trace import TraceStep
 
 NEG = -1.0e9  # transformers' "impossible" score
@@ -98,39 +97,39 @@ class BeamSearch:
         """The caller's prompts at these indices."""
         return self.prompts[index] if isinstance(index, slice) else [self.prompts[g] for g in index]
 
-    def step(self, log_probs: torch.Tensor, criteria: StoppingCriteriaList,
+    def step(self, log_probs: torch.Tensor, stop: StopCheck,
              history: Callable[[list[int]], tuple | None]) -> TraceStep:
-        """log_probs: [batch * beams, vocab], processed; history(prompts): the scores the stopping criteria get for
-        those of the caller's prompts. Returns what happened, for the trace; afterwards `parents()` names the previous
-        running beam of every new one."""
-        beams, batch, k = self.params.num_beams, self.batch, self.num_candidates
+        """log_probs: [batch * beams, vocab], processed; stop: the request's stopping criteria; history(prompts): the
+        scores the criteria get for those of the caller's prompts. Returns what happened, for the trace; afterwards
+        `parents()` names the previous running beam of every new one."""
+        beams, batch = self.params.num_beams, self.batch
         if max(self.lengths) == self.running.shape[-1]:
             self._grow()
         total = log_probs.view(batch, beams, -1) + self.running_scores[:, :, None]
         vocab = total.shape[-1]
-        cand_scores, flat = torch.topk(total.view(batch, -1), k=k)
-        cand_beam, cand_token = flat // vocab, flat % vocab  # [batch, K]
-        at = self._position(0).expand(-1, k, -1)  # [batch, K, 1]: where each prompt's new token goes
-        cand_seqs = _gather(self.running, cand_beam)
-        cand_seqs.scatter_(2, at, cand_token[..., None])
-        cand_origin = _gather(self.running_origin, cand_beam)
-        # the beam within its prompt (a search may be split by prompt)
-        cand_origin.scatter_(2, at - self.prompt_len, cand_beam[..., None].to(cand_origin.dtype))
-        hits = self._per_length(lambda n, index: criteria(
-            cand_seqs[index, :, : n + 1].flatten(0, 1), history(self._ids(index))).view(-1, k))
+        cand_scores, flat = torch.topk(total.view(batch, -1), k=self.num_candidates)
+        candidates = _Candidates(self, flat // vocab, flat % vocab)
+        hits = self._stops(stop, history, candidates)
         self.hits_stop = hits
 
         # the best B candidates that do not stop run on
         live_scores = cand_scores + hits.to(torch.float32) * NEG
         survivors = torch.topk(live_scores, k=beams)[1]
-        self.running = _gather(cand_seqs, survivors)
+        entered = self._update_finished(candidates, cand_scores, hits)  # (reads the running beams before this step)
+        self.running, self.running_origin = candidates.rows(survivors)
         self.running_scores = _gather(live_scores, survivors)
-        self.running_origin = _gather(cand_origin, survivors)
-
-        entered = self._update_finished(cand_seqs, cand_scores, cand_origin, hits)
         self.lengths = [n + 1 for n in self.lengths]
         self._update_can_improve()
-        return TraceStep(cand_beam, cand_token, cand_scores, survivors, entered)
+        return TraceStep(candidates.beam, candidates.token, cand_scores, survivors, entered)
+
+    def _stops(self, stop: StopCheck, history, candidates: "_Candidates") -> torch.Tensor:  # [batch, K] bool
+        """The criteria on every candidate: read off its length and token where they are transformers' max-length
+        and eos criteria alone, else called on the candidates' sequences as transformers calls them."""
+        if not stop.others:
+            return stop.hits(candidates.token, self._position(1)[:, 0, 0])
+        sequences, k = candidates.every()[0], self.num_candidates
+        return self._per_length(lambda n, index: stop.criteria(
+            sequences[index, :, : n + 1].flatten(0, 1), history(self._ids(index))).view(-1, k))
 
     def _grow(self) -> None:
         """Double the room for steps: sequences padded with the fill token, backpointers with -1."""
@@ -183,7 +182,7 @@ class BeamSearch:
         order = sorted(range(merged.batch), key=merged.prompts.__getitem__)
         return merged.split(order) if order != list(range(merged.batch)) else merged
 
-    def _update_finished(self, cand_seqs, cand_scores, cand_origin, hits) -> torch.Tensor:
+    def _update_finished(self, candidates: "_Candidates", cand_scores, hits) -> torch.Tensor:
         """Merge the candidates that stopped among the top B into the best B finished hypotheses."""
         beams, penalty = self.params.num_beams, self.params.length_penalty
         just_finished = hits & self.is_top_beam[None, :]
@@ -193,10 +192,13 @@ class BeamSearch:
         scores = scores + (~just_finished) * NEG  # still running: not a hypothesis
         merged_scores = torch.cat((self.finished_scores, scores), dim=1)
         best = torch.topk(merged_scores, k=beams)[1]
-        self.finished = _gather(torch.cat((self.finished, cand_seqs), dim=1), best)
-        self.finished_scores = _gather(merged_scores, best)
-        self.finished_origin = _gather(torch.cat((self.finished_origin, cand_origin), dim=1), best)
-        self.is_finished = _gather(torch.cat((self.is_finished, just_finished), dim=1), best)
+        if not torch.equal(best, torch.arange(beams, device=best.device).expand_as(best)):
+            # (else each gather below would give back what it gathers from: the set as it was)
+            sequences, origins = candidates.every()
+            self.finished = _gather(torch.cat((self.finished, sequences), dim=1), best)
+            self.finished_scores = _gather(merged_scores, best)
+            self.finished_origin = _gather(torch.cat((self.finished_origin, origins), dim=1), best)
+            self.is_finished = _gather(torch.cat((self.is_finished, just_finished), dim=1), best)
         # which candidates entered: merged index beams + k is candidate k; older hypotheses go to a dummy
         # column, and so do the placeholders that pad the set while fewer than B hypotheses have finished
         entered = torch.zeros((self.batch, self.num_candidates + 1), dtype=torch.bool, device=best.device)
@@ -226,3 +228,31 @@ class BeamSearch:
         origin = self.finished_origin[:, :n].flatten(0, 1)
         generated = int((origin + 1).bool().sum(dim=1).max())
         return sequences[:, : self.prompt_len + generated], scores, origin[:, :generated]
+
+
+class _Candidates:
+    """A step's K candidates per prompt (their source beams and tokens [batch, K]), whose sequences and
+    backpointers are gathered only when asked for: the running beams take B of them every step, the finished
+    hypotheses all K only when one of them enters."""
+
+    def __init__(self, search: BeamSearch, beam: torch.Tensor, token: torch.Tensor):
+        self.search, self.beam, self.token = search, beam, token
+        self._every = None
+
+    def rows(self, pick: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """pick [batch, n]: candidate indices (None: all K) -> their sequences [batch, n, width] and backpointers
+        [batch, n, steps], the new token and its source beam written at each prompt's length."""
+        search = self.search
+        beam, token = (self.beam, self.token) if pick is None else (self.beam.gather(1, pick), self.token.gather(1, pick))
+        at = search._position(0).expand(-1, beam.shape[1], -1)  # [batch, n, 1]
+        sequences = _gather(search.running, beam)
+        sequences.scatter_(2, at, token[..., None])
+        origins = _gather(search.running_origin, beam)
+        # the beam within its prompt (a search may be split by prompt)
+        origins.scatter_(2, at - search.prompt_len, beam[..., None].to(origins.dtype))
+        return sequences, origins
+
+    def every(self) -> tuple[torch.Tensor, torch.Tensor]:  # rows() of all K, made once
+        if self._every is None:
+            self._every = self.rows()
+        return self._every

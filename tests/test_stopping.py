@@ -1,17 +1,18 @@
 """Streamers, stop strings and user stopping criteria behave as in transformers."""
 import string
 
+import pytest
 import torch
 from tokenizers import Tokenizer
 from tokenizers.decoders import Fuse
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Split
-from transformers import (MaxLengthCriteria, MaxTimeCriteria, PreTrainedTokenizerFast, StoppingCriteria,
+from transformers import (EosTokenCriteria, MaxLengthCriteria, MaxTimeCriteria, PreTrainedTokenizerFast, StoppingCriteria,
                           StoppingCriteriaList)
 from transformers.generation.streamers import BaseStreamer
 
 from specbeam import Engine
-from specbeam.engine.tokens import StopCheck
+from specbeam.stopping import StopCheck
 from parity import run_both
 from tiny_models import PAD, VOCAB, left_padded_batch, tiny_model
 
@@ -48,16 +49,28 @@ def test_streamer_sees_the_prompt_then_each_token():
     assert torch.equal(torch.cat([c.flatten() for c in streams[1].chunks]), ours.flatten())
 
 
-def test_stop_strings_match_transformers():
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_stop_strings_match_transformers(num_beams):
     model, tokenizer = tiny_model("gpt2"), _char_tokenizer()
     input_ids, attention_mask = left_padded_batch((5, 3), seed=6)
     greedy = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=6, do_sample=False)
     stop = tokenizer.decode(greedy[0, -4:-2])  # two characters row 0 emits mid-run
     reference, ours = run_both(model, input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=10,
-                               do_sample=False, stop_strings=[stop], tokenizer=tokenizer)
+                               do_sample=False, num_beams=num_beams, stop_strings=[stop], tokenizer=tokenizer)
     assert torch.equal(reference.sequences, ours.sequences)
-    # the stop string did fire: row 0 emitted it, then only padding
-    assert stop in tokenizer.decode(ours.sequences[0]) and ours.sequences[0, -1] == PAD
+    if num_beams == 1:  # the stop string did fire: row 0 emitted it, then only padding
+        assert stop in tokenizer.decode(ours.sequences[0]) and ours.sequences[0, -1] == PAD
+
+
+def test_beam_candidates_are_read_off_their_length_and_token_as_the_criteria_answer():
+    criteria = StoppingCriteriaList([MaxLengthCriteria(7), EosTokenCriteria(torch.tensor([3, 9]))])
+    stop = StopCheck(criteria)
+    assert not stop.others
+    tokens = torch.tensor([[3, 4, 9], [1, 2, 5]])  # [prompts, candidates]
+    for lengths in ([6, 6], [7, 5], [8, 7]):
+        called = [criteria(torch.cat([torch.full((1, n - 1), 11), tokens[g, k].view(1, 1)], 1), None)[0]
+                  for g, n in enumerate(lengths) for k in range(3)]
+        assert torch.equal(stop.hits(tokens, torch.tensor(lengths)), torch.stack(called).view(2, 3))
 
 
 def test_user_stopping_criteria_are_applied():

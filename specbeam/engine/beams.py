@@ -13,6 +13,7 @@ from specbeam.beam import NEG, BeamSearch
 from specbeam.engine.decoding import Decoding, tree_work
 from specbeam.outputs import SpecbeamBeamOutput
 from specbeam.processing import process_rows
+from specbeam.stopping import StopCheck
 from specbeam.trace import Trace, TraceStep, draft_rounds
 from specbeam.tree import DraftTree
 
@@ -43,6 +44,7 @@ class BeamDecoding(Decoding):
         super().__init__(*args, **kwargs)
         self.search: BeamSearch | None = BeamSearch(self.request.input_ids, self.params,
                                                     self.request.config._eos_token_tensor)  # None: all ended
+        self.stop = StopCheck(self.request.stopping_criteria)
         self.ended: dict[int, BeamSearch] = {}  # per prompt, its search once it has ended
         self.log: list[_Step] = []  # every beam step
         self.taken = [[] for _ in range(self.search.batch)]  # per prompt, per step: (its _Step, its index in it)
@@ -117,7 +119,7 @@ class BeamDecoding(Decoding):
             rows = [p * beams + b for p in group.prompts for b in range(beams)]
             log_probs = process_rows(processors, group.running_sequences(), logits, rows, len(self.rows),
                                      log_softmax=True)
-        step = _Step(group.prompts, log_probs, logits, group.step(log_probs, self.request.stopping_criteria,
+        step = _Step(group.prompts, log_probs, logits, group.step(log_probs, self.stop,
                                                                    self._history))
         self.log.append(step)
         for g, p in enumerate(group.prompts):

@@ -2,13 +2,12 @@
 then the target's own next token after it (greedy: the argmax; sampling: tree speculative sampling, which emits
 exactly the target's processed distribution). A tree of the root alone is a plain step."""
 import torch
-from transformers import StoppingCriteriaList
-from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 
 from specbeam.config import SAMPLE
 from specbeam.engine.decoding import Decoding, tree_work
 from specbeam.outputs import SpecbeamOutput
 from specbeam.processing import process_trees
+from specbeam.stopping import StopCheck
 from specbeam.tree import DraftTree
 from specbeam.verification import verify_trees
 
@@ -132,32 +131,6 @@ class TokenDecoding(Decoding):
         fill = one_hot_logits(self.params.pad_token_id, vocab, device)[None]
         steps = max(len(h) for h in history)
         return tuple(torch.cat([h[t] if t < len(h) else fill for h in history]) for t in range(steps))
-
-
-class StopCheck:
-    """A request's stopping criteria on one row after each new token. transformers' max-length and eos criteria
-    are read off the token list (what they return, without making the row a tensor); any other criterion is
-    called on the row as a one-row batch, as transformers calls it."""
-
-    def __init__(self, criteria: StoppingCriteriaList):
-        self.max_length = min((c.max_length for c in criteria if _quiet_max_length(c)), default=None)
-        self.eos = {t for c in criteria if type(c) is EosTokenCriteria for t in c.eos_token_id.flatten().tolist()}
-        self.others = StoppingCriteriaList(
-            c for c in criteria if not (_quiet_max_length(c) or type(c) is EosTokenCriteria))
-
-    def __call__(self, tokens: list[int], history, device) -> bool:
-        """tokens: the row's so far, the newest last; history() -> the scores the criteria get."""
-        stop = (self.max_length is not None and len(tokens) >= self.max_length) or tokens[-1] in self.eos
-        if self.others:  # called even when the row stops anyway: a criterion may keep state
-            stop = bool(self.others(torch.tensor([tokens], device=device), history())[0]) or stop
-        return stop
-
-
-def _quiet_max_length(criterion) -> bool:
-    """transformers' max-length criterion, when it can never warn that the model's positions are exceeded (it
-    warns only while a row is longer than max_position_embeddings and shorter than max_length)."""
-    limit = getattr(criterion, "max_position_embeddings", None)
-    return type(criterion) is MaxLengthCriteria and (limit is None or criterion.max_length <= limit + 1)
 
 
 def raw_empty(raw: list[torch.Tensor]) -> torch.Tensor:  # [0, vocab]
