@@ -248,7 +248,9 @@ class TreePolicy:
     faded_at: dict[tuple[int, int], int] = field(default_factory=dict)  # per shape: `clock` when last written
     clock: int = 0  # rounds observed with both pass costs known
     pooled: RoundSums = RoundSums()  # over the rounds of every drafting shape
-    refresh: int = 8  # plain rounds the rates are reused for (a drafting round, which teaches more, renews them)
+    refresh: int = 32  # plain rounds the rates are reused for (a drafting round, which teaches more, renews them)
+    max_backoff: int = 4  # probes from plain steps that did not make drafting pay halve the next one's chance, so often
+    probe_backoff: int = 0  # such probes since the last that did
     rng: random.Random = field(default_factory=lambda: random.Random(0))
     _rates: dict = field(default_factory=dict, repr=False, compare=False)  # (trees, load) -> ({shape: rate}, best)
     _plain_rounds: int = 0  # observed since the rates were renewed
@@ -327,8 +329,11 @@ class TreePolicy:
         """The chance of trying a neighbour whose rate is `relative` times the best's: a neighbour as fast runs
         one round in 1 / explore, a slower one less often by the square of its relative speed (each try costs
         what it is slower), and a drafting one less often by the share of its first round that the draft's
-        catch-up leaves to drafting."""
-        return self.explore * relative ** 2 * self._catching_up(shape, trees, load, behind)
+        catch-up leaves to drafting, and by half for each probe from plain steps since drafting last paid (where
+        the draft does not pay, probes cost their catch-ups and teach nothing new)."""
+        catching_up = self._catching_up(shape, trees, load, behind)
+        backoff = 0.5 ** self.probe_backoff if catching_up < 1 else 1.0
+        return self.explore * relative ** 2 * catching_up * backoff
 
     def _catching_up(self, shape: tuple[int, int], trees: int, load: float, behind: Callable[[], int] | None) -> float:
         """The share of a request's first round of `shape` that is the round itself, not the draft catching up on
@@ -369,6 +374,11 @@ class TreePolicy:
         self.faded_at[depth, width] = self.clock
         if depth:
             self.pooled = self.pooled.add(self.pool_memory, *this_round)
+        if depth and caught_up:  # it followed plain steps: did drafting pay?
+            rates = self._rate_every_shape(trees, load)
+            best = max(rates, key=rates.get)
+            self._rates[trees, load] = rates, best
+            self.probe_backoff = 0 if best[0] else min(self.probe_backoff + 1, self.max_backoff)
 
     def _neighbour(self, shape: tuple[int, int]) -> tuple[int, int]:
         depth, width = shape

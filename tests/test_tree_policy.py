@@ -248,6 +248,24 @@ def test_a_plain_request_starts_drafting_only_if_its_first_round_pays_for_the_ca
         assert policy.choose(1, 0, current=plain, behind=lambda: unfed) == (plain if stays else best)
 
 
+def test_probes_from_plain_steps_back_off_while_drafting_does_not_pay():
+    """Where the draft does not pay, each probe from plain steps costs its catch-up and teaches nothing new: the
+    next one is half as likely, down to 2^-max_backoff; a probe after which drafting pays resets that."""
+    policy = _policy(target=PassCost({1: 1.0, 8: 1.1}), draft=PassCost({1: 0.1, 64: 2.0}), hits=0.05)
+    policy.explore = 0.02
+    assert policy.choose(1, 0)[0] == 0
+    base = policy._exploring((1, 1), 1.0, 1, 0, behind=lambda: 50)
+    seconds = policy.expected(1, 1, 1, 0)[1] + policy.draft(51) - policy.draft(1)  # the catch-up included
+    for probes in range(1, 7):
+        policy.observe(1, 1, 1, 0, tokens=1, seconds=seconds, seen=[(1, None, 1)], caught_up=50)
+        backoff = min(probes, policy.max_backoff)
+        assert policy.probe_backoff == backoff
+        assert policy._exploring((1, 1), 1.0, 1, 0, behind=lambda: 50) == pytest.approx(base * 0.5 ** backoff)
+    assert policy._exploring((1, 1), 1.0, 1, 0, behind=lambda: 0) == policy.explore  # a drafting best's neighbour
+    policy.observe(1, 1, 1, 0, tokens=200, seconds=seconds, seen=[(1, 0, 1)], caught_up=50)  # drafting paid
+    assert policy.choose(1, 0)[0] > 0 and policy.probe_backoff == 0
+
+
 def test_a_cascades_draft_cost_prices_a_catch_up_as_its_stages_summed():
     """A cascade's policy holds a SummedPassCost for its draft: the catch-up a probe would pay is every stage's."""
     small, mid = PassCost({1: 0.1, 64: 2.0}), PassCost({1: 0.3, 64: 5.0})

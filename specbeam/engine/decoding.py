@@ -185,8 +185,11 @@ class Decoding:
                                                                       behind=self._behind)
 
     def _behind(self) -> int:
-        """Tokens the draft would catch up on before a drafting round (asked only when one is considered)."""
-        live = self.live_rows() if self.rows else []
+        """Tokens the draft would catch up on before a drafting round (asked only when one is considered): before
+        the prefill, every row's prompt."""
+        if self.rows is None:
+            return sum(len(self.request.prompts[r // self.params.rows_per_prompt]) - 1 for r in range(self.num_rows))
+        live = self.live_rows()
         return self.draft.behind([r.index for r in live], [len(r.tokens) - r.pad for r in live])
 
     def num_trees(self) -> int:
