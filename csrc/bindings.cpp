@@ -2,6 +2,7 @@
 #include <torch/extension.h>
 
 #include "ops.h"
+#include "parallel.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "specbeam's C++ CPU kernels: sampling, tree verification, paged attention, linear, decoder layers";
@@ -24,6 +25,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("hidden"), py::arg("norm_weight"), py::arg("eps"), py::arg("q_weight"), py::arg("q_bias"),
         py::arg("k_weight"), py::arg("k_bias"), py::arg("v_weight"), py::arg("v_bias"), py::arg("cos"),
         py::arg("sin"), py::arg("head_dim"));
+  m.def("serial_torch_ops", &specbeam::serial_torch_ops,
+        "torch's operations on this thread run on it alone; the kernels keep torch's thread count");
   m.def("mlp_block", &specbeam::mlp_block, "decoder layer: o projection, residual, rmsnorm, SwiGLU MLP, residual",
         py::arg("hidden"), py::arg("attention"), py::arg("o_weight"), py::arg("o_bias"), py::arg("norm_weight"),
         py::arg("eps"), py::arg("gate_weight"), py::arg("gate_bias"), py::arg("up_weight"), py::arg("up_bias"),

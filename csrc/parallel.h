@@ -17,7 +17,28 @@
 
 #include "kernels/worker_pool.h"
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 namespace specbeam {
+
+// torch's thread count as this thread saw it before `serial_torch_ops` (0: it has not been called here)
+inline int& remembered_threads() {
+  thread_local int threads = 0;
+  return threads;
+}
+
+// torch's own operations on the calling thread (not the main one) run on it alone, while the kernels' loops keep
+// torch's thread count on specbeam's worker team: torch's operations would otherwise open a second OpenMP team
+// beside the main thread's (the same trouble as above, for every torch operation big enough to go parallel).
+// OpenMP's thread count is the calling thread's own: no other thread changes.
+inline void serial_torch_ops() {
+  if (remembered_threads() == 0) remembered_threads() = int(at::get_num_threads());
+#ifdef _OPENMP
+  omp_set_num_threads(1);
+#endif
+}
 
 inline bool on_main_thread() {  // (asked once per thread: a system call)
 #if defined(__linux__)
@@ -33,7 +54,8 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& body) {  /
   if (on_main_thread()) return at::parallel_for(begin, end, grain, body);
   const int64_t n = end - begin;
   if (n <= 0) return;
-  const int64_t tasks = std::min<int64_t>(at::get_num_threads(), (n + grain - 1) / std::max<int64_t>(grain, 1));
+  const int64_t threads = remembered_threads() > 0 ? remembered_threads() : at::get_num_threads();
+  const int64_t tasks = std::min<int64_t>(threads, (n + grain - 1) / std::max<int64_t>(grain, 1));
   if (tasks <= 1) return body(begin, end);
   const int64_t chunk = (n + tasks - 1) / tasks;
   WorkerPool::instance().run(int(tasks), [&](int t) {

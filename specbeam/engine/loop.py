@@ -10,16 +10,19 @@ Why not always a thread of the loop's own: the C++ kernels' OpenMP team belongs 
 The caller's thread has one already (it loaded the model); a second thread opens a second team, and libgomp,
 seeing more threads than cores, stops spinning between parallel regions, so that each region wakes its workers
 through the kernel (~0.1 ms on a virtual machine): at 2 threads that made the shipped target's decode step 3x
-slower and a 246M target's 1.6x."""
+slower and a 246M target's 1.6x. A thread other than the main one that does step (one of several callers) runs
+torch's own operations serially (`ops.serial_torch_ops`), the C++ kernels on specbeam's worker team."""
 import logging
 import threading
 from typing import Callable
 
+from specbeam import ops
 from specbeam.engine.core import EngineCore
 from specbeam.engine.decoding import Decoding
 from specbeam.outputs import RequestOutput
 
 log = logging.getLogger("specbeam")
+_thread = threading.local()  # .serial: this thread has made its torch operations serial
 
 
 class EngineLoop:
@@ -108,7 +111,10 @@ class EngineLoop:
             if finished():
                 return False
             self.stepping = True
-            return True
+        if threading.current_thread() is not threading.main_thread() and not getattr(_thread, "serial", False):
+            ops.serial_torch_ops()  # once per thread
+            _thread.serial = True
+        return True
 
     def _end_turn(self) -> None:
         with self.wake:
