@@ -94,7 +94,7 @@ class PagedKVCache:
         start, end = table.length, table.length + num_tokens
         while len(table.blocks) * self.block_size < end:
             table.blocks.append(self.allocator.allocate())
-        self._make_private(table, [start, end - 1])
+        self._make_private(table, start, end - 1)
         table.length = end
         return [self._slot(table, p) for p in range(start, end)]
 
@@ -107,7 +107,7 @@ class PagedKVCache:
                  for _, start, nodes in kept]
         for (table, _, _), mine in zip(kept, moves):
             if mine:
-                self._make_private(table, [dst for _, dst in mine])
+                self._make_private(table, min(dst for _, dst in mine), max(dst for _, dst in mine))
         slots = [[self._slot(table, s), self._slot(table, d)] for (table, _, _), mine in zip(kept, moves)
                  for s, d in mine]
         if slots:
@@ -121,12 +121,12 @@ class PagedKVCache:
     def _slot(self, table: BlockTable, position: int) -> int:
         return table.blocks[position // self.block_size] * self.block_size + position % self.block_size
 
-    def _make_private(self, table: BlockTable, positions: list[int]) -> None:
-        """Copy every shared block holding one of `positions`, or lying between two of them."""
-        first, last = min(positions) // self.block_size, max(positions) // self.block_size
-        for index in range(first, last + 1):
-            if self.allocator.refcount[table.blocks[index]] > 1:
-                table.blocks[index] = self._copy_block(table.blocks[index])
+    def _make_private(self, table: BlockTable, first: int, last: int) -> None:
+        """Copy every shared block holding a position in [first, last]."""
+        refcount, blocks = self.allocator.refcount, table.blocks
+        for index in range(first // self.block_size, last // self.block_size + 1):
+            if refcount[blocks[index]] > 1:
+                blocks[index] = self._copy_block(blocks[index])
 
     def truncate(self, table: BlockTable, length: int) -> None:
         """Forget positions >= length, releasing blocks that no longer hold any."""
