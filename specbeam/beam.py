@@ -45,6 +45,7 @@ class BeamSearch:
         self.batch = input_ids.shape[0] // beams
         self.prompt_len = length = input_ids.shape[1]
         self.lengths = [length] * self.batch  # per prompt: tokens of its running beams
+        self._lengths: tuple[list[int] | None, torch.Tensor | None] = (None, None)  # (lengths, as a tensor [batch])
         self.num_candidates = max(2, 1 + (0 if eos is None else eos.shape[0])) * beams
         self.is_top_beam = torch.arange(self.num_candidates, device=device) < beams  # [K]
         # transformers fills unwritten positions with `pad or eos[0]`: a pad id of 0 falls through to eos
@@ -76,8 +77,9 @@ class BeamSearch:
                                    .expand(-1, self.params.num_beams, -1)).flatten(0, 1)
 
     def _position(self, offset) -> torch.Tensor:  # [batch, 1, n]: each prompt's length + offset ([n] or int)
-        lengths = torch.tensor(self.lengths, device=self.running.device)
-        return (lengths[:, None] + offset).view(self.batch, 1, -1)
+        if self._lengths[0] is not self.lengths:  # (the list is replaced, never changed in place)
+            self._lengths = self.lengths, torch.tensor(self.lengths, device=self.running.device)
+        return (self._lengths[1][:, None] + offset).view(self.batch, 1, -1)
 
     def _per_length(self, fn: Callable[[int, slice | list[int]], torch.Tensor]) -> torch.Tensor:  # -> [batch, ...]
         """fn(length, index) over the prompts of each distinct length (index: slice(None) when that is all of
@@ -166,6 +168,8 @@ class BeamSearch:
     @staticmethod
     def merge(parts: list["BeamSearch"]) -> "BeamSearch":
         """One search over the prompts of `parts` (splits of one search), in the caller's prompt order."""
+        if len(parts) == 1 and parts[0].prompts == sorted(parts[0].prompts):
+            return parts[0]  # (a plain round's, as a rule: every prompt left its trees at the same step)
         merged = copy.copy(parts[0])
         width = max(p.running.shape[-1] for p in parts)  # prompt_len + the room for steps, as _grow keeps them
         for name in _PER_PROMPT:
