@@ -18,6 +18,7 @@ from collections import defaultdict
 from typing import Callable
 
 import torch
+
 from specbeam.config import SamplingParams
 from specbeam.stopping import StopCheck
 from specbeam.trace import TraceStep
@@ -247,7 +248,9 @@ class _Candidates:
         """pick [batch, n]: candidate indices (None: all K) -> their sequences [batch, n, width] and backpointers
         [batch, n, steps], the new token and its source beam written at each prompt's length."""
         search = self.search
-        beam, token = (self.beam, self.token) if pick is None else (self.beam.gather(1, pick), self.token.gather(1, pick))
+        beam, token = self.beam, self.token
+        if pick is not None:
+            beam, token = beam.gather(1, pick), token.gather(1, pick)
         at = search._position(0).expand(-1, beam.shape[1], -1)  # [batch, n, 1]
         sequences = _gather(search.running, beam)
         sequences.scatter_(2, at, token[..., None])

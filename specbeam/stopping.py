@@ -42,5 +42,3 @@ def _quiet_max_length(criterion) -> bool:
     warns only while a row is longer than max_position_embeddings and shorter than max_length)."""
     limit = getattr(criterion, "max_position_embeddings", None)
     return type(criterion) is MaxLengthCriteria and (limit is None or criterion.max_length <= limit + 1)
-
-

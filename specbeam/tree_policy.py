@@ -249,8 +249,8 @@ class TreePolicy:
     clock: int = 0  # rounds observed with both pass costs known
     pooled: RoundSums = RoundSums()  # over the rounds of every drafting shape
     refresh: int = 32  # plain rounds the rates are reused for (a drafting round, which teaches more, renews them)
-    max_backoff: int = 4  # probes from plain steps that did not make drafting pay halve the next one's chance, so often
-    probe_backoff: int = 0  # such probes since the last that did
+    max_backoff: int = 4  # halvings of a probe's chance at most (one per probe from plain steps that did not pay)
+    probe_backoff: int = 0  # probes from plain steps since drafting last paid after one, up to max_backoff
     rng: random.Random = field(default_factory=lambda: random.Random(0))
     _rates: dict = field(default_factory=dict, repr=False, compare=False)  # (trees, load) -> ({shape: rate}, best)
     _plain_rounds: int = 0  # observed since the rates were renewed
@@ -308,11 +308,9 @@ class TreePolicy:
             rates = self._rate_every_shape(trees, load)
             self._rates[trees, load] = rates, max(rates, key=rates.get)
         rates, best = self._rates[trees, load]
-        if current in rates and current[0] == 0 and best[0]:
+        if current in rates and current[0] == 0:  # a plain request: drafting's first round includes the catch-up
             switching = rates[best] * self._catching_up(best, trees, load, behind)
             best = current if self.stay * switching <= rates[current] else best
-        elif current in rates and current[0] == 0 and rates[current] >= self.stay * rates[best]:
-            best = current
         draw = self.rng.random()
         if draw >= self.explore:  # no neighbour is tried more often than this (relative <= 1)
             return best

@@ -7,8 +7,8 @@ from tokenizers import Tokenizer
 from tokenizers.decoders import Fuse
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Split
-from transformers import (EosTokenCriteria, MaxLengthCriteria, MaxTimeCriteria, PreTrainedTokenizerFast, StoppingCriteria,
-                          StoppingCriteriaList)
+from transformers import (EosTokenCriteria, MaxLengthCriteria, MaxTimeCriteria, PreTrainedTokenizerFast,
+                          StoppingCriteria, StoppingCriteriaList)
 from transformers.generation.streamers import BaseStreamer
 
 from specbeam import Engine

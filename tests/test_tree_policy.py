@@ -223,7 +223,8 @@ def test_exploration_tries_neighbours_of_the_best_shape_less_the_slower_they_are
 def test_a_drafting_neighbour_is_tried_less_the_more_the_draft_would_catch_up_on():
     policy = _policy(target=PassCost({1: 1.0, 8: 1.1}), draft=PassCost({1: 0.1, 64: 2.0}), hits=0.3)
     policy.explore = 0.02
-    assert policy._exploring((0, 1), 1.0, 1, 0, behind=lambda: 50) == policy.explore  # a plain step catches up on nothing
+    # a plain step catches up on nothing
+    assert policy._exploring((0, 1), 1.0, 1, 0, behind=lambda: 50) == policy.explore
     seconds = policy.expected(1, 1, 1, 0)[1]
     assert policy._exploring((1, 1), 1.0, 1, 0, behind=lambda: 0) == policy.explore
     assert policy._exploring((1, 1), 1.0, 1, 0, behind=lambda: 50) == pytest.approx(
