@@ -26,7 +26,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("k_weight"), py::arg("k_bias"), py::arg("v_weight"), py::arg("v_bias"), py::arg("cos"),
         py::arg("sin"), py::arg("head_dim"));
   m.def("serial_torch_ops", &specbeam::serial_torch_ops,
-        "torch's operations on this thread run on it alone; the kernels keep torch's thread count");
+        "torch's operations on this thread run on it alone (or, serial=False, as before); the kernels keep "
+        "torch's thread count", py::arg("serial"));
   m.def("mlp_block", &specbeam::mlp_block, "decoder layer: o projection, residual, rmsnorm, SwiGLU MLP, residual",
         py::arg("hidden"), py::arg("attention"), py::arg("o_weight"), py::arg("o_bias"), py::arg("norm_weight"),
         py::arg("eps"), py::arg("gate_weight"), py::arg("gate_bias"), py::arg("up_weight"), py::arg("up_bias"),

@@ -29,14 +29,20 @@ inline int& remembered_threads() {
   return threads;
 }
 
-// torch's own operations on the calling thread (not the main one) run on it alone, while the kernels' loops keep
-// torch's thread count on specbeam's worker team: torch's operations would otherwise open a second OpenMP team
-// beside the main thread's (the same trouble as above, for every torch operation big enough to go parallel).
-// OpenMP's thread count is the calling thread's own: no other thread changes.
-inline void serial_torch_ops() {
-  if (remembered_threads() == 0) remembered_threads() = int(at::get_num_threads());
+// serial: torch's own operations on the calling thread (not the main one) run on it alone, while the kernels'
+// loops keep torch's thread count on specbeam's worker team: torch's operations would otherwise open a second
+// OpenMP team beside the main thread's (the same trouble as above, for every torch operation big enough to go
+// parallel). Not serial: the thread's count as it was. OpenMP's count is the calling thread's own: no other
+// thread changes.
+inline void serial_torch_ops(bool serial) {
 #ifdef _OPENMP
-  omp_set_num_threads(1);
+  if (serial && remembered_threads() == 0) {
+    remembered_threads() = int(at::get_num_threads());
+    omp_set_num_threads(1);
+  } else if (!serial && remembered_threads() > 0) {
+    omp_set_num_threads(remembered_threads());
+    remembered_threads() = 0;
+  }
 #endif
 }
 

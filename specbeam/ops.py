@@ -69,14 +69,15 @@ def _pick(backend: str | None, device: torch.device) -> str:
     return backend
 
 
-def serial_torch_ops() -> None:
-    """Torch's own operations on the calling thread, one that is not the main thread, run on it alone, and the C++
-    kernels keep torch's thread count there (on specbeam's worker team): such a thread stepping the engine would
-    otherwise open a second OpenMP team, and two teams on the same cores make libgomp wake their workers through
-    the kernel for every parallel region (csrc/parallel.h). Without the C++ backend: nothing."""
+def serial_torch_ops(serial: bool) -> None:
+    """serial: torch's own operations on the calling thread, one that is not the main thread, run on it alone,
+    and the C++ kernels keep torch's thread count there (on specbeam's worker team): such a thread stepping the
+    engine would otherwise open a second OpenMP team, and two teams on the same cores make libgomp wake their
+    workers through the kernel for every parallel region (csrc/parallel.h). Not serial: the thread's torch
+    operations as they were. Without the C++ backend: nothing."""
     module, _ = _load_cpp()
     if module is not None:
-        module.serial_torch_ops()
+        module.serial_torch_ops(serial)
 
 
 def store_kv(key_slots, value_slots, key, value, slot_mapping) -> None:

@@ -84,8 +84,9 @@ def test_a_forked_child_makes_its_own_team(two_threads):
 
 def test_a_caller_thread_that_steps_runs_torch_serially_and_keeps_the_kernels_bits(two_threads):
     """A `generate` caller other than the main thread steps the engine with torch's own operations serial (else
-    they open a second OpenMP team beside the main thread's): its streamer, called on it, sees one thread; the
-    main thread keeps its count, and the kernels on that thread still give the main thread's bits."""
+    they open a second OpenMP team beside the main thread's): its streamer, called on it, sees one thread; once
+    the call returns its thread has its count back, the main thread keeps its own, and the kernels on that thread
+    give the main thread's bits."""
     from transformers.generation.streamers import BaseStreamer
 
     from specbeam import Engine
@@ -103,9 +104,10 @@ def test_a_caller_thread_that_steps_runs_torch_serially_and_keeps_the_kernels_bi
 
     engine, counts = Engine(tiny_model("llama")), ThreadCount()
     main_result = engine.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4)
-    thread_result = _in_thread(lambda: (engine.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, streamer=counts),
-                                        _work(3))[1])
+    thread_result, after = _in_thread(lambda: (
+        engine.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, streamer=counts), _work(3),
+        torch.get_num_threads())[1:])
     assert counts.seen and set(counts.seen) == {1}
-    assert torch.get_num_threads() == 2
+    assert after == 2 and torch.get_num_threads() == 2  # the caller's thread has its count back, the main its own
     assert _same(thread_result, _work(3))
     assert torch.equal(engine.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4), main_result)

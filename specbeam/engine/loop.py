@@ -22,7 +22,6 @@ from specbeam.engine.decoding import Decoding
 from specbeam.outputs import RequestOutput
 
 log = logging.getLogger("specbeam")
-_thread = threading.local()  # .serial: this thread has made its torch operations serial
 
 
 class EngineLoop:
@@ -111,12 +110,11 @@ class EngineLoop:
             if finished():
                 return False
             self.stepping = True
-        if threading.current_thread() is not threading.main_thread() and not getattr(_thread, "serial", False):
-            ops.serial_torch_ops()  # once per thread
-            _thread.serial = True
+        _serial_off_main(True)
         return True
 
     def _end_turn(self) -> None:
+        _serial_off_main(False)  # the caller's thread gets its torch operations back as they were
         with self.wake:
             self.stepping = False
             self.wake.notify_all()
@@ -144,3 +142,9 @@ class EngineLoop:
         except Exception:  # a caller's callback must not stop everyone's loop
             log.exception("specbeam: the output callback of %s failed; aborting it", output.request_id)
             self.core.abort(output.request_id)
+
+
+def _serial_off_main(serial: bool) -> None:
+    """While a thread other than the main one steps, its torch operations run serially (`ops.serial_torch_ops`)."""
+    if threading.current_thread() is not threading.main_thread():
+        ops.serial_torch_ops(serial)
