@@ -1,8 +1,7 @@
-"""The shipped pair (on the GPU where there is one), specbeam against transformers on the same prompt, both in one run:
-greedy (plain, transformers' assisted generation, specbeam speculative with the draft model or n-gram
-prompt lookup), beam search 4 (plain, speculative) and sampling. Speculative cases run with the default adaptive
-depth, and with the draft at a fixed depth 2 ("-depth2"), which shows what the draft achieves and costs on this
-machine. `extra_info`: tokens/s, drafted tokens accepted per drafting round and by depth, identical outputs."""
+"""The shipped pair (on the GPU where there is one), specbeam against transformers on the same prompt, both in one
+run: greedy (transformers plain and assisted), beam search 4 and sampling, each through specbeam plain, speculative
+with the draft model and with n-gram prompt lookup. Speculative cases run with the default adaptive depth, and
+with the draft at a fixed depth 2 ("-depth2"), which shows what the draft achieves and costs on this machine. `extra_info`: tokens/s, drafted tokens accepted per drafting round and by depth, identical outputs."""
 import functools
 
 import pytest
@@ -44,15 +43,16 @@ def _generator(side: str):
         "transformers-assisted": functools.partial(target.generate, assistant_model=draft),
         "specbeam": Engine(target).generate,
         "specbeam-speculative": Engine(target, draft_model=draft).generate,
-        "specbeam-speculative-depth2": Engine(target, draft_model=draft, spec=SpecConfig(depth=2, adaptive=False)).generate,
+        "specbeam-speculative-depth2": Engine(target, draft_model=draft,
+                                              spec=SpecConfig(depth=2, adaptive=False)).generate,
         "specbeam-ngram": Engine(target, draft_model="ngram").generate,
     }[side]
 
 
-SIDES = {"greedy": ["transformers", "transformers-assisted", "specbeam", "specbeam-speculative",
-                     "specbeam-speculative-depth2", "specbeam-ngram"],
-         "beam4": ["transformers", "specbeam", "specbeam-speculative", "specbeam-speculative-depth2", "specbeam-ngram"],
-         "sample": ["transformers", "specbeam-speculative", "specbeam-speculative-depth2", "specbeam-ngram"]}
+SPECBEAM_SIDES = ["specbeam", "specbeam-speculative", "specbeam-speculative-depth2", "specbeam-ngram"]
+SIDES = {"greedy": ["transformers", "transformers-assisted", *SPECBEAM_SIDES],
+         "beam4": ["transformers", *SPECBEAM_SIDES],
+         "sample": ["transformers", *SPECBEAM_SIDES]}
 CASES = [(mode, side) for mode, sides in SIDES.items() for side in sides]
 
 
