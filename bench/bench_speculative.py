@@ -1,7 +1,8 @@
 """The shipped pair (on the GPU where there is one), specbeam against transformers on the same prompt, both in one
 run: greedy (transformers plain and assisted), beam search 4 and sampling, each through specbeam plain, speculative
 with the draft model and with n-gram prompt lookup. Speculative cases run with the default adaptive depth, and
-with the draft at a fixed depth 2 ("-depth2"), which shows what the draft achieves and costs on this machine. `extra_info`: tokens/s, drafted tokens accepted per drafting round and by depth, identical outputs."""
+with the draft at a fixed depth 2 ("-depth2"), which shows what the draft achieves and costs on this machine.
+`extra_info`: tokens/s, drafted tokens accepted per drafting round and by depth, identical outputs."""
 import functools
 
 import pytest
