@@ -84,30 +84,25 @@ def test_a_forked_child_makes_its_own_team(two_threads):
 
 def test_a_caller_thread_that_steps_runs_torch_serially_and_keeps_the_kernels_bits(two_threads):
     """A `generate` caller other than the main thread steps the engine with torch's own operations serial (else
-    they open a second OpenMP team beside the main thread's): its streamer, called on it, sees one thread; once
-    the call returns its thread has its count back, the main thread keeps its own, and the kernels on that thread
-    give the main thread's bits."""
-    from transformers.generation.streamers import BaseStreamer
+    they open a second OpenMP team beside the main thread's): a logits processor, called on it, sees one thread;
+    once the call returns its thread has its count back, the main thread keeps its own, and the kernels on that
+    thread give the main thread's bits."""
+    from transformers import LogitsProcessorList
 
     from specbeam import Engine
     from tiny_models import tiny_model
 
-    class ThreadCount(BaseStreamer):
-        def __init__(self):
-            self.seen = []
+    seen = []
 
-        def put(self, value):
-            self.seen.append(torch.get_num_threads())
+    def record(input_ids, scores):
+        seen.append(torch.get_num_threads())
+        return scores
 
-        def end(self):
-            pass
-
-    engine, counts = Engine(tiny_model("llama")), ThreadCount()
-    main_result = engine.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4)
+    engine, prompt, recording = Engine(tiny_model("llama")), torch.tensor([[5, 6, 7]]), LogitsProcessorList([record])
+    main_result = engine.generate(prompt, max_new_tokens=4)
     thread_result, after = _in_thread(lambda: (
-        engine.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, streamer=counts), _work(3),
-        torch.get_num_threads())[1:])
-    assert counts.seen and set(counts.seen) == {1}
+        engine.generate(prompt, max_new_tokens=4, logits_processor=recording), _work(3), torch.get_num_threads())[1:])
+    assert seen and set(seen) == {1}
     assert after == 2 and torch.get_num_threads() == 2  # the caller's thread has its count back, the main its own
     assert _same(thread_result, _work(3))
-    assert torch.equal(engine.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4), main_result)
+    assert torch.equal(engine.generate(prompt, max_new_tokens=4), main_result)
