@@ -141,7 +141,7 @@ class DraftSession:
             scored = self.cache.fork(table)
             self.scored[rows[i]] = (scored, table.length + len(behind))
             works.append(Work(scored, behind + tree.tokens, len(tree), _positions(len(behind), tree),
-                              _tree_after_prefix(len(behind), tree)))
+                              _parents_after_prefix(len(behind), tree)))
         self.caught_up = sum(len(w.tokens) - len(t) for w, t in zip(works, trees))
         self.passes += 1
         logits = yield DraftPass(self.drafter, works)
@@ -281,9 +281,6 @@ def _positions(before: int, tree: DraftTree) -> list[int]:  # [before + len(tree
     return list(range(before)) + [before + d for d in tree.depths()]
 
 
-def _tree_after_prefix(before: int, tree: DraftTree) -> torch.Tensor:  # [n, n] bool, n = before + len(tree)
-    """Causal over the `before` tokens; each tree node sees all of them and its own ancestors."""
-    n = before + len(tree)
-    mask = torch.ones(n, n).tril().bool()
-    mask[before:, before:] = tree.ancestor_mask()
-    return mask
+def _parents_after_prefix(before: int, tree: DraftTree) -> list[int]:  # [before + len(tree)]
+    """A causal chain over the `before` tokens, then the tree under its last one."""
+    return list(range(-1, before - 1)) + [p + before if p >= 0 else before - 1 for p in tree.parents]

@@ -4,6 +4,7 @@ import itertools
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from transformers import AttentionInterface, PreTrainedModel
 
@@ -115,7 +116,7 @@ class Work:
     tokens: list[int]  # [n] new token ids
     num_logits: int  # score the last num_logits of them (0: none, a prefill)
     depths: list[int] | None = None  # [n] offsets from table.length; None: 0..n-1
-    tree_mask: torch.Tensor | None = None  # [n, n] bool ancestor-or-self among the new tokens; None: causal
+    parents: list[int] | None = None  # [n] each new token's parent among them (-1: none); None: a causal chain
 
 
 @dataclass
@@ -148,7 +149,7 @@ def pack(cache: PagedKVCache, works: list[Work], device, attention_backend: str 
     flat = torch.tensor(list(itertools.chain.from_iterable(parts)), dtype=torch.long, device=device)
     tokens, positions, slots, logit_rows, seq_lens, query_start_loc, tables = flat.split_with_sizes(
         [len(p) for p in parts])
-    masks = None if all(w.tree_mask is None for w in works) else _pack_tree_masks(works).to(device)
+    masks = None if all(w.parents is None for w in works) else _pack_tree_masks(works).to(device)
     fresh = query_start_loc if not any(starts) else None  # as a list
     plan = ops.plan_attention(tables.view(len(works), width), seq_lens, query_start_loc, masks, cache.block_size,
                               backend=attention_backend, cpp=cpp, fresh=fresh)
@@ -156,10 +157,19 @@ def pack(cache: PagedKVCache, works: list[Work], device, attention_backend: str 
 
 
 def _pack_tree_masks(works: list[Work]) -> torch.Tensor:  # [num_tokens, max_new] bool
-    """Each work's mask among its own new tokens (causal where it has none), padded to the widest."""
-    masks = [w.tree_mask if w.tree_mask is not None else torch.ones(len(w.tokens), len(w.tokens)).tril().bool()
-             for w in works]
-    if len(masks) == 1:
-        return masks[0]
-    width = max(m.shape[1] for m in masks)
-    return torch.cat([torch.nn.functional.pad(m, (0, width - m.shape[1])) for m in masks])
+    """Row t: which new tokens of its work token t sees, itself and its ancestors (a causal chain where the work
+    gives no parents), padded to the widest work. Built for every work at once, one level of ancestors per pass:
+    as many passes as the deepest token has ancestors among the new tokens."""
+    counts = [len(w.tokens) for w in works]
+    first = np.repeat(np.cumsum([0, *counts[:-1]]), counts)  # [T] each token's work's first token
+    parents = np.concatenate([np.asarray(w.parents if w.parents is not None else range(-1, n - 1), dtype=np.int64)
+                              for w, n in zip(works, counts)])
+    up = np.where(parents >= 0, parents + first, -1)  # [T] the parent as a token of the whole forward
+    mask = np.zeros((len(up), max(counts)), dtype=bool)
+    rows = np.arange(len(up))
+    ancestors = rows  # row t's ancestor this many levels up
+    while rows.size:
+        mask[rows, ancestors - first[rows]] = True
+        ancestors = up[ancestors]
+        rows, ancestors = rows[ancestors >= 0], ancestors[ancestors >= 0]
+    return torch.from_numpy(mask)

@@ -46,11 +46,3 @@ class DraftTree:
                 return index
         return None
 
-    def ancestor_mask(self) -> torch.Tensor:  # [num_nodes, num_nodes] bool: row i sees column j
-        """Ancestor-or-self relation: the attention mask of the tree's nodes among themselves."""
-        rows = []
-        for node, parent in enumerate(self.parents):  # a parent comes before its children
-            row = list(rows[parent]) if parent >= 0 else [False] * len(self)
-            row[node] = True
-            rows.append(row)
-        return torch.tensor(rows, dtype=torch.bool)

@@ -3,6 +3,7 @@ forward through specbeam's attention (float64), so every parity test of the engi
 models, and `lean_decoder=False`, run their own forward. A float32 model whose weights bfloat16 holds exactly
 runs on their bfloat16 copies, with the same bits."""
 import copy
+import random
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from specbeam import Engine, linear_weight, ops
 from specbeam.cache import BlockTable
 from specbeam.config import SpecConfig
 from specbeam.lean_decoder import unsupported_reason
-from specbeam.model_runner import Work
+from specbeam.model_runner import Work, _pack_tree_masks
 from specbeam.reference import decoder as reference_decoder
 from tiny_models import left_padded_batch, tiny_model
 
@@ -22,9 +23,8 @@ def _packed_forward_logits(engine: Engine, tokens: list[torch.Tensor]) -> torch.
     runner, cache = engine.runner, engine.runner.new_cache(num_blocks=32, block_size=4)
     tables = [BlockTable() for _ in tokens]
     runner.forward(cache, [Work(table, t.tolist(), 1) for table, t in zip(tables, tokens)])
-    tree = torch.tensor([[True, False, False], [True, True, False], [True, False, True]])
-    new = [[5, 9, 11], [7, 8, 3]]
-    return runner.forward(cache, [Work(table, t, 3, [0, 1, 1], tree) for table, t in zip(tables, new)])
+    new = [[5, 9, 11], [7, 8, 3]]  # a root and its two children
+    return runner.forward(cache, [Work(table, t, 3, [0, 1, 1], [-1, 0, 0]) for table, t in zip(tables, new)])
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
@@ -232,3 +232,25 @@ def test_bfloat16_models_take_the_reference_layers():
     ours, own = _prefill_logits(lean, prompts), _prefill_logits(Engine(model, lean_decoder=False), prompts)
     assert ours.dtype == torch.bfloat16
     torch.testing.assert_close(ours.float(), own.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_packed_tree_masks_are_each_tokens_ancestors_and_itself():
+    """One mask for every work of a forward, built level by level: trees, causal chains and a chain with a tree
+    under it (a cascade stage's catch-up), against the ancestor-or-self relation walked token by token."""
+    rng = random.Random(3)
+    works = [Work(BlockTable(), [0] * 4, 1), Work(BlockTable(), [0], 1, None, [-1])]
+    for _ in range(5):
+        n = rng.randint(1, 9)
+        works.append(Work(BlockTable(), [0] * n, n, None, [-1] + [rng.randrange(i) for i in range(1, n)]))
+    works.append(Work(BlockTable(), [0] * 6, 3, None, [-1, 0, 1, 2, 2, 3]))
+    mask = _pack_tree_masks(works)
+    width = max(len(w.tokens) for w in works)
+    expected = []
+    for w in works:
+        parents = w.parents if w.parents is not None else list(range(-1, len(w.tokens) - 1))
+        for token in range(len(w.tokens)):
+            row, node = [False] * width, token
+            while node >= 0:
+                row[node], node = True, parents[node]
+            expected.append(row)
+    assert torch.equal(mask, torch.tensor(expected))

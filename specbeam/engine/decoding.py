@@ -272,5 +272,6 @@ class Decoding:
 
 def tree_work(table: BlockTable, tree: DraftTree) -> Work:
     """A row's round: its root and tree nodes, all scored."""
-    mask = tree.ancestor_mask() if len(tree) > 1 else None
-    return Work(table, tree.tokens, len(tree), tree.depths() if len(tree) > 1 else None, mask)
+    if len(tree) == 1:
+        return Work(table, tree.tokens, 1)
+    return Work(table, tree.tokens, len(tree), tree.depths(), tree.parents)
