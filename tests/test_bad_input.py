@@ -118,3 +118,27 @@ def test_streamer_with_beam_search_is_refused():
 
     with pytest.raises(ValueError, match="streamer"):
         Engine(tiny_model("llama")).generate(PROMPT, num_beams=2, max_new_tokens=3, streamer=BaseStreamer())
+
+
+def test_non_finite_logits_fail_only_the_request_they_belong_to():
+    """Two requests in the same forwards, one whose prompt holds a token embedded as nan: that one fails, the other
+    gives its solo output, and every block is free again."""
+    model = tiny_model("llama")
+    engine, poisoned, clean = Engine(model), torch.tensor([[5, 6, 7]]), torch.tensor([[5, 6, 8]])
+    solo = engine.generate(clean, max_new_tokens=5)
+    embedding = model.get_input_embeddings().weight
+    saved = embedding.data.clone()
+    try:
+        with torch.no_grad():
+            embedding[7] = float("nan")
+        ids = [engine.add_request(poisoned, max_new_tokens=5), engine.add_request(clean, max_new_tokens=5)]
+        results = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    results[out.request_id] = out
+    finally:
+        embedding.data.copy_(saved)
+    assert isinstance(results[ids[0]].error, FloatingPointError)
+    assert results[ids[1]].error is None and torch.equal(results[ids[1]].result, solo)
+    assert engine.cache.allocator.num_free == engine.cache.allocator.num_blocks

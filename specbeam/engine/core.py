@@ -174,7 +174,9 @@ class EngineCore:
         if logits is None:
             return []
         bounds = [0, *itertools.accumulate(w.num_logits for w in works)]  # per work: its first row of logits
-        finite = bool(torch.isfinite(logits).all())  # else each request checks its own rows
+        # a nan or inf anywhere makes the sum one (20x cheaper than isfinite over all of them); then each request
+        # checks its own rows, which also clears a sum of finite logits that overflowed
+        finite = bool(torch.isfinite(logits.sum()))
         for state, first, count in planned:
             state.stats.target_passes += 1
             mine = logits[bounds[first]:bounds[first + count]]
