@@ -23,19 +23,29 @@
 
 namespace specbeam {
 
+inline bool on_main_thread() {  // (asked once per thread: a system call)
+#if defined(__linux__)
+  thread_local const bool main = syscall(SYS_gettid) == getpid();
+  return main;
+#else
+  return true;
+#endif
+}
+
 // torch's thread count as this thread saw it before `serial_torch_ops` (0: it has not been called here)
 inline int& remembered_threads() {
   thread_local int threads = 0;
   return threads;
 }
 
-// serial: torch's own operations on the calling thread (not the main one) run on it alone, while the kernels'
-// loops keep torch's thread count on specbeam's worker team: torch's operations would otherwise open a second
-// OpenMP team beside the main thread's (the same trouble as above, for every torch operation big enough to go
-// parallel). Not serial: the thread's count as it was. OpenMP's count is the calling thread's own: no other
-// thread changes.
+// serial: torch's own operations on the calling thread run on it alone, while the kernels' loops keep torch's
+// thread count on specbeam's worker team: torch's operations would otherwise open a second OpenMP team beside
+// the main thread's (the same trouble as above, for every torch operation big enough to go parallel). Not
+// serial: the thread's count as it was. On the main thread, whose team is the one: nothing. OpenMP's count is
+// the calling thread's own: no other thread changes.
 inline void serial_torch_ops(bool serial) {
 #ifdef _OPENMP
+  if (on_main_thread()) return;
   if (serial && remembered_threads() == 0) {
     remembered_threads() = int(at::get_num_threads());
     omp_set_num_threads(1);
@@ -43,15 +53,6 @@ inline void serial_torch_ops(bool serial) {
     omp_set_num_threads(remembered_threads());
     remembered_threads() = 0;
   }
-#endif
-}
-
-inline bool on_main_thread() {  // (asked once per thread: a system call)
-#if defined(__linux__)
-  thread_local const bool main = syscall(SYS_gettid) == getpid();
-  return main;
-#else
-  return true;
 #endif
 }
 

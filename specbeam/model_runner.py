@@ -150,9 +150,8 @@ def pack(cache: PagedKVCache, works: list[Work], device, attention_backend: str 
     tokens, positions, slots, logit_rows, seq_lens, query_start_loc, tables = flat.split_with_sizes(
         [len(p) for p in parts])
     masks = None if all(w.parents is None for w in works) else _pack_tree_masks(works).to(device)
-    fresh = query_start_loc if not any(starts) else None  # as a list
     plan = ops.plan_attention(tables.view(len(works), width), seq_lens, query_start_loc, masks, cache.block_size,
-                              backend=attention_backend, cpp=cpp, fresh=fresh)
+                              backend=attention_backend, cpp=cpp, fresh=not any(starts))
     return PackedBatch(tokens, positions, logit_rows, StepMetadata(cache, slots, plan), num_positions)
 
 

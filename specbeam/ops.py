@@ -70,11 +70,11 @@ def _pick(backend: str | None, device: torch.device) -> str:
 
 
 def serial_torch_ops(serial: bool) -> None:
-    """serial: torch's own operations on the calling thread, one that is not the main thread, run on it alone,
-    and the C++ kernels keep torch's thread count there (on specbeam's worker team): such a thread stepping the
-    engine would otherwise open a second OpenMP team, and two teams on the same cores make libgomp wake their
-    workers through the kernel for every parallel region (csrc/parallel.h). Not serial: the thread's torch
-    operations as they were. Without the C++ backend: nothing."""
+    """serial: torch's own operations on the calling thread run on it alone, and the C++ kernels keep torch's
+    thread count there (on specbeam's worker team): a thread other than the main one stepping the engine would
+    otherwise open a second OpenMP team, and two teams on the same cores make libgomp wake their workers through
+    the kernel for every parallel region (csrc/parallel.h). Not serial: the thread's torch operations as they
+    were. On the main thread, or without the C++ backend: nothing."""
     module, _ = _load_cpp()
     if module is not None:
         module.serial_torch_ops(serial)
@@ -86,11 +86,11 @@ def store_kv(key_slots, value_slots, key, value, slot_mapping) -> None:
 
 
 def plan_attention(block_tables, seq_lens, query_start_loc, tree_mask, block_size, backend=None, cpp=None,
-                   fresh=None):
+                   fresh=False):
     """The per-step part of paged attention, done once per forward and shared by every layer. cpp: whether the
     CPU's own choice attends in C++ (`cpp_attends`), when the caller knows it without reading the device. fresh:
-    the sequences' starts (`query_start_loc` as a list) when none has keys cached before its new tokens (a
-    prefill of prompts): off CUDA, where C++ does not attend, each then attends causally over its own new K/V."""
+    no sequence has keys cached before its new tokens (a prefill of prompts): off CUDA, where C++ does not attend,
+    each then attends causally over its own new K/V."""
     chosen = _pick(backend, seq_lens.device)
     if chosen == "triton":
         return ("triton", (block_tables, seq_lens, query_start_loc, tree_mask))
@@ -100,8 +100,8 @@ def plan_attention(block_tables, seq_lens, query_start_loc, tree_mask, block_siz
     if chosen == "cpp" and (cpp or backend == "cpp"):  # the metadata as _C takes it: int64, contiguous
         tables, lens, starts = (t.long().contiguous() for t in (block_tables, seq_lens, query_start_loc))
         return ("cpp", (tables, lens, starts, None if tree_mask is None else tree_mask.contiguous()))
-    if fresh is not None and tree_mask is None:
-        return ("fresh", fresh)
+    if fresh and tree_mask is None:
+        return ("fresh", query_start_loc.tolist())
     return ("reference", _ref_attention.plan_attention(block_tables, seq_lens, query_start_loc, tree_mask, block_size))
 
 

@@ -45,4 +45,3 @@ class DraftTree:
             if self.parents[index] == node and self.tokens[index] == token:
                 return index
         return None
-

@@ -147,7 +147,7 @@ def test_fresh_prompts_attend_causally_over_their_own_keys(dtype, atol, rtol):
     seq = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))
     blocks, slots = tables[seq, pos // 5].long(), pos % 5
     key, value = key_cache[blocks, slots], value_cache[blocks, slots]  # [T, Hkv, D]: the new tokens' own
-    plan = ops.plan_attention(tables, seq_lens, starts, None, 5, backend="reference", fresh=starts.tolist())
+    plan = ops.plan_attention(tables, seq_lens, starts, None, 5, backend="reference", fresh=True)
     assert plan[0] == "fresh"
     out = ops.attend(query, key_cache, value_cache, plan, None, key, value)
     expected = ops.paged_attention(*as_float64((query, key_cache, value_cache, tables, seq_lens, starts, None)),
@@ -156,5 +156,4 @@ def test_fresh_prompts_attend_causally_over_their_own_keys(dtype, atol, rtol):
     torch.testing.assert_close(out.double(), expected, atol=atol, rtol=rtol)
     # a tree's new tokens are not causal: the paged reference attends them
     mask = torch.ones(len(pos), max(lens), dtype=torch.bool)
-    assert ops.plan_attention(tables, seq_lens, starts, mask, 5, backend="reference", fresh=starts.tolist())[0] \
-        == "reference"
+    assert ops.plan_attention(tables, seq_lens, starts, mask, 5, backend="reference", fresh=True)[0] == "reference"

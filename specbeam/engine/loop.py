@@ -110,11 +110,11 @@ class EngineLoop:
             if finished():
                 return False
             self.stepping = True
-        _serial_off_main(True)
+        ops.serial_torch_ops(True)  # (off the main thread)
         return True
 
     def _end_turn(self) -> None:
-        _serial_off_main(False)  # the caller's thread gets its torch operations back as they were
+        ops.serial_torch_ops(False)  # the caller's thread gets its torch operations back as they were
         with self.wake:
             self.stepping = False
             self.wake.notify_all()
@@ -142,9 +142,3 @@ class EngineLoop:
         except Exception:  # a caller's callback must not stop everyone's loop
             log.exception("specbeam: the output callback of %s failed; aborting it", output.request_id)
             self.core.abort(output.request_id)
-
-
-def _serial_off_main(serial: bool) -> None:
-    """While a thread other than the main one steps, its torch operations run serially (`ops.serial_torch_ops`)."""
-    if threading.current_thread() is not threading.main_thread():
-        ops.serial_torch_ops(serial)
