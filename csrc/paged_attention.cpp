@@ -84,21 +84,32 @@ at::Tensor paged_attention(const at::Tensor& query,            // [num_queries, 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "specbeam_paged_attention", [&] {
     using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const A softmax_scale = static_cast<A>(scale.value_or(1.0 / std::sqrt(static_cast<double>(head_dim))));
-    parallel_for(0, num_queries * kv_heads, 1, [&](int64_t begin, int64_t end) {
-      AttentionWorkspace<A> ws(group, head_dim, block_size);
-      for (int64_t unit = begin; unit < end; ++unit) {
-        const int64_t row = unit / kv_heads, kv_head = unit % kv_heads;
-        const int64_t seq = std::upper_bound(start, start + num_seqs + 1, row) - start - 1;
-        const QueryPosition place{tables.data_ptr<int64_t>() + seq * tables.size(1), lens.data_ptr<int64_t>()[seq],
-                               start[seq + 1] - start[seq], row - start[seq],
-                               mask.defined() ? mask.data_ptr<bool>() + row * mask.size(1) : nullptr};
-        const int64_t first_head = kv_head * group;
-        attend_query(q.data_ptr<scalar_t>() + row * q.stride(0) + first_head * q.stride(1), q.stride(1),
-                     keys.data_ptr<scalar_t>(), values.data_ptr<scalar_t>(), kv, kv_head, place, group, head_dim,
-                     softmax_scale, ws, out.data_ptr<scalar_t>() + (row * query.size(1) + first_head) * head_dim,
-                     head_dim);
-      }
-    });
+    const auto attend_all = [&](auto dim) {
+      parallel_for(0, num_queries * kv_heads, 1, [&](int64_t begin, int64_t end) {
+        AttentionWorkspace<A> ws(group, head_dim, block_size);
+        for (int64_t unit = begin; unit < end; ++unit) {
+          const int64_t row = unit / kv_heads, kv_head = unit % kv_heads;
+          const int64_t seq = std::upper_bound(start, start + num_seqs + 1, row) - start - 1;
+          const QueryPosition place{tables.data_ptr<int64_t>() + seq * tables.size(1), lens.data_ptr<int64_t>()[seq],
+                                 start[seq + 1] - start[seq], row - start[seq],
+                                 mask.defined() ? mask.data_ptr<bool>() + row * mask.size(1) : nullptr};
+          const int64_t first_head = kv_head * group;
+          attend_query<decltype(dim)::value>(
+              q.data_ptr<scalar_t>() + row * q.stride(0) + first_head * q.stride(1), q.stride(1),
+              keys.data_ptr<scalar_t>(), values.data_ptr<scalar_t>(), kv, kv_head, place, group, head_dim,
+              softmax_scale, ws, out.data_ptr<scalar_t>() + (row * query.size(1) + first_head) * head_dim, head_dim);
+        }
+      });
+    };
+    // the head sizes models use, compiled for; any other is read at run time
+    switch (head_dim) {
+      case 8: attend_all(std::integral_constant<int64_t, 8>()); break;
+      case 16: attend_all(std::integral_constant<int64_t, 16>()); break;
+      case 32: attend_all(std::integral_constant<int64_t, 32>()); break;
+      case 64: attend_all(std::integral_constant<int64_t, 64>()); break;
+      case 128: attend_all(std::integral_constant<int64_t, 128>()); break;
+      default: attend_all(std::integral_constant<int64_t, 0>());
+    }
   });
   return out;  // [num_queries, num_q_heads, head_dim]
 }

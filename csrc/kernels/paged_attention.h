@@ -37,23 +37,27 @@ struct AttentionWorkspace {
         running_max(group), running_sum(group) {}
 };
 
-template <typename A, typename S>
+// kDim: head_dim when it is known at compile time (the loops below unroll and vectorise whole), or 0: read at
+// run time from `n`.
+template <int64_t kDim, typename A, typename S>
 A dot(const A* q, const S* k, int64_t n) {
+  const int64_t size = kDim ? kDim : n;
   A sum = 0;
 #pragma omp simd reduction(+ : sum)
-  for (int64_t d = 0; d < n; ++d) sum += q[d] * static_cast<A>(k[d]);
+  for (int64_t d = 0; d < size; ++d) sum += q[d] * static_cast<A>(k[d]);
   return sum;
 }
 
 // acc += w * v
-template <typename A, typename S>
+template <int64_t kDim, typename A, typename S>
 void axpy(A* acc, A w, const S* v, int64_t n) {
+  const int64_t size = kDim ? kDim : n;
 #pragma omp simd
-  for (int64_t d = 0; d < n; ++d) acc[d] += w * static_cast<A>(v[d]);
+  for (int64_t d = 0; d < size; ++d) acc[d] += w * static_cast<A>(v[d]);
 }
 
 // Scores of every head against the keys [start, stop) of one block; -inf where the query may not see.
-template <typename S, typename A>
+template <int64_t kDim, typename S, typename A>
 void block_scores(const S* keys, const KVLayout& kv, const QueryPosition& place, int64_t start, int64_t stop,
                   int64_t group, int64_t head_dim, A scale, AttentionWorkspace<A>& ws) {
   const int64_t first_new = place.seq_len - place.num_new;
@@ -62,7 +66,7 @@ void block_scores(const S* keys, const KVLayout& kv, const QueryPosition& place,
     const S* key = keys + (pos - start) * kv.slot_stride;
     for (int64_t g = 0; g < group; ++g) {
       ws.scores[g * kv.block_size + pos - start] = visible
-          ? dot(&ws.query[g * head_dim], key, head_dim) * scale
+          ? dot<kDim>(&ws.query[g * head_dim], key, head_dim) * scale
           : -std::numeric_limits<A>::infinity();
     }
   }
@@ -70,7 +74,7 @@ void block_scores(const S* keys, const KVLayout& kv, const QueryPosition& place,
 
 // Online softmax, one block: m' = max(m, max_j s_j); l' = l e^(m - m') + sum_j e^(s_j - m');
 // acc' = acc e^(m - m') + sum_j e^(s_j - m') v_j.
-template <typename S, typename A>
+template <int64_t kDim, typename S, typename A>
 void accumulate_block(const S* values, const KVLayout& kv, int64_t count, int64_t group, int64_t head_dim,
                       AttentionWorkspace<A>& ws) {
   for (int64_t g = 0; g < group; ++g) {
@@ -86,14 +90,14 @@ void accumulate_block(const S* values, const KVLayout& kv, int64_t count, int64_
     for (int64_t j = 0; j < count; ++j) s[j] = fast_exp(s[j] - new_max);  // the weights, in place
     for (int64_t j = 0; j < count; ++j) {
       ws.running_sum[g] += s[j];
-      axpy(acc, s[j], values + j * kv.slot_stride, head_dim);
+      axpy<kDim>(acc, s[j], values + j * kv.slot_stride, head_dim);
     }
     ws.running_max[g] = new_max;
   }
 }
 
 // out[g] = softmax(scale * q[g] . K^T over the visible keys) V, for the `group` heads sharing kv_head.
-template <typename S, typename A>
+template <int64_t kDim, typename S, typename A>
 void attend_query(const S* query, int64_t query_head_stride,  // [group, head_dim]
                   const S* key_cache, const S* value_cache, const KVLayout& kv, int64_t kv_head,
                   const QueryPosition& place, int64_t group, int64_t head_dim, A scale, AttentionWorkspace<A>& ws,
@@ -110,8 +114,8 @@ void attend_query(const S* query, int64_t query_head_stride,  // [group, head_di
   for (int64_t start = 0; start < end; start += kv.block_size) {
     const int64_t stop = std::min(start + kv.block_size, end);
     const int64_t offset = place.block_table[start / kv.block_size] * kv.block_stride + kv_head * kv.head_stride;
-    block_scores(key_cache + offset, kv, place, start, stop, group, head_dim, scale, ws);
-    accumulate_block(value_cache + offset, kv, stop - start, group, head_dim, ws);
+    block_scores<kDim>(key_cache + offset, kv, place, start, stop, group, head_dim, scale, ws);
+    accumulate_block<kDim>(value_cache + offset, kv, stop - start, group, head_dim, ws);
   }
   for (int64_t g = 0; g < group; ++g) {
     const A sum = ws.running_sum[g];
