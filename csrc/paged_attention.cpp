@@ -4,6 +4,8 @@
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
+#include <utility>
+#include <vector>
 
 #include "checks.h"
 #include "kernels/paged_attention.h"
@@ -84,20 +86,27 @@ at::Tensor paged_attention(const at::Tensor& query,            // [num_queries, 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "specbeam_paged_attention", [&] {
     using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const A softmax_scale = static_cast<A>(scale.value_or(1.0 / std::sqrt(static_cast<double>(head_dim))));
+    // work units: (tile of up to kTileQueries new tokens of one sequence, KV head)
+    std::vector<std::pair<int64_t, int64_t>> tiles;  // (sequence, its first token in the tile)
+    for (int64_t seq = 0; seq < num_seqs; ++seq) {
+      for (int64_t token = 0; token < start[seq + 1] - start[seq]; token += kTileQueries) tiles.emplace_back(seq, token);
+    }
     const auto attend_all = [&](auto dim) {
-      parallel_for(0, num_queries * kv_heads, 1, [&](int64_t begin, int64_t end) {
-        AttentionWorkspace<A> ws(group, head_dim, block_size);
+      parallel_for(0, int64_t(tiles.size()) * kv_heads, 1, [&](int64_t begin, int64_t end) {
+        AttentionWorkspace<A> ws(kTileQueries * group, head_dim, block_size);
         for (int64_t unit = begin; unit < end; ++unit) {
-          const int64_t row = unit / kv_heads, kv_head = unit % kv_heads;
-          const int64_t seq = std::upper_bound(start, start + num_seqs + 1, row) - start - 1;
-          const QueryPosition place{tables.data_ptr<int64_t>() + seq * tables.size(1), lens.data_ptr<int64_t>()[seq],
-                                 start[seq + 1] - start[seq], row - start[seq],
-                                 mask.defined() ? mask.data_ptr<bool>() + row * mask.size(1) : nullptr};
+          const auto [seq, token] = tiles[unit / kv_heads];
+          const int64_t kv_head = unit % kv_heads, num_new = start[seq + 1] - start[seq], row = start[seq] + token;
+          const Tile tile{tables.data_ptr<int64_t>() + seq * tables.size(1), lens.data_ptr<int64_t>()[seq], num_new,
+                          token, std::min(num_new, token + kTileQueries),
+                          mask.defined() ? mask.data_ptr<bool>() + start[seq] * mask.size(1) : nullptr,
+                          mask.defined() ? mask.size(1) : 0};
           const int64_t first_head = kv_head * group;
-          attend_query<decltype(dim)::value>(
-              q.data_ptr<scalar_t>() + row * q.stride(0) + first_head * q.stride(1), q.stride(1),
-              keys.data_ptr<scalar_t>(), values.data_ptr<scalar_t>(), kv, kv_head, place, group, head_dim,
-              softmax_scale, ws, out.data_ptr<scalar_t>() + (row * query.size(1) + first_head) * head_dim, head_dim);
+          attend_tile<decltype(dim)::value>(
+              q.data_ptr<scalar_t>() + row * q.stride(0) + first_head * q.stride(1), q.stride(0), q.stride(1),
+              keys.data_ptr<scalar_t>(), values.data_ptr<scalar_t>(), kv, kv_head, tile, group, head_dim,
+              softmax_scale, ws, out.data_ptr<scalar_t>() + (row * query.size(1) + first_head) * head_dim,
+              query.size(1) * head_dim);
         }
       });
     };

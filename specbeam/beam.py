@@ -202,16 +202,29 @@ class BeamSearch:
         best = torch.topk(merged_scores, k=beams)[1]
         if not torch.equal(best, torch.arange(beams, device=best.device).expand_as(best)):
             # (else each gather below would give back what it gathers from: the set as it was)
-            sequences, origins = candidates.every()
-            self.finished = _gather(torch.cat((self.finished, sequences), dim=1), best)
+            self.finished, self.finished_origin = self._merged_rows(candidates, best)
             self.finished_scores = _gather(merged_scores, best)
-            self.finished_origin = _gather(torch.cat((self.finished_origin, origins), dim=1), best)
             self.is_finished = _gather(torch.cat((self.is_finished, just_finished), dim=1), best)
         # which candidates entered: merged index beams + k is candidate k; older hypotheses go to a dummy
         # column, and so do the placeholders that pad the set while fewer than B hypotheses have finished
         entered = torch.zeros((self.batch, self.num_candidates + 1), dtype=torch.bool, device=best.device)
         entered.scatter_(1, (best - beams + 1).clamp(min=0), (best >= beams) & self.is_finished)
         return entered[:, 1:]
+
+    def _merged_rows(self, candidates: "_Candidates", best: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """best [batch, B]: indices into (the finished hypotheses, then the K candidates) -> their sequences and
+        backpointers, each row gathered from where it lies, without concatenating the two."""
+        beams = self.params.num_beams
+        kept = best < beams  # [batch, B]: a finished hypothesis stays
+        if bool(kept.all()):
+            return _gather(self.finished, best), _gather(self.finished_origin, best)
+        entering = candidates.rows((best - beams).clamp(min=0))
+        if not bool(kept.any()):
+            return entering
+        kept = kept[..., None]
+        old = best.clamp(max=beams - 1)
+        return (torch.where(kept, _gather(self.finished, old), entering[0]),
+                torch.where(kept, _gather(self.finished_origin, old), entering[1]))
 
     def _update_can_improve(self) -> None:
         """transformers' early-stopping heuristic: can a prompt's running beams still beat its worst finished

@@ -142,7 +142,6 @@ def pack(cache: PagedKVCache, works: list[Work], device, attention_backend: str 
     logit_rows = [q - k for q, w in zip(query_start_loc[1:], works) for k in range(w.num_logits, 0, -1)]
     tokens = [t for w in works for t in w.tokens]
     seq_lens = [w.table.length for w in works]
-    cpp = ops.cpp_attends(counts, seq_lens, cache.pool.shape[-2] * cache.pool.shape[-1])
     num_positions, width = max(seq_lens), max(len(w.table.blocks) for w in works)
     tables = [b for w in works for b in w.table.blocks + [0] * (width - len(w.table.blocks))]  # padded to width
     parts = (tokens, positions, slots, logit_rows, seq_lens, query_start_loc, tables)
@@ -151,7 +150,7 @@ def pack(cache: PagedKVCache, works: list[Work], device, attention_backend: str 
         [len(p) for p in parts])
     masks = None if all(w.parents is None for w in works) else _pack_tree_masks(works).to(device)
     plan = ops.plan_attention(tables.view(len(works), width), seq_lens, query_start_loc, masks, cache.block_size,
-                              backend=attention_backend, cpp=cpp, fresh=not any(starts))
+                              backend=attention_backend, fresh=not any(starts))
     return PackedBatch(tokens, positions, logit_rows, StepMetadata(cache, slots, plan), num_positions)
 
 

@@ -16,8 +16,6 @@ from specbeam.reference import sampling as _ref_sampling
 from specbeam.reference import tree_verify as _ref_tree_verify
 
 BACKENDS = ("reference", "triton", "cpp")
-CPP_ATTENTION_MAX_NEW = 8  # new tokens per sequence up to which the CPU's own choice attends in C++
-CPP_ATTENTION_MAX_WORK = 2**16  # ... or query-key pairs x KV heads x head dim, over all sequences
 CPP_OPS = ("filter_probs", "sample", "greedy_verify", "stochastic_verify", "paged_attention", "linear",
            "attention_inputs", "mlp_block")
 
@@ -85,33 +83,19 @@ def store_kv(key_slots, value_slots, key, value, slot_mapping) -> None:
     _ref_attention.store_kv(key_slots, value_slots, key, value, slot_mapping)
 
 
-def plan_attention(block_tables, seq_lens, query_start_loc, tree_mask, block_size, backend=None, cpp=None,
-                   fresh=False):
-    """The per-step part of paged attention, done once per forward and shared by every layer. cpp: whether the
-    CPU's own choice attends in C++ (`cpp_attends`), when the caller knows it without reading the device. fresh:
-    no sequence has keys cached before its new tokens (a prefill of prompts): off CUDA, where C++ does not attend,
-    each then attends causally over its own new K/V."""
+def plan_attention(block_tables, seq_lens, query_start_loc, tree_mask, block_size, backend=None, fresh=False):
+    """The per-step part of paged attention, done once per forward and shared by every layer. fresh: no sequence
+    has keys cached before its new tokens (a prefill of prompts): where neither C++ nor Triton attends, each then
+    attends causally over its own new K/V."""
     chosen = _pick(backend, seq_lens.device)
     if chosen == "triton":
         return ("triton", (block_tables, seq_lens, query_start_loc, tree_mask))
-    if cpp is None:
-        new_per_seq = query_start_loc.diff()
-        cpp = new_per_seq.numel() == 0 or int(new_per_seq.max()) <= CPP_ATTENTION_MAX_NEW
-    if chosen == "cpp" and (cpp or backend == "cpp"):  # the metadata as _C takes it: int64, contiguous
+    if chosen == "cpp":  # the metadata as _C takes it: int64, contiguous
         tables, lens, starts = (t.long().contiguous() for t in (block_tables, seq_lens, query_start_loc))
         return ("cpp", (tables, lens, starts, None if tree_mask is None else tree_mask.contiguous()))
     if fresh and tree_mask is None:
         return ("fresh", query_start_loc.tolist())
     return ("reference", _ref_attention.plan_attention(block_tables, seq_lens, query_start_loc, tree_mask, block_size))
-
-
-def cpp_attends(new_per_seq: list[int], seq_lens: list[int], kv_width: int) -> bool:
-    """Whether the CPU's own choice attends in C++: the kernel walks query by query, so it wins while sequences
-    take few new tokens or the walk is short; many new tokens over many keys (prefill, big draft trees) go to the
-    reference's batched SDPA (3x faster at 16 new tokens over 1024 keys), whose plan costs ~0.1 ms a forward.
-    kv_width: KV heads x head dim."""
-    pairs = sum(n * length for n, length in zip(new_per_seq, seq_lens))
-    return max(new_per_seq, default=0) <= CPP_ATTENTION_MAX_NEW or pairs * kv_width <= CPP_ATTENTION_MAX_WORK
 
 
 def attend(query, key_cache, value_cache, plan, scale=None, key=None, value=None):

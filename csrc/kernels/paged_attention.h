@@ -1,12 +1,14 @@
-// Attention of one new token's query heads that share a KV head, over a paged KV cache, with an online
-// softmax walked block by block through the block table. Layout and visibility:
+// Attention of a few new tokens of one sequence, their query heads that share a KV head, over a paged KV
+// cache, with an online softmax walked block by block through the block table. Layout and visibility:
 // specbeam/reference/paged_attention.py. Plain C++: no torch headers.
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "fast_exp.h"
@@ -19,109 +21,185 @@ struct KVLayout {
   int64_t block_size;
 };
 
-// One new token of one sequence: which keys it sees.
-struct QueryPosition {
+// A tile: up to kTileQueries new tokens of one sequence, each with the `group` query heads that share one KV
+// head. Every key and value is read once for the whole tile (the tokens of a draft tree share their keys).
+constexpr int64_t kTileQueries = 16;
+constexpr int64_t kLanes = 16;  // keys scored together: the innermost loops run along them
+constexpr int64_t kChains = 4;  // independent partial sums per score, so that no long chain of adds waits
+
+// kLanes values of the accumulator type as one GCC / Clang vector: an operation on it is one per lane
+template <typename A>
+struct LanesOf;
+template <>
+struct LanesOf<float> {
+  typedef float type __attribute__((vector_size(kLanes * sizeof(float))));
+};
+template <>
+struct LanesOf<double> {
+  typedef double type __attribute__((vector_size(kLanes * sizeof(double))));
+};
+
+// Per-thread buffers for a tile of `rows` query vectors (tokens x group) of `head_dim`, a block of keys at a
+// time (accumulator type A); `width` is the block size rounded up to whole kLanes.
+template <typename A>
+struct AttentionWorkspace {
+  int64_t width;
+  std::vector<A> query, acc, scores, keys, running_max, running_sum;
+  std::vector<int64_t> end;  // per query vector: the keys [0, end) it may see
+  AttentionWorkspace(int64_t rows, int64_t head_dim, int64_t block_size)
+      : width((block_size + kLanes - 1) / kLanes * kLanes), query(rows * head_dim), acc(rows * head_dim),
+        scores(rows * width), keys(head_dim * width), running_max(rows), running_sum(rows), end(rows) {}
+};
+
+// A tile's new tokens: tokens [token_begin, token_end) of one sequence.
+struct Tile {
   const int64_t* block_table;  // [max_blocks_per_seq]
   int64_t seq_len;             // keys of the sequence, its new tokens included
   int64_t num_new;             // its new tokens: positions seq_len - num_new ... seq_len - 1
-  int64_t token;               // this query's index among them
-  const bool* mask_row;        // [>= num_new] which new tokens it sees; nullptr: causal (c <= token)
+  int64_t token_begin, token_end;
+  const bool* mask;            // [num_new, mask_stride] which new tokens each sees; nullptr: causal (c <= token)
+  int64_t mask_stride;
+
+  int64_t first_new() const { return seq_len - num_new; }
+  // causal: no key past the token; a tree mask may point anywhere among the new tokens
+  int64_t end(int64_t token) const { return first_new() + (mask == nullptr ? token + 1 : num_new); }
+  bool visible(int64_t token, int64_t pos) const {
+    return pos < first_new() || mask == nullptr || mask[token * mask_stride + pos - first_new()];
+  }
 };
 
-// Per-thread buffers for `group` query heads of `head_dim`, `block_size` keys at a time (accumulator type A).
-template <typename A>
-struct AttentionWorkspace {
-  std::vector<A> query, acc, scores, running_max, running_sum;
-  AttentionWorkspace(int64_t group, int64_t head_dim, int64_t block_size)
-      : query(group * head_dim), acc(group * head_dim), scores(group * block_size),
-        running_max(group), running_sum(group) {}
-};
-
-// kDim: head_dim when it is known at compile time (the loops below unroll and vectorise whole), or 0: read at
-// run time from `n`.
-template <int64_t kDim, typename A, typename S>
-A dot(const A* q, const S* k, int64_t n) {
-  const int64_t size = kDim ? kDim : n;
-  A sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t d = 0; d < size; ++d) sum += q[d] * static_cast<A>(k[d]);
-  return sum;
+// The block's `count` keys, transposed into ws.keys [head_dim, width] (zeros past count).
+template <typename S, typename A>
+void transpose_keys(const S* keys, int64_t slot_stride, int64_t count, int64_t head_dim, AttentionWorkspace<A>& ws) {
+  for (int64_t d = 0; d < head_dim; ++d) {
+    A* row = &ws.keys[d * ws.width];
+    for (int64_t j = 0; j < count; ++j) row[j] = static_cast<A>(keys[j * slot_stride + d]);
+    std::fill(row + count, row + ws.width, A(0));
+  }
 }
 
-// acc += w * v
-template <int64_t kDim, typename A, typename S>
-void axpy(A* acc, A w, const S* v, int64_t n) {
-  const int64_t size = kDim ? kDim : n;
-#pragma omp simd
-  for (int64_t d = 0; d < size; ++d) acc[d] += w * static_cast<A>(v[d]);
+// s[j] = scale * q . k_j for the kLanes keys from `first` of the transposed block: the sum over d runs as kChains
+// partial sums (d mod kChains, the last ones of an odd head_dim into the first), each in order, added pairwise,
+// the same operations in every lane. kDim: head_dim when known at compile time (the loop unrolls), or 0.
+template <int64_t kDim, typename A>
+void score_lanes(const A* q, const A* keys, int64_t width, int64_t first, int64_t head_dim, A scale, A* s) {
+  using Lanes = typename LanesOf<A>::type;
+  const auto lanes = [&](int64_t d) {
+    Lanes k;
+    std::memcpy(&k, keys + d * width + first, sizeof k);
+    return q[d] * k;
+  };
+  const int64_t size = kDim ? kDim : head_dim;
+  Lanes part[kChains] = {};
+  int64_t d = 0;
+  for (; d + kChains <= size; d += kChains) {
+    for (int64_t c = 0; c < kChains; ++c) part[c] += lanes(d + c);
+  }
+  for (; d < size; ++d) part[0] += lanes(d);
+  const Lanes sum = ((part[0] + part[1]) + (part[2] + part[3])) * scale;
+  std::memcpy(s, &sum, sizeof sum);
 }
 
-// Scores of every head against the keys [start, stop) of one block; -inf where the query may not see.
+// Scores of every query vector against the keys [start, stop) of one block; -inf where a query may not see.
+// Query vectors t * group ... t * group + group - 1 are token token_begin + t's heads.
 template <int64_t kDim, typename S, typename A>
-void block_scores(const S* keys, const KVLayout& kv, const QueryPosition& place, int64_t start, int64_t stop,
+void block_scores(const S* keys, int64_t slot_stride, const Tile& tile, int64_t start, int64_t stop, int64_t rows,
                   int64_t group, int64_t head_dim, A scale, AttentionWorkspace<A>& ws) {
-  const int64_t first_new = place.seq_len - place.num_new;
-  for (int64_t pos = start; pos < stop; ++pos) {
-    const bool visible = pos < first_new || place.mask_row == nullptr || place.mask_row[pos - first_new];
-    const S* key = keys + (pos - start) * kv.slot_stride;
-    for (int64_t g = 0; g < group; ++g) {
-      ws.scores[g * kv.block_size + pos - start] = visible
-          ? dot<kDim>(&ws.query[g * head_dim], key, head_dim) * scale
-          : -std::numeric_limits<A>::infinity();
+  transpose_keys(keys, slot_stride, stop - start, head_dim, ws);
+  for (int64_t t = 0, i = 0; i < rows; ++t, i += group) {
+    const int64_t count = std::min(stop, ws.end[i]) - start;
+    for (int64_t g = i; g < i + group; ++g) {
+      for (int64_t first = 0; first < count; first += kLanes) {
+        score_lanes<kDim>(&ws.query[g * head_dim], ws.keys.data(), ws.width, first, head_dim, scale,
+                          &ws.scores[g * ws.width + first]);
+      }
+    }
+    for (int64_t j = 0; j < count; ++j) {
+      if (tile.visible(tile.token_begin + t, start + j)) continue;
+      for (int64_t g = i; g < i + group; ++g) ws.scores[g * ws.width + j] = -std::numeric_limits<A>::infinity();
     }
   }
 }
 
-// Online softmax, one block: m' = max(m, max_j s_j); l' = l e^(m - m') + sum_j e^(s_j - m');
-// acc' = acc e^(m - m') + sum_j e^(s_j - m') v_j.
+// acc = acc * rescale + sum_j w_j v_j over the block's first `count` values, j in order.
 template <int64_t kDim, typename S, typename A>
-void accumulate_block(const S* values, const KVLayout& kv, int64_t count, int64_t group, int64_t head_dim,
-                      AttentionWorkspace<A>& ws) {
-  for (int64_t g = 0; g < group; ++g) {
-    A* s = &ws.scores[g * kv.block_size];
-    const A block_max = *std::max_element(s, s + count);
-    const A new_max = std::max(ws.running_max[g], block_max);
-    if (new_max == -std::numeric_limits<A>::infinity()) continue;  // nothing visible yet
-    const A rescale = fast_exp(ws.running_max[g] - new_max);  // 0 before the first visible key
-    A* acc = &ws.acc[g * head_dim];
-    for (int64_t d = 0; d < head_dim; ++d) acc[d] *= rescale;
-    ws.running_sum[g] *= rescale;
+void weigh_values(const S* values, int64_t slot_stride, const A* w, int64_t count, A rescale, int64_t head_dim,
+                  A* acc) {
+  const int64_t size = kDim ? kDim : head_dim;
+  if constexpr (kDim > 0 && kDim % kLanes == 0 && std::is_same_v<S, A>) {  // the accumulator in registers
+    using Lanes = typename LanesOf<A>::type;
+    Lanes sums[kDim / kLanes];
+    std::memcpy(sums, acc, sizeof sums);
+    for (auto& part : sums) part *= rescale;
+    for (int64_t j = 0; j < count; ++j) {
+      for (int64_t c = 0; c < kDim / kLanes; ++c) {
+        Lanes v;
+        std::memcpy(&v, values + j * slot_stride + c * kLanes, sizeof v);
+        sums[c] += w[j] * v;
+      }
+    }
+    std::memcpy(acc, sums, sizeof sums);
+    return;
+  }
+  for (int64_t d = 0; d < size; ++d) acc[d] *= rescale;
+  for (int64_t j = 0; j < count; ++j) {
+    const S* v = values + j * slot_stride;
+#pragma omp simd
+    for (int64_t d = 0; d < size; ++d) acc[d] += w[j] * static_cast<A>(v[d]);
+  }
+}
+
+// Online softmax over one block, per query vector i (its keys [start, min(stop, end_i))):
+// m' = max(m, max_j s_j); l' = l e^(m - m') + sum_j e^(s_j - m'); acc' = acc e^(m - m') + sum_j e^(s_j - m') v_j.
+// Each vector's operations are the same whatever else the tile holds.
+template <int64_t kDim, typename S, typename A>
+void accumulate_block(const S* values, int64_t slot_stride, int64_t start, int64_t stop, int64_t rows,
+                      int64_t head_dim, AttentionWorkspace<A>& ws) {
+  constexpr A kNone = -std::numeric_limits<A>::infinity();
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t count = std::min(stop, ws.end[i]) - start;
+    if (count <= 0) continue;
+    A* s = &ws.scores[i * ws.width];
+    const A new_max = std::max(ws.running_max[i], *std::max_element(s, s + count));
+    if (new_max == kNone) continue;  // nothing visible yet
+    const A rescale = fast_exp(ws.running_max[i] - new_max);  // 0 before the first visible key
+    ws.running_sum[i] *= rescale;
 #pragma omp simd
     for (int64_t j = 0; j < count; ++j) s[j] = fast_exp(s[j] - new_max);  // the weights, in place
-    for (int64_t j = 0; j < count; ++j) {
-      ws.running_sum[g] += s[j];
-      axpy<kDim>(acc, s[j], values + j * kv.slot_stride, head_dim);
-    }
-    ws.running_max[g] = new_max;
+    for (int64_t j = 0; j < count; ++j) ws.running_sum[i] += s[j];
+    ws.running_max[i] = new_max;
+    weigh_values<kDim>(values, slot_stride, s, count, rescale, head_dim, &ws.acc[i * head_dim]);
   }
 }
 
-// out[g] = softmax(scale * q[g] . K^T over the visible keys) V, for the `group` heads sharing kv_head.
+// out[t, g] = softmax(scale * q[t, g] . K^T over the keys token t sees) V, for the tile's tokens t and the
+// `group` heads g sharing kv_head.
 template <int64_t kDim, typename S, typename A>
-void attend_query(const S* query, int64_t query_head_stride,  // [group, head_dim]
-                  const S* key_cache, const S* value_cache, const KVLayout& kv, int64_t kv_head,
-                  const QueryPosition& place, int64_t group, int64_t head_dim, A scale, AttentionWorkspace<A>& ws,
-                  S* out, int64_t out_head_stride) {  // [group, head_dim]
-  for (int64_t g = 0; g < group; ++g) {
-    const S* q = query + g * query_head_stride;
-    std::transform(q, q + head_dim, &ws.query[g * head_dim], [](S x) { return static_cast<A>(x); });
+void attend_tile(const S* query, int64_t query_token_stride, int64_t query_head_stride,  // [tokens, group, D]
+                 const S* key_cache, const S* value_cache, const KVLayout& kv, int64_t kv_head, const Tile& tile,
+                 int64_t group, int64_t head_dim, A scale, AttentionWorkspace<A>& ws,
+                 S* out, int64_t out_token_stride) {  // [tokens, group, head_dim]
+  const int64_t rows = (tile.token_end - tile.token_begin) * group;
+  int64_t last = 0;
+  for (int64_t i = 0; i < rows; ++i) {
+    const S* q = query + (i / group) * query_token_stride + (i % group) * query_head_stride;
+    std::transform(q, q + head_dim, &ws.query[i * head_dim], [](S x) { return static_cast<A>(x); });
+    ws.end[i] = tile.end(tile.token_begin + i / group);
+    last = std::max(last, ws.end[i]);
   }
-  std::fill(ws.acc.begin(), ws.acc.end(), A(0));
-  std::fill(ws.running_max.begin(), ws.running_max.end(), -std::numeric_limits<A>::infinity());
-  std::fill(ws.running_sum.begin(), ws.running_sum.end(), A(0));
-  // causal: no key past this token; a tree mask may point anywhere among the new tokens
-  const int64_t end = place.seq_len - place.num_new + (place.mask_row == nullptr ? place.token + 1 : place.num_new);
-  for (int64_t start = 0; start < end; start += kv.block_size) {
-    const int64_t stop = std::min(start + kv.block_size, end);
-    const int64_t offset = place.block_table[start / kv.block_size] * kv.block_stride + kv_head * kv.head_stride;
-    block_scores<kDim>(key_cache + offset, kv, place, start, stop, group, head_dim, scale, ws);
-    accumulate_block<kDim>(value_cache + offset, kv, stop - start, group, head_dim, ws);
+  std::fill(ws.acc.begin(), ws.acc.begin() + rows * head_dim, A(0));
+  std::fill(ws.running_max.begin(), ws.running_max.begin() + rows, -std::numeric_limits<A>::infinity());
+  std::fill(ws.running_sum.begin(), ws.running_sum.begin() + rows, A(0));
+  for (int64_t start = 0; start < last; start += kv.block_size) {
+    const int64_t stop = std::min(start + kv.block_size, last);
+    const int64_t offset = tile.block_table[start / kv.block_size] * kv.block_stride + kv_head * kv.head_stride;
+    block_scores<kDim>(key_cache + offset, kv.slot_stride, tile, start, stop, rows, group, head_dim, scale, ws);
+    accumulate_block<kDim>(value_cache + offset, kv.slot_stride, start, stop, rows, head_dim, ws);
   }
-  for (int64_t g = 0; g < group; ++g) {
-    const A sum = ws.running_sum[g];
-    for (int64_t d = 0; d < head_dim; ++d) {
-      out[g * out_head_stride + d] = static_cast<S>(sum > 0 ? ws.acc[g * head_dim + d] / sum : A(0));
-    }
+  for (int64_t i = 0; i < rows; ++i) {
+    const A sum = ws.running_sum[i];
+    S* o = out + (i / group) * out_token_stride + (i % group) * head_dim;
+    for (int64_t d = 0; d < head_dim; ++d) o[d] = static_cast<S>(sum > 0 ? ws.acc[i * head_dim + d] / sum : A(0));
   }
 }
 
