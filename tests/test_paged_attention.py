@@ -53,6 +53,9 @@ CASES = {  # seq_lens, num_new, q_heads, kv_heads, head_dim, block_size, tree
     "decode_mqa_d128": ([40], [1], 4, 1, 128, 16, False),
     "causal_prefill_d16": ([9, 30, 3], [9, 12, 1], 4, 2, 16, 5, False),
     "tree_d32": ([20, 11, 26], [6, 1, 9], 6, 3, 32, 4, True),
+    # the C++ kernel's tiles of 16 new tokens and its 16-key lanes: several tiles, blocks wider than the lanes
+    "causal_tiles_d64": ([50, 40], [40, 17], 8, 2, 64, 16, False),
+    "tree_tiles_d8": ([60, 30], [35, 20], 4, 2, 8, 24, True),
 }
 
 
