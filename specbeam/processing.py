@@ -50,17 +50,16 @@ def process_rows(
     scores = F.log_softmax(logits, dim=-1) if log_softmax else logits
     if not processors:
         return scores
-    out = torch.empty_like(scores)
+    parts, order = [], []
     for layer in _layers(prefixes, rows):
-        stand_in = prefixes[layer[0]]
-        batch_ids, batch_scores = [stand_in] * num_rows, scores[layer[:1]].expand(num_rows, -1).clone()
+        entry_of_row = [layer[0]] * num_rows  # rows without an entry here take a stand-in of the same length
         for entry in layer:
-            batch_ids[rows[entry]] = prefixes[entry]
-            batch_scores[rows[entry]] = scores[entry]
-        processed = processors(torch.tensor(batch_ids, device=logits.device), batch_scores)
-        index = torch.tensor(layer, device=logits.device)
-        out[index] = processed[torch.tensor([rows[e] for e in layer], device=logits.device)]
-    return out
+            entry_of_row[rows[entry]] = entry
+        input_ids = torch.tensor([prefixes[e] for e in entry_of_row], device=logits.device)
+        processed = processors(input_ids, scores[entry_of_row])  # (indexing by a list copies: theirs to change)
+        parts.append(processed[[rows[e] for e in layer]])
+        order += layer
+    return torch.cat(parts).index_select(0, torch.tensor(order, device=logits.device).argsort())
 
 
 def process_trees(
