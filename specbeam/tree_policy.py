@@ -249,7 +249,8 @@ class TreePolicy:
     clock: int = 0  # rounds observed with both pass costs known
     pooled: RoundSums = RoundSums()  # over the rounds of every drafting shape
     refresh: int = 32  # plain rounds the rates are reused for (a drafting round, which teaches more, renews them)
-    max_backoff: int = 4  # halvings of a probe's chance at most (one per probe from plain steps that did not pay)
+    max_backoff: int = 4  # halvings of a probe's chance at most (one per probe from plain steps that did not pay:
+    # after it, drafting's best rate still does not beat plain steps' by the margin `stay` asks of a switch)
     probe_backoff: int = 0  # probes from plain steps since drafting last paid after one, up to max_backoff
     rng: random.Random = field(default_factory=lambda: random.Random(0))
     _rates: dict = field(default_factory=dict, repr=False, compare=False)  # (trees, load) -> ({shape: rate}, best)
@@ -372,11 +373,12 @@ class TreePolicy:
         self.faded_at[depth, width] = self.clock
         if depth:
             self.pooled = self.pooled.add(self.pool_memory, *this_round)
-        if depth and caught_up:  # it followed plain steps: did drafting pay?
+        if depth and caught_up:  # it followed plain steps: did drafting pay, by the margin a switch needs?
             rates = self._rate_every_shape(trees, load)
             best = max(rates, key=rates.get)
             self._rates[trees, load] = rates, best
-            self.probe_backoff = 0 if best[0] else min(self.probe_backoff + 1, self.max_backoff)
+            pays = self.stay * rates[best] > rates[0, self.widths[0]]
+            self.probe_backoff = 0 if pays else min(self.probe_backoff + 1, self.max_backoff)
 
     def _neighbour(self, shape: tuple[int, int]) -> tuple[int, int]:
         depth, width = shape

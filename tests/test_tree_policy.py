@@ -267,6 +267,20 @@ def test_probes_from_plain_steps_back_off_while_drafting_does_not_pay():
     assert policy.choose(1, 0)[0] > 0 and policy.probe_backoff == 0
 
 
+def test_a_probe_pays_only_by_the_margin_a_switch_needs():
+    """After a probe from plain steps, drafting that is best by less than `stay` asks of a plain request's switch
+    did not pay (the probe backs off); by more, it did (the backoff resets)."""
+    policy = _policy(widths=(1,))
+    policy.probe_backoff = 2
+    rates = {(0, 1): 1.0, (1, 1): 1.0 / policy.stay - 0.01}  # drafting best, within the margin
+    policy._rate_every_shape = lambda trees, load: dict(rates)
+    policy.observe(1, 1, 1, 0, tokens=1, seconds=1.0, seen=[(1, None, 1)], caught_up=5)
+    assert policy.probe_backoff == 3
+    rates[1, 1] = 1.0 / policy.stay + 0.01
+    policy.observe(1, 1, 1, 0, tokens=1, seconds=1.0, seen=[(1, None, 1)], caught_up=5)
+    assert policy.probe_backoff == 0
+
+
 def test_a_cascades_draft_cost_prices_a_catch_up_as_its_stages_summed():
     """A cascade's policy holds a SummedPassCost for its draft: the catch-up a probe would pay is every stage's."""
     small, mid = PassCost({1: 0.1, 64: 2.0}), PassCost({1: 0.3, 64: 5.0})
