@@ -6,8 +6,9 @@ the same tensor operations in the same dtype, so ties and float32 rounding fall 
 beam search calls `step` several times per target pass, with distributions read off the draft tree.
 
 One search may hold prompts of different lengths (speculative rounds advance each prompt by its own number of
-steps): each prompt's tokens are written at its own length, and what depends on the length (stopping criteria,
-the length penalty) runs once per distinct length, on those prompts alone, exactly as on a search of them.
+steps): each prompt's tokens are written at its own length, its length penalty divides by its own generated
+length (as a float32 tensor of the Python doubles transformers divides by: the same bits), and stopping criteria
+other than max-length and eos run once per distinct length, on those prompts alone, as on a search of them.
 
 Each step keeps K = max(2, 1 + num_eos) * B candidates per prompt: the top-K of (running score +
 log p(token)) over B beams x V tokens. The best B that do not stop become the running beams; those among the
@@ -98,6 +99,12 @@ class BeamSearch:
         for index, part in parts:
             out[index] = part
         return out
+
+    def _penalised(self, generated: list[int]) -> torch.Tensor:  # [batch, 1] float32
+        """Per prompt, its generated length ** length_penalty, computed in Python doubles as transformers computes
+        it: a float32 tensor divided by these divides exactly as by each Python float."""
+        penalty = self.params.length_penalty
+        return torch.tensor([n**penalty for n in generated], dtype=torch.float32, device=self.running.device)[:, None]
 
     def _ids(self, index: slice | list[int]) -> list[int]:
         """The caller's prompts at these indices."""
@@ -192,9 +199,9 @@ class BeamSearch:
 
     def _update_finished(self, candidates: "_Candidates", cand_scores, hits) -> torch.Tensor:
         """Merge the candidates that stopped among the top B into the best B finished hypotheses."""
-        beams, penalty = self.params.num_beams, self.params.length_penalty
+        beams = self.params.num_beams
         just_finished = hits & self.is_top_beam[None, :]
-        scores = self._per_length(lambda n, index: cand_scores[index] / ((n + 1 - self.prompt_len)**penalty))
+        scores = cand_scores / self._penalised([n + 1 - self.prompt_len for n in self.lengths])
         scores = scores + self._full()[:, None].to(torch.float32) * NEG  # early_stopping=True: full takes no more
         scores = scores + (~self.can_improve).to(torch.float32) * NEG  # nothing can beat the set
         scores = scores + (~just_finished) * NEG  # still running: not a hypothesis
@@ -231,12 +238,8 @@ class BeamSearch:
         hypothesis? (`prompts_done` then applies its stopping rule.)"""
         params = self.params
         longest = params.early_stopping == "never" and params.length_penalty > 0.0
-
-        def best_running(length: int, index) -> torch.Tensor:  # [prompts, 1]
-            best_length = (params.max_length if longest else length) - self.prompt_len
-            return self.running_scores[index, :1] / (best_length**params.length_penalty)
-
-        best_running = self._per_length(best_running)
+        best_running = self.running_scores[:, :1] / self._penalised(
+            [(params.max_length if longest else n) - self.prompt_len for n in self.lengths])
         worst_finished = torch.where(self.is_finished, self.finished_scores.min(dim=1, keepdim=True)[0], NEG)
         self.can_improve = self.can_improve & (best_running > worst_finished).any(dim=-1, keepdim=True)
 

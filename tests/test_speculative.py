@@ -58,9 +58,9 @@ def test_speculative_greedy_equals_the_target_alone(draft, eos):
 @pytest.mark.parametrize("draft", ["perfect", "perturbed", "unrelated", "ngram"])
 @pytest.mark.parametrize(
     "beams, options",
-    [(4, dict(num_return_sequences=2, length_penalty=0.0)), (8, dict(num_return_sequences=2)),
+    [(4, dict(num_return_sequences=2, length_penalty=0.0)), (8, dict(num_return_sequences=2, length_penalty=1.3)),
      (4, dict(early_stopping=True, repetition_penalty=1.2)), (4, dict(early_stopping="never", length_penalty=2.0))],
-    ids=["4-lp0", "8", "4-early-penalty", "4-never-lp2"],
+    ids=["4-lp0", "8-lp1.3", "4-early-penalty", "4-never-lp2"],
 )
 def test_speculative_beam_search_equals_the_target_alone(draft, beams, options):
     model = tiny_model("llama")
