@@ -114,7 +114,8 @@ void block_scores(const S* keys, int64_t slot_stride, const Tile& tile, int64_t 
                           &ws.scores[g * ws.width + first]);
       }
     }
-    for (int64_t j = 0; j < count; ++j) {
+    if (tile.mask == nullptr) continue;  // causal: every key before the token's end is visible
+    for (int64_t j = std::max<int64_t>(0, tile.first_new() - start); j < count; ++j) {  // (the cached keys are)
       if (tile.visible(tile.token_begin + t, start + j)) continue;
       for (int64_t g = i; g < i + group; ++g) ws.scores[g * ws.width + j] = -std::numeric_limits<A>::infinity();
     }
@@ -160,13 +161,17 @@ void accumulate_block(const S* values, int64_t slot_stride, int64_t start, int64
     const int64_t count = std::min(stop, ws.end[i]) - start;
     if (count <= 0) continue;
     A* s = &ws.scores[i * ws.width];
-    const A new_max = std::max(ws.running_max[i], *std::max_element(s, s + count));
+    A new_max = ws.running_max[i];
+#pragma omp simd reduction(max : new_max)
+    for (int64_t j = 0; j < count; ++j) new_max = std::max(new_max, s[j]);
     if (new_max == kNone) continue;  // nothing visible yet
     const A rescale = fast_exp(ws.running_max[i] - new_max);  // 0 before the first visible key
-    ws.running_sum[i] *= rescale;
 #pragma omp simd
     for (int64_t j = 0; j < count; ++j) s[j] = fast_exp(s[j] - new_max);  // the weights, in place
-    for (int64_t j = 0; j < count; ++j) ws.running_sum[i] += s[j];
+    // their sum in kChains partial sums (j mod kChains), added pairwise: no chain of `count` dependent adds
+    A part[kChains] = {};
+    for (int64_t j = 0; j < count; ++j) part[j % kChains] += s[j];
+    ws.running_sum[i] = ws.running_sum[i] * rescale + ((part[0] + part[1]) + (part[2] + part[3]));
     ws.running_max[i] = new_max;
     weigh_values<kDim>(values, slot_stride, s, count, rescale, head_dim, &ws.acc[i * head_dim]);
   }
