@@ -1,7 +1,6 @@
 """An OpenAI-compatible HTTP server (completions, chat, beam search, speculation); with no --model, the shipped
 pair."""
 import argparse
-import gc
 import logging
 import signal
 import threading
@@ -68,13 +67,7 @@ def run(args: argparse.Namespace) -> int:
     config = uvicorn.Config(create_app(server), host=args.host, port=args.port, access_log=False,
                             timeout_graceful_shutdown=args.shutdown_timeout, log_config=None)
     http = uvicorn.Server(config)
-    # the models' and libraries' objects (~400K) leave the collector's generations while serving: a full
-    # collection that scanned them paused the engine ~0.2 s, now and then, mid-stream
-    gc.freeze()
-    try:
-        _serve_until_signalled(http, server)
-    finally:
-        gc.unfreeze()
+    _serve_until_signalled(http, server)
     if not http.started:
         raise CliError(f"the server could not start on {args.host}:{args.port} (its log says why)")
     return 0
