@@ -96,7 +96,8 @@ class PagedKVCache:
             table.blocks.append(self.allocator.allocate())
         self._make_private(table, start, end - 1)
         table.length = end
-        return [self._slot(table, p) for p in range(start, end)]
+        blocks, size = table.blocks, self.block_size
+        return [blocks[p // size] * size + p % size for p in range(start, end)]  # (`_slot`, inlined: per token)
 
     def keep_paths(self, kept: list[tuple[BlockTable, int, list[int]]]) -> None:
         """After a tree pass, each (table, start, nodes) keeps only a root path: the tree's node i sits at
@@ -104,7 +105,7 @@ class PagedKVCache:
         any is written (one gather, one scatter over all tables), so their order does not matter; a destination
         is made private first, so no other table sees it change. Then the rest of each tree goes."""
         moves = [[(start + node, start + depth) for depth, node in enumerate(nodes) if node != depth]
-                 for _, start, nodes in kept]
+                 if len(nodes) > 1 else [] for _, start, nodes in kept]  # (a root alone stays where it is)
         for (table, _, _), mine in zip(kept, moves):
             if mine:
                 self._make_private(table, min(dst for _, dst in mine), max(dst for _, dst in mine))
@@ -116,7 +117,8 @@ class PagedKVCache:
             flat = self.pool.view(*self.pool.shape[:2], -1, *self.pool.shape[4:])  # [layers, 2, slots, Hkv, D]
             flat.index_copy_(2, dst, flat.index_select(2, src))
         for table, start, nodes in kept:
-            self.truncate(table, start + len(nodes))
+            if table.length > start + len(nodes):
+                self.truncate(table, start + len(nodes))
 
     def _slot(self, table: BlockTable, position: int) -> int:
         return table.blocks[position // self.block_size] * self.block_size + position % self.block_size
