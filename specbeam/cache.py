@@ -46,10 +46,12 @@ class BlockAllocator:
 
 @dataclass
 class BlockTable:
-    """One sequence's blocks; `length` is the number of positions whose K/V are stored."""
+    """One sequence's blocks; `length` is the number of positions whose K/V are stored. The first `borrowed`
+    blocks are held by the table it was forked from (`fork(..., borrow=True)`), not by this one."""
 
     blocks: list[int] = field(default_factory=list)
     length: int = 0
+    borrowed: int = 0
 
 
 class PagedKVCache:
@@ -70,12 +72,15 @@ class PagedKVCache:
         # one block, all layers, K and V
         self.block_bytes = int(np.prod(shape[:2] + shape[3:])) * self.pool.element_size()
 
-    def fork(self, table: BlockTable) -> BlockTable:
-        """A new table sharing every block of `table`."""
-        refcount = self.allocator.refcount
-        for block in table.blocks:
+    def fork(self, table: BlockTable, borrow: bool = False) -> BlockTable:
+        """A new table sharing every block of `table`. borrow: its full blocks, which the new table only reads,
+        are held by `table` alone (which must outlive it: a draft tree's node forked from its parent, both
+        released at the round's end); the new table holds only the block it writes next."""
+        refcount, blocks = self.allocator.refcount, table.blocks
+        borrowed = min(table.length // self.block_size, len(blocks)) if borrow else 0
+        for block in blocks[borrowed:]:
             refcount[block] += 1
-        return BlockTable(table.blocks.copy(), table.length)
+        return BlockTable(blocks.copy(), table.length, borrowed)
 
     def zero(self, tables: list[BlockTable]) -> None:
         """Zero the blocks of `tables` (a forward that wrote non-finite K/V there must leave none behind)."""
@@ -84,8 +89,8 @@ class PagedKVCache:
             self.pool[:, :, torch.tensor(blocks, device=self.pool.device)] = 0
 
     def release(self, table: BlockTable) -> None:
-        self.allocator.decref(table.blocks)
-        table.blocks, table.length = [], 0
+        self.allocator.decref(table.blocks[table.borrowed:])
+        table.blocks, table.length, table.borrowed = [], 0, 0
 
     def reserve(self, table: BlockTable, num_tokens: int) -> list[int]:
         """Slots for the next `num_tokens` positions of `table`, made private first: a missing block is
@@ -133,9 +138,9 @@ class PagedKVCache:
     def truncate(self, table: BlockTable, length: int) -> None:
         """Forget positions >= length, releasing blocks that no longer hold any."""
         keep = -(-length // self.block_size)
-        self.allocator.decref(table.blocks[keep:])
+        self.allocator.decref(table.blocks[max(keep, table.borrowed):])
         del table.blocks[keep:]
-        table.length = length
+        table.length, table.borrowed = length, min(table.borrowed, keep)
 
     def _copy_block(self, block: int) -> int:
         """A private copy of a shared block (its source keeps another holder until the copy is flushed)."""

@@ -156,7 +156,7 @@ class DraftSession:
 
     def _feed_nodes(self, rows, trees: list[DraftTree], nodes: list[tuple[int, int]]):  # a generator -> [nodes, vocab]
         """Feed each (tree, node) its token on a fork of its parent's table."""
-        tables = [self.cache.fork(self.fed[rows[i]][trees[i].parents[n]]) for i, n in nodes]
+        tables = [self.cache.fork(self.fed[rows[i]][trees[i].parents[n]], borrow=True) for i, n in nodes]
         logits = yield from self._forward(tables, [[trees[i].tokens[n]] for i, n in nodes])
         for (i, n), table in zip(nodes, tables):
             self.fed[rows[i]][n] = table

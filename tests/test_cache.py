@@ -40,6 +40,28 @@ def test_fork_shares_blocks_and_copy_on_write_keeps_the_parent_intact():
     assert _read(cache, parent) == [1, 2, 3, 4, 5, 6, 8] and cache.allocator.num_free == 5
 
 
+def test_a_borrowing_fork_holds_only_the_block_it_writes():
+    """fork(borrow=True): the full blocks stay the parent's alone (their counts unchanged), the half block is
+    shared and copied on write as by any fork; released before or after the parent, every block comes back."""
+    for child_first in (True, False):
+        cache = _cache()
+        parent = BlockTable()
+        _write(cache, parent, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0])  # one full block, one half block
+        child = cache.fork(parent, borrow=True)
+        refcount = cache.allocator.refcount
+        assert child.blocks == parent.blocks and child.borrowed == 1
+        assert refcount[parent.blocks[0]] == 1 and refcount[parent.blocks[1]] == 2
+        _write(cache, child, [7.0, 8.0, 9.0])  # copies the half block, then a block of its own
+        assert _read(cache, parent) == [1, 2, 3, 4, 5, 6] and _read(cache, child) == [1, 2, 3, 4, 5, 6, 7, 8, 9]
+        grandchild = cache.fork(child)  # an ordinary fork holds every block, the borrowed ones too
+        assert refcount[parent.blocks[0]] == 2 and grandchild.borrowed == 0
+        cache.truncate(child, 3)  # below what it borrowed: nothing of the parent's is released
+        assert child.blocks == parent.blocks[:1] and child.borrowed == 1 and refcount[parent.blocks[0]] == 2
+        for table in ((child, parent, grandchild) if child_first else (parent, grandchild, child)):
+            cache.release(table)
+        assert cache.allocator.num_free == cache.allocator.num_blocks
+
+
 def test_release_and_truncate_return_every_block():
     cache = _cache()
     table = BlockTable()
