@@ -1,19 +1,22 @@
 """transformers' logits processors applied at many positions at once: each entry of logits with its own
 prefix. Processors take a rectangular `input_ids` and may keep per-row state (the repetition penalty keeps
 each row's padding length), so every call is a full batch in row order: entries are grouped by prefix length
-into layers that use each row at most once, and rows without an entry get a stand-in whose result is dropped."""
+into layers that use each row at most once, and rows without an entry get a stand-in whose result is dropped.
+Processors that read a prefix only as the set of its tokens (the repetition penalty) take every entry in one call
+instead, each prefix left-padded with its own first token: its set is what it was."""
 import inspect
 from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
-from transformers import LogitsProcessorList
+from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
 
 class Processors(LogitsProcessorList):
     """A request's logits processors, called as `LogitsProcessorList` calls them without kwargs: each on
     (input_ids, scores) in turn. The list reads every processor's signature on every call; here it is read once,
-    and a processor that wants more arguments is refused before any work."""
+    and a processor that wants more arguments is refused before any work. `reads_token_sets`: every processor's
+    output depends on a row's prefix only through the set of its tokens, and it keeps no per-row state."""
 
     def __init__(self, processors: LogitsProcessorList):
         super().__init__(processors)
@@ -22,6 +25,8 @@ class Processors(LogitsProcessorList):
             if len(names) > 2:
                 raise ValueError(f"logits_processor: {type(processor).__name__} takes {names}; specbeam passes "
                                  "(input_ids, scores) only")
+        self.reads_token_sets = all(type(p) is RepetitionPenaltyLogitsProcessor  # (not a subclass: its own maths)
+                                    and getattr(p, "prompt_ignore_length", None) is None for p in self)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:  # [rows, L], [rows, vocab]
         for processor in self:
@@ -50,6 +55,10 @@ def process_rows(
     scores = F.log_softmax(logits, dim=-1) if log_softmax else logits
     if not processors:
         return scores
+    if getattr(processors, "reads_token_sets", False):
+        width = max(map(len, prefixes))
+        input_ids = torch.tensor([[p[0]] * (width - len(p)) + p for p in prefixes], device=logits.device)
+        return processors(input_ids, scores.clone())  # (a copy: theirs to change)
     parts, order = [], []
     for layer in _layers(prefixes, rows):
         entry_of_row = [layer[0]] * num_rows  # rows without an entry here take a stand-in of the same length
