@@ -2,8 +2,9 @@
 prefix. Processors take a rectangular `input_ids` and may keep per-row state (the repetition penalty keeps
 each row's padding length), so every call is a full batch in row order: entries are grouped by prefix length
 into layers that use each row at most once, and rows without an entry get a stand-in whose result is dropped.
-Processors that read a prefix only as the set of its tokens (the repetition penalty) take every entry in one call
-instead, each prefix left-padded with its own first token: its set is what it was."""
+transformers' repetition penalty, which reads a prefix only as the set of its tokens (ids past the vocabulary
+ignored: it marks the padding it skips that way), takes every entry in one call instead: each prefix padded on
+the left, and its ignored leading tokens replaced, by the vocabulary's size, for the same penalty without them."""
 import inspect
 from collections import defaultdict
 
@@ -15,8 +16,9 @@ from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 class Processors(LogitsProcessorList):
     """A request's logits processors, called as `LogitsProcessorList` calls them without kwargs: each on
     (input_ids, scores) in turn. The list reads every processor's signature on every call; here it is read once,
-    and a processor that wants more arguments is refused before any work. `reads_token_sets`: every processor's
-    output depends on a row's prefix only through the set of its tokens, and it keeps no per-row state."""
+    and a processor that wants more arguments is refused before any work. `token_sets`, where every processor is
+    transformers' repetition penalty: (the same penalties ignoring nothing, per row the leading tokens they ignore);
+    else None."""
 
     def __init__(self, processors: LogitsProcessorList):
         super().__init__(processors)
@@ -25,8 +27,16 @@ class Processors(LogitsProcessorList):
             if len(names) > 2:
                 raise ValueError(f"logits_processor: {type(processor).__name__} takes {names}; specbeam passes "
                                  "(input_ids, scores) only")
-        self.reads_token_sets = all(type(p) is RepetitionPenaltyLogitsProcessor  # (not a subclass: its own maths)
-                                    and getattr(p, "prompt_ignore_length", None) is None for p in self)
+        self.token_sets = self._token_sets()
+
+    def _token_sets(self) -> tuple[list[RepetitionPenaltyLogitsProcessor], list[int] | int] | None:
+        if not self or any(type(p) is not RepetitionPenaltyLogitsProcessor for p in self):  # (a subclass: its own)
+            return None
+        ignored = [p.prompt_ignore_length for p in self]
+        ignored = [x.tolist() if isinstance(x, torch.Tensor) else x or 0 for x in ignored]
+        if any(x != ignored[0] for x in ignored):
+            return None
+        return [RepetitionPenaltyLogitsProcessor(p.penalty) for p in self], ignored[0]
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:  # [rows, L], [rows, vocab]
         for processor in self:
@@ -55,10 +65,16 @@ def process_rows(
     scores = F.log_softmax(logits, dim=-1) if log_softmax else logits
     if not processors:
         return scores
-    if getattr(processors, "reads_token_sets", False):
-        width = max(map(len, prefixes))
-        input_ids = torch.tensor([[p[0]] * (width - len(p)) + p for p in prefixes], device=logits.device)
-        return processors(input_ids, scores.clone())  # (a copy: theirs to change)
+    if getattr(processors, "token_sets", None):
+        penalties, ignored = processors.token_sets
+        vocab, width = scores.shape[-1], max(map(len, prefixes))
+        skip = [ignored[r] for r in rows] if isinstance(ignored, list) else [ignored] * len(rows)
+        input_ids = torch.tensor([[vocab] * (width - len(p) + k) + p[k:] for p, k in zip(prefixes, skip)],
+                                 device=logits.device)
+        scores = scores.clone()  # (a copy: theirs to change)
+        for penalty in penalties:
+            scores = penalty(input_ids, scores)
+        return scores
     parts, order = [], []
     for layer in _layers(prefixes, rows):
         entry_of_row = [layer[0]] * num_rows  # rows without an entry here take a stand-in of the same length
