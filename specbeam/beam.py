@@ -222,14 +222,8 @@ class BeamSearch:
         """best [batch, B]: indices into (the finished hypotheses, then the K candidates) -> their sequences and
         backpointers, each row gathered from where it lies, without concatenating the two."""
         beams = self.params.num_beams
-        kept = best < beams  # [batch, B]: a finished hypothesis stays
-        if bool(kept.all()):
-            return _gather(self.finished, best), _gather(self.finished_origin, best)
-        entering = candidates.rows((best - beams).clamp(min=0))
-        if not bool(kept.any()):
-            return entering
-        kept = kept[..., None]
-        old = best.clamp(max=beams - 1)
+        kept = (best < beams)[..., None]  # [batch, B, 1]: a finished hypothesis stays
+        old, entering = best.clamp(max=beams - 1), candidates.rows((best - beams).clamp(min=0))
         return (torch.where(kept, _gather(self.finished, old), entering[0]),
                 torch.where(kept, _gather(self.finished_origin, old), entering[1]))
 

@@ -32,7 +32,7 @@ class Processors(LogitsProcessorList):
     def _token_sets(self) -> tuple[list[RepetitionPenaltyLogitsProcessor], list[int] | int] | None:
         if not self or any(type(p) is not RepetitionPenaltyLogitsProcessor for p in self):  # (a subclass: its own)
             return None
-        ignored = [p.prompt_ignore_length for p in self]
+        ignored = [getattr(p, "prompt_ignore_length", None) for p in self]  # (transformers before 4.56: none)
         ignored = [x.tolist() if isinstance(x, torch.Tensor) else x or 0 for x in ignored]
         if any(x != ignored[0] for x in ignored):
             return None
