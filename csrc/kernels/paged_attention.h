@@ -22,10 +22,13 @@ struct KVLayout {
 };
 
 // A tile: up to kTileQueries new tokens of one sequence, each with the `group` query heads that share one KV
-// head. Every key and value is read once for the whole tile (the tokens of a draft tree share their keys).
+// head. Each block of keys is read and transposed once for the whole tile (a draft tree's tokens share their
+// keys); each query vector then scores it and weighs the block's values on its own, the same operations whatever
+// else the tile holds: a token's output does not depend on the tokens beside it.
 constexpr int64_t kTileQueries = 16;
 constexpr int64_t kLanes = 16;  // keys scored together: the innermost loops run along them
-constexpr int64_t kChains = 4;  // independent partial sums per score, so that no long chain of adds waits
+constexpr int64_t kChains = 4;  // independent partial sums (of a score over d, of the weights over keys), so that
+                                // no long chain of dependent adds waits
 
 // kLanes values of the accumulator type as one GCC / Clang vector: an operation on it is one per lane
 template <typename A>
