@@ -140,7 +140,7 @@ class BeamSearch:
         and eos criteria alone, else called on the candidates' sequences as transformers calls them."""
         if not stop.others:
             return stop.hits(candidates.token, self._position(1)[:, 0, 0])
-        sequences, k = candidates.every()[0], self.num_candidates
+        sequences, k = candidates.rows()[0], self.num_candidates
         return self._per_length(lambda n, index: stop.criteria(
             sequences[index, :, : n + 1].flatten(0, 1), history(self._ids(index))).view(-1, k))
 
@@ -250,12 +250,11 @@ class BeamSearch:
 
 class _Candidates:
     """A step's K candidates per prompt (their source beams and tokens [batch, K]), whose sequences and
-    backpointers are gathered only when asked for: the running beams take B of them every step, the finished
-    hypotheses all K only when one of them enters."""
+    backpointers are gathered only for the candidates asked for: the B running beams every step, the entering
+    hypotheses when the finished set changes, all K only for stopping criteria that read them."""
 
     def __init__(self, search: BeamSearch, beam: torch.Tensor, token: torch.Tensor):
         self.search, self.beam, self.token = search, beam, token
-        self._every = None
 
     def rows(self, pick: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """pick [batch, n]: candidate indices (None: all K) -> their sequences [batch, n, width] and backpointers
@@ -271,8 +270,3 @@ class _Candidates:
         # the beam within its prompt (a search may be split by prompt)
         origins.scatter_(2, at - search.prompt_len, beam[..., None].to(origins.dtype))
         return sequences, origins
-
-    def every(self) -> tuple[torch.Tensor, torch.Tensor]:  # rows() of all K, made once
-        if self._every is None:
-            self._every = self.rows()
-        return self._every

@@ -55,7 +55,7 @@ def _layers(prefixes: list[list[int]], rows: list[int]) -> list[list[int]]:
 
 
 def process_rows(
-    processors: LogitsProcessorList,
+    processors: Processors,
     prefixes: list[list[int]],  # per entry: the full (left-padded) token sequence before the next token
     logits: torch.Tensor,  # [entries, vocab] float32
     rows: list[int],  # per entry: its row of the batch (beam or sequence)
@@ -65,7 +65,7 @@ def process_rows(
     scores = F.log_softmax(logits, dim=-1) if log_softmax else logits
     if not processors:
         return scores
-    if getattr(processors, "token_sets", None):
+    if processors.token_sets:
         penalties, ignored = processors.token_sets
         vocab, width = scores.shape[-1], max(map(len, prefixes))
         skip = [ignored[r] for r in rows] if isinstance(ignored, list) else [ignored] * len(rows)
@@ -88,7 +88,7 @@ def process_rows(
 
 
 def process_trees(
-    processors: LogitsProcessorList,
+    processors: Processors,
     tokens: list[list[int]],  # per tree: its row's full (left-padded) tokens, the root last
     trees: list,  # DraftTree per row
     logits: list[torch.Tensor],  # per tree: [nodes, vocab] float32
