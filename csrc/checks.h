@@ -45,8 +45,10 @@ inline void check_tensor(const at::Tensor& t, const char* name, std::initializer
   }
 }
 
-inline void require(bool ok, const std::string& what) {
-  if (!ok) throw pybind11::value_error(what);
+// The message's parts are put together only when the check fails: a check inside a loop costs a comparison.
+template <typename... Parts>
+void require(bool ok, const Parts&... parts) {
+  if (!ok) throw pybind11::value_error(message(parts...));
 }
 
 }  // namespace specbeam

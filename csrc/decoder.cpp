@@ -80,13 +80,13 @@ void check_weight(const at::Tensor& weight, const char* name, int64_t rows, int6
   check_cpu(weight, name);
   cols += int8_scale_columns(weight);
   require(weight.dim() == 2 && (rows < 0 || weight.size(0) == rows) && weight.size(1) == cols,
-          message(name, " must have shape [", rows < 0 ? std::string("*") : std::to_string(rows), ", ", cols,
-                  "], got ", weight.sizes()));
+          name, " must have shape [", rows < 0 ? std::string("*") : std::to_string(rows), ", ", cols, "], got ",
+          weight.sizes());
 }
 
 void check_vector(const at::Tensor& v, const char* name, const at::Tensor& hidden) {
   check_tensor(v, name, {hidden.size(1)}, {hidden.scalar_type()});
-  require(v.is_contiguous(), message(name, " must be contiguous"));
+  require(v.is_contiguous(), name, " must be contiguous");
 }
 
 }  // namespace
@@ -103,10 +103,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_inputs(
   check_weight(v_weight, "v_weight", k_weight.size(0), H);
   check_vector(norm_weight, "norm_weight", hidden);
   require(head_dim > 0 && head_dim % 2 == 0 && q_weight.size(0) % head_dim == 0 && k_weight.size(0) % head_dim == 0,
-          message("head_dim must be even and divide the q and k rows, got ", head_dim));
+          "head_dim must be even and divide the q and k rows, got ", head_dim);
   require(cos.dim() == 2 && cos.size(0) == tokens && cos.size(1) == head_dim && sin.sizes() == cos.sizes(),
-          message("cos and sin must have shape [", tokens, ", ", head_dim, "], got ", cos.sizes(), " and ",
-                  sin.sizes()));
+          "cos and sin must have shape [", tokens, ", ", head_dim, "], got ", cos.sizes(), " and ", sin.sizes());
   check_dtype(cos, "cos", {hidden.scalar_type()});
   check_dtype(sin, "sin", {hidden.scalar_type()});
   const at::Tensor c = cos.contiguous(), s = sin.contiguous();

@@ -27,7 +27,7 @@ void check_tensors(const at::Tensor& query, const at::Tensor& key_cache, const a
   const auto pool = key_cache.sizes();
   check_tensor(value_cache, "value_cache", {pool[0], pool[1], pool[2], pool[3]}, {query.scalar_type()});
   require(pool[1] >= 1 && pool[2] >= 1 && query.size(1) % pool[2] == 0,
-          message("query heads (", query.size(1), ") must be a multiple of the pool's KV heads (", pool[2], ")"));
+          "query heads (", query.size(1), ") must be a multiple of the pool's KV heads (", pool[2], ")");
 }
 
 // The metadata may not point outside the query, the tables or the pool (plain loops: a few microseconds,
@@ -37,7 +37,7 @@ int64_t check_metadata(const at::Tensor& tables, const at::Tensor& lens, const a
   const int64_t num_seqs = tables.size(0), width = tables.size(1);
   const int64_t* start = starts.data_ptr<int64_t>();
   require(start[0] == 0 && start[num_seqs] == num_queries,
-          message("query_start_loc must rise from 0 to the number of queries (", num_queries, ")"));
+          "query_start_loc must rise from 0 to the number of queries (", num_queries, ")");
   int64_t max_new = 0;
   for (int64_t seq = 0; seq < num_seqs; ++seq) {
     const int64_t num_new = start[seq + 1] - start[seq], seq_len = lens.data_ptr<int64_t>()[seq];
@@ -47,7 +47,7 @@ int64_t check_metadata(const at::Tensor& tables, const at::Tensor& lens, const a
     const int64_t* table = tables.data_ptr<int64_t>() + seq * width;
     for (int64_t block = 0; block * block_size < seq_len; ++block) {
       require(table[block] >= 0 && table[block] < num_blocks,
-              message("block_tables must hold block ids in [0, ", num_blocks, ") for every position < seq_len"));
+              "block_tables must hold block ids in [0, ", num_blocks, ") for every position < seq_len");
     }
     max_new = std::max(max_new, num_new);
   }
@@ -74,7 +74,7 @@ at::Tensor paged_attention(const at::Tensor& query,            // [num_queries, 
   const int64_t max_new = check_metadata(tables, lens, starts, num_queries, key_cache.size(0), block_size);
   if (tree_mask) {
     check_tensor(*tree_mask, "tree_mask", {num_queries, -1}, {at::kBool});
-    require(tree_mask->size(1) >= max_new, message("tree_mask must have at least ", max_new, " columns"));
+    require(tree_mask->size(1) >= max_new, "tree_mask must have at least ", max_new, " columns");
   }
   const auto mask = tree_mask ? tree_mask->contiguous() : at::Tensor();
   const auto q = unit_stride_last(query), keys = unit_stride_last(key_cache), values = unit_stride_last(value_cache);

@@ -69,7 +69,7 @@ Verified stochastic_verify(const at::Tensor& parents,       // [batch, width] in
   require(vocab >= 1, "target_probs must have a vocabulary of at least one token");
   const auto real = at::arange(width, parents.options()).unsqueeze(0) < num_nodes.unsqueeze(1);
   require(!(real & ((draft_tokens < 0) | (draft_tokens >= vocab))).any().item<bool>(),
-          message("draft_tokens of nodes < num_nodes must lie in [0, ", vocab, ")"));
+          "draft_tokens of nodes < num_nodes must lie in [0, ", vocab, ")");
   const auto par = parents.contiguous(), count = num_nodes.contiguous(), draft = draft_tokens.contiguous();
   const auto p = target_probs.contiguous(), q = draft_probs.contiguous();
   const auto u = uniform.to(p.scalar_type()).contiguous(), draw = noise.to(at::kDouble).contiguous();
