@@ -6,7 +6,8 @@ the same tensor operations in the same dtype, so ties and float32 rounding fall 
 beam search calls `step` several times per target pass, with distributions read off the draft tree.
 
 One search may hold prompts of different lengths (speculative rounds advance each prompt by its own number of
-steps): each prompt's tokens are written at its own length, its length penalty divides by its own generated
+steps; a search joined from several requests' has prompts of different widths and limits): each prompt's tokens
+are written at its own length, its backpointers at its own step, its length penalty divides by its own generated
 length (as a float32 tensor of the Python doubles transformers divides by: the same bits), and stopping criteria
 other than max-length and eos run once per distinct length, on those prompts alone, as on a search of them.
 
@@ -16,6 +17,7 @@ top B that do stop enter the finished hypotheses with score sum / (generated len
 """
 import copy
 from collections import defaultdict
+from dataclasses import replace
 from typing import Callable
 
 import torch
@@ -27,8 +29,9 @@ from specbeam.trace import TraceStep
 NEG = -1.0e9  # transformers' "impossible" score
 # the state tensors whose first dimension is the prompt
 _PER_PROMPT = ("running", "finished", "running_scores", "finished_scores", "is_finished", "can_improve", "hits_stop",
-               "running_origin", "finished_origin")
+               "running_origin", "finished_origin", "prompt_at", "stop_lengths")
 _PER_STEP = ("running", "finished", "running_origin", "finished_origin")  # their last dimension grows
+_PER_PROMPT_LISTS = ("lengths", "prompt_lens", "max_lengths")  # per prompt, as Python ints
 GROWTH = 64  # steps the sequence buffers hold at first; they double when full
 
 
@@ -43,13 +46,21 @@ def _gather(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
 
 
 class BeamSearch:
-    def __init__(self, input_ids: torch.Tensor, params: SamplingParams, eos: torch.Tensor | None):
-        # input_ids: [batch * beams, L]; eos: [num_eos] or None
+    def __init__(self, input_ids: torch.Tensor, params: SamplingParams, eos: torch.Tensor | None,
+                 stop_length: int | None = None):
+        """input_ids: [batch * beams, L]; eos: [num_eos] or None; stop_length: the max-length stopping
+        criterion's limit (None: there is none)."""
         beams, device = params.num_beams, input_ids.device
         self.params = params
         self.batch = input_ids.shape[0] // beams
-        self.prompt_len = length = input_ids.shape[1]
+        length = input_ids.shape[1]
         self.lengths = [length] * self.batch  # per prompt: tokens of its running beams
+        self.prompt_lens = [length] * self.batch  # per prompt: its width, where its generated tokens start
+        self.max_lengths = [params.max_length] * self.batch  # per prompt: the generation config's limit
+        self.prompt_at = torch.full((self.batch, 1, 1), length, device=device)  # prompt_lens as a tensor
+        # per prompt: the length at which the max-length criterion stops a candidate
+        self.stop_lengths = torch.full((self.batch,), torch.iinfo(torch.long).max if stop_length is None else
+                                       stop_length, device=device)
         self._lengths: tuple[list[int] | None, torch.Tensor | None] = (None, None)  # (lengths, as a tensor [batch])
         self.num_candidates = max(2, 1 + (0 if eos is None else eos.shape[0])) * beams
         self.is_top_beam = torch.arange(self.num_candidates, device=device) < beams  # [K]
@@ -65,7 +76,7 @@ class BeamSearch:
         self.finished_scores = torch.full((self.batch, beams), NEG, dtype=torch.float32, device=device)
         self.is_finished = torch.zeros((self.batch, beams), dtype=torch.bool, device=device)
         self.can_improve = torch.ones((self.batch, 1), dtype=torch.bool, device=device)
-        self.hits_stop = torch.zeros((self.batch, beams), dtype=torch.bool, device=device)
+        self.hits_stop = torch.zeros((self.batch, self.num_candidates), dtype=torch.bool, device=device)
         self.running_origin = torch.full((self.batch, beams, GROWTH), -1, dtype=torch.int32, device=device)
         self.finished_origin = self.running_origin.clone()
         self.prompts = list(range(self.batch))  # the prompts of the caller's batch that this search holds
@@ -116,7 +127,8 @@ class BeamSearch:
         scores the criteria get for those of the caller's prompts. Returns what happened, for the trace; afterwards
         `parents()` names the previous running beam of every new one."""
         beams, batch = self.params.num_beams, self.batch
-        if max(self.lengths) == self.running.shape[-1]:
+        steps = max(n - start for n, start in zip(self.lengths, self.prompt_lens))
+        if max(self.lengths) == self.running.shape[-1] or steps == self.running_origin.shape[-1]:
             self._grow()
         total = log_probs.view(batch, beams, -1) + self.running_scores[:, :, None]
         vocab = total.shape[-1]
@@ -139,21 +151,21 @@ class BeamSearch:
         """The criteria on every candidate: read off its length and token where they are transformers' max-length
         and eos criteria alone, else called on the candidates' sequences as transformers calls them."""
         if not stop.others:
-            return stop.hits(candidates.token, self._position(1)[:, 0, 0])
+            return stop.hits(candidates.token, self._position(1)[:, 0, 0], self.stop_lengths)
         sequences, k = candidates.rows()[0], self.num_candidates
         return self._per_length(lambda n, index: stop.criteria(
             sequences[index, :, : n + 1].flatten(0, 1), history(self._ids(index))).view(-1, k))
 
     def _grow(self) -> None:
         """Double the room for steps: sequences padded with the fill token, backpointers with -1."""
-        room = self.running.shape[-1] - self.prompt_len
+        room = self.running_origin.shape[-1]
         pad = torch.nn.functional.pad
         self.running, self.finished = (pad(t, (0, room), value=self.fill) for t in (self.running, self.finished))
         self.running_origin, self.finished_origin = (pad(t, (0, room), value=-1) for t in
                                                      (self.running_origin, self.finished_origin))
 
     def parents(self) -> torch.Tensor:  # [batch * beams]: flat index of each running beam's parent
-        at = self._position(-1 - self.prompt_len).expand(-1, self.params.num_beams, -1)
+        at = (self._position(-1) - self.prompt_at).expand(-1, self.params.num_beams, -1)
         local = self.running_origin.gather(2, at)[..., 0].long()
         return (local + torch.arange(self.batch, device=local.device)[:, None] * self.params.num_beams).flatten()
 
@@ -173,35 +185,46 @@ class BeamSearch:
         for name in _PER_PROMPT:
             setattr(other, name, getattr(self, name).index_select(0, index))
         other.batch, other.prompts = len(keep), [self.prompts[i] for i in keep]
-        other.lengths = [self.lengths[i] for i in keep]
+        for name in _PER_PROMPT_LISTS:
+            setattr(other, name, [getattr(self, name)[i] for i in keep])
         return other
 
     @staticmethod
-    def merge(parts: list["BeamSearch"]) -> "BeamSearch":
-        """One search over the prompts of `parts` (splits of one search), in the caller's prompt order."""
-        if len(parts) == 1 and parts[0].prompts == sorted(parts[0].prompts):
+    def merge(parts: list["BeamSearch"], prompts: list | None = None) -> "BeamSearch":
+        """One search over the prompts of `parts`: splits of one search, in the caller's prompt order; or, given
+        `prompts` (ids for all of theirs, in order), the searches of several requests of one kind, joined to
+        step together."""
+        if prompts is None and len(parts) == 1 and parts[0].prompts == sorted(parts[0].prompts):
             return parts[0]  # (a plain round's, as a rule: every prompt left its trees at the same step)
         merged = copy.copy(parts[0])
-        width = max(p.running.shape[-1] for p in parts)  # prompt_len + the room for steps, as _grow keeps them
         for name in _PER_PROMPT:
             tensors = [getattr(p, name) for p in parts]
             if name in _PER_STEP:  # sized for the steps taken so far: padded to the widest
-                origin = name.endswith("origin")
-                wide = width - merged.prompt_len if origin else width
-                tensors = [torch.nn.functional.pad(t, (0, wide - t.shape[-1]), value=-1 if origin else merged.fill)
-                           for t in tensors]
+                wide = max(t.shape[-1] for t in tensors)
+                fill = -1 if name.endswith("origin") else merged.fill
+                tensors = [torch.nn.functional.pad(t, (0, wide - t.shape[-1]), value=fill) for t in tensors]
             setattr(merged, name, torch.cat(tensors))
+        for name in _PER_PROMPT_LISTS:
+            setattr(merged, name, [n for p in parts for n in getattr(p, name)])
+        merged.batch = sum(p.batch for p in parts)
+        if prompts is not None:
+            merged.prompts = prompts
+            return merged
         merged.prompts = [g for p in parts for g in p.prompts]
-        merged.lengths = [n for p in parts for n in p.lengths]
-        merged.batch = len(merged.prompts)
         order = sorted(range(merged.batch), key=merged.prompts.__getitem__)
         return merged.split(order) if order != list(range(merged.batch)) else merged
+
+    def joins(self, other: "BeamSearch") -> bool:
+        """Whether the two searches can step as one: the same parameters but for each prompt's limits."""
+        mine, theirs = (replace(s.params, max_length=0, num_return_sequences=1) for s in (self, other))
+        return (mine == theirs and self.num_candidates == other.num_candidates and self.fill == other.fill
+                and self.running.device == other.running.device)
 
     def _update_finished(self, candidates: "_Candidates", cand_scores, hits) -> torch.Tensor:
         """Merge the candidates that stopped among the top B into the best B finished hypotheses."""
         beams = self.params.num_beams
         just_finished = hits & self.is_top_beam[None, :]
-        scores = cand_scores / self._penalised([n + 1 - self.prompt_len for n in self.lengths])
+        scores = cand_scores / self._penalised([n + 1 - start for n, start in zip(self.lengths, self.prompt_lens)])
         scores = scores + self._full()[:, None].to(torch.float32) * NEG  # early_stopping=True: full takes no more
         scores = scores + (~self.can_improve).to(torch.float32) * NEG  # nothing can beat the set
         scores = scores + (~just_finished) * NEG  # still running: not a hypothesis
@@ -233,7 +256,8 @@ class BeamSearch:
         params = self.params
         longest = params.early_stopping == "never" and params.length_penalty > 0.0
         best_running = self.running_scores[:, :1] / self._penalised(
-            [(params.max_length if longest else n) - self.prompt_len for n in self.lengths])
+            [(limit if longest else n) - start for n, start, limit in zip(self.lengths, self.prompt_lens,
+                                                                           self.max_lengths)])
         worst_finished = torch.where(self.is_finished, self.finished_scores.min(dim=1, keepdim=True)[0], NEG)
         self.can_improve = self.can_improve & (best_running > worst_finished).any(dim=-1, keepdim=True)
 
@@ -245,7 +269,7 @@ class BeamSearch:
         scores = self.finished_scores[:, :n].flatten()
         origin = self.finished_origin[:, :n].flatten(0, 1)
         generated = int((origin + 1).bool().sum(dim=1).max())
-        return sequences[:, : self.prompt_len + generated], scores, origin[:, :generated]
+        return sequences[:, : max(self.prompt_lens) + generated], scores, origin[:, :generated]
 
 
 class _Candidates:
@@ -268,5 +292,5 @@ class _Candidates:
         sequences.scatter_(2, at, token[..., None])
         origins = _gather(search.running_origin, beam)
         # the beam within its prompt (a search may be split by prompt)
-        origins.scatter_(2, at - search.prompt_len, beam[..., None].to(origins.dtype))
+        origins.scatter_(2, at - search.prompt_at, beam[..., None].to(origins.dtype))
         return sequences, origins

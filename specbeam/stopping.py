@@ -26,14 +26,13 @@ class StopCheck:
             stop = bool(self.others(torch.tensor([tokens], device=device), history())[0]) or stop
         return stop
 
-    def hits(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:  # [batch, K], [batch] -> [batch, K]
-        """What the criteria return for candidates ending in `tokens` (bool), each prompt's candidates `lengths`
-        long: its max length reached, or an eos token."""
-        hit = torch.zeros_like(tokens, dtype=torch.bool)
-        if self.max_length is not None:
-            hit |= (lengths >= self.max_length)[:, None]
+    def hits(self, tokens: torch.Tensor, lengths: torch.Tensor, max_lengths: torch.Tensor) -> torch.Tensor:
+        """What the criteria return for candidates ending in `tokens` ([batch, K] -> bool), each prompt's
+        candidates `lengths` long ([batch]): its max length (`max_lengths` [batch], this check's own or, in a
+        search joined from several requests, each prompt's request's) reached, or an eos token."""
+        hit = (lengths >= max_lengths)[:, None].expand_as(tokens)
         if self.eos_ids is not None:
-            hit |= torch.isin(tokens, self.eos_ids.to(tokens.device))
+            hit = hit | torch.isin(tokens, self.eos_ids.to(tokens.device))
         return hit
 
 

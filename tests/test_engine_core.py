@@ -174,6 +174,34 @@ def test_eight_threads_on_one_engine_each_get_their_solo_output():
 # --- KV blocks on demand --------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("draft", [None, "perturbed"])
+def test_beam_requests_of_other_widths_and_limits_replay_as_one_search(draft, monkeypatch):
+    """Beam requests of one kind whose prompts differ in width, length limit, count and returned sequences step as
+    one search (each a member of one replay) and each gets its solo output, output_scores and eos included."""
+    import specbeam.engine.beams as beams
+    engine = Engine(tiny_model("llama"), draft_model=perturbed_draft() if draft else None,
+                    spec=SpecConfig(depth=2, adaptive=False))
+    common = dict(num_beams=3, pad_token_id=PAD, eos_token_id=EOS, return_dict_in_generate=True, output_scores=True)
+    calls = []
+    for width, count, new, returned in ((7, 1, 9, 1), (4, 2, 14, 2), (9, 3, 5, 1), (5, 1, 11, 3)):
+        ids, mask = left_padded_batch(tuple(width - k for k in range(count)), seed=width)
+        calls.append(dict(input_ids=ids, attention_mask=mask, max_new_tokens=new, num_return_sequences=returned,
+                          **common))
+    solo = [engine.generate(**c) for c in calls]
+    members = []
+    replay = beams.BeamReplay
+    monkeypatch.setattr(beams, "BeamReplay", lambda m, *a: members.append(len(m)) or replay(m, *a))
+    ids = [engine.add_request(**c) for c in calls]
+    results = {}
+    while engine.has_unfinished_requests():
+        results.update((o.request_id, o.result) for o in engine.step() if o.finished)
+    assert max(members) == len(calls)  # every request in one replay
+    for i, alone in zip(ids, solo):
+        assert _same(results[i], alone) and torch.equal(results[i].sequences_scores, alone.sequences_scores)
+        assert all(torch.equal(a, b) for a, b in zip(results[i].scores, alone.scores))
+    _assert_no_leak(engine)
+
+
 def _eos_after_a_few(model, ids, mask) -> list[int]:
     """An eos list under which transformers' greedy rows all stop within a few tokens."""
     out = model.generate(ids, attention_mask=mask, max_new_tokens=4, pad_token_id=PAD)

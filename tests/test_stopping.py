@@ -70,7 +70,8 @@ def test_beam_candidates_are_read_off_their_length_and_token_as_the_criteria_ans
     for lengths in ([6, 6], [7, 5], [8, 7]):
         called = [criteria(torch.cat([torch.full((1, n - 1), 11), tokens[g, k].view(1, 1)], 1), None)[0]
                   for g, n in enumerate(lengths) for k in range(3)]
-        assert torch.equal(stop.hits(tokens, torch.tensor(lengths)), torch.stack(called).view(2, 3))
+        limits = torch.full((2,), stop.max_length)  # each prompt's limit: this check's own
+        assert torch.equal(stop.hits(tokens, torch.tensor(lengths), limits), torch.stack(called).view(2, 3))
 
 
 def test_user_stopping_criteria_are_applied():

@@ -4,51 +4,37 @@ beam step while every new running beam is a node of the trees (its distribution 
 that leaves them ends that prompt's round, not the others' (strict top-B verification). A tree of the root
 alone is a plain beam step."""
 import itertools
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from specbeam.beam import NEG, BeamSearch
+from specbeam.engine.beam_replay import BeamReplay, Step
 from specbeam.engine.decoding import Decoding, tree_work
 from specbeam.outputs import SpecbeamBeamOutput
-from specbeam.processing import process_rows
 from specbeam.stopping import StopCheck
 from specbeam.trace import Trace, TraceStep, draft_rounds
-from specbeam.tree import DraftTree
 
 
 _TRACE_FIELDS = ("parent", "token", "score", "survivors", "finished")
 
 
-@dataclass
-class _Step:
-    """One beam step over some prompts of the search, kept whole: a prompt's part is read when needed."""
-
-    prompts: list[int]
-    scores: torch.Tensor  # [prompts * beams, vocab] processed log-probabilities
-    raw: torch.Tensor  # [prompts * beams, vocab] logits
-    trace: TraceStep  # [prompts, K] per field ([prompts, B] survivors)
-
-    def part(self, name: str, g: int | None = None) -> torch.Tensor:  # field `name`: its g-th prompt's rows, or all
-        value = getattr(self, name) if name in ("scores", "raw") else getattr(self.trace, name)
-        rows = value.shape[0] // len(self.prompts)
-        return value if g is None else value[g * rows:(g + 1) * rows]
-
-
 class BeamDecoding(Decoding):
     """The running prompts' searches are one `BeamSearch` (their lengths may differ); within a round, a replay
-    step runs over the prompts still inside their trees, and a prompt leaves the search when it ends."""
+    step runs over the prompts still inside their trees, with other requests' that join it (`BeamReplay`), and a
+    prompt leaves the search when it ends."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.search: BeamSearch | None = BeamSearch(self.request.input_ids, self.params,
-                                                    self.request.config._eos_token_tensor)  # None: all ended
         self.stop = StopCheck(self.request.stopping_criteria)
+        self.search: BeamSearch | None = BeamSearch(self.request.input_ids, self.params,  # None: all ended
+                                                    self.request.config._eos_token_tensor, self.stop.max_length)
         self.ended: dict[int, BeamSearch] = {}  # per prompt, its search once it has ended
-        self.log: list[_Step] = []  # every beam step
-        self.taken = [[] for _ in range(self.search.batch)]  # per prompt, per step: (its _Step, its index in it)
+        self.log: list[Step] = []  # every beam step
+        self.taken = [[] for _ in range(self.search.batch)]  # per prompt, per step: (its Step, its index in it)
         self.drafts = [[] for _ in range(self.search.batch)]  # per prompt: its DraftRounds, for the trace
+        # a step treats its prompts as any other request's: it may replay in one search with theirs
+        self.joinable = not self.request.logits_processor and not self.stop.others
 
     # --- one round ----------------------------------------------------------------------------------------
 
@@ -64,76 +50,43 @@ class BeamDecoding(Decoding):
         return [tree_work(self.rows[r].table, self.trees[r]) for r in self.round_rows]
 
     def absorb(self, logits: torch.Tensor) -> None:  # [the round's tree nodes, vocab]
-        self.logits = logits.to(torch.float32)
+        absorb_beams([self], logits, [0])
+
+    def joins(self, other: "BeamDecoding") -> bool:
+        """Whether the two requests' rounds can replay as one search: no processors or stopping criteria of their
+        own, the same eos tokens and the same kind of search."""
+        return (self.joinable and other.joinable and self.stop.eos == other.stop.eos
+                and self.search.joins(other.search))
+
+    def start_round(self) -> None:
+        """Before the replay: where each beam's tree sits in the logits; what the draft and the policy hear."""
         offsets = itertools.accumulate((len(self.trees[r]) for r in self.round_rows[:-1]), initial=0)
-        self.offset = dict(zip(self.round_rows, offsets))  # per beam of the round: its root's row of the logits
+        self.offset = dict(zip(self.round_rows, offsets))  # per beam of the round: its root's row of its logits
         self.draft_origins = [(r, [0]) for r in range(len(self.rows))]
-        self.seen, self.advanced = [], 0  # for the tree policy, added up per prompt (`_end_round`)
-        running_on = self._replay(self.search)
+        self.seen, self.advanced = [], 0  # for the tree policy, added up per prompt (`end_round`)
+
+    def end_replay(self, running_on: list[BeamSearch]) -> None:
+        """After the replay: the parts of the search that run on are the search; the draft follows the beams."""
         self.search = BeamSearch.merge(running_on) if running_on else None
         if self.draft is not None:
             self.draft.commit(self.draft_origins)
         self.finished = self.search is None
 
-    def _replay(self, group: BeamSearch) -> list[BeamSearch]:
-        """Beam steps of the search from one target pass: a prompt goes on while every running beam of it is a
-        tree node (its distribution is known), and its round ends at the first step that leaves its trees (the
-        others step on without it). Returns the parts of the search that run on."""
-        beams = self.params.num_beams
-        # per running beam: (the request row it descends from at the round's start, its node path in that row's
-        # tree, the last entry the new root's node or None)
-        origin = [(p * beams + b, [0]) for p in group.prompts for b in range(beams)]
-        first = {p: len(self.taken[p]) for p in group.prompts}
-        walked = {r: {0} for r, _ in origin}
-        replayed, running_on = 0, []
-        while True:
-            index = torch.tensor([self.offset[r] + path[-1] for r, path in origin], device=self.logits.device)
-            self._beam_step(group, self.logits.index_select(0, index))
-            replayed += 1
-            done = group.prompts_done().tolist()
-            origin, inside = _follow(group, self.trees, origin)
-            for r, path in origin:
-                walked[r].update(node for node in path if node is not None)
-            stop = [g for g in range(group.batch) if done[g] or not inside[g]]
-            for g in stop:
-                self._end_round(group.prompts[g], first[group.prompts[g]], replayed, walked, done[g])
-            for g in (g for g in stop if done[g]):
-                self._end_search(group, g)
-            stopped = [g for g in stop if not done[g]]
-            if stopped:
-                part = group if len(stopped) == group.batch else group.split(stopped)
-                running_on.append(self._commit(part, [origin[g * beams + b] for g in stopped for b in range(beams)],
-                                               replayed))
-            going = [g for g in range(group.batch) if g not in stop]
-            if not going:
-                return running_on
-            if stop:
-                group, origin = group.split(going), [origin[g * beams + b] for g in going for b in range(beams)]
-
-    def _beam_step(self, group: BeamSearch, logits: torch.Tensor) -> None:  # [group rows, vocab] their logits
-        beams, processors = self.params.num_beams, self.request.logits_processor
-        log_probs = F.log_softmax(logits, dim=-1)
-        if processors and group.batch * beams == len(self.rows) and group.same_length():  # as transformers
-            log_probs = processors(group.tail(group.lengths[0]), log_probs)
-        elif processors:
-            rows = [p * beams + b for p in group.prompts for b in range(beams)]
-            log_probs = process_rows(processors, group.running_sequences(), logits, rows, len(self.rows),
-                                     log_softmax=True)
-        step = _Step(group.prompts, log_probs, logits, group.step(log_probs, self.stop,
-                                                                   self._history))
+    def log_step(self, step: Step, taken: list[tuple[int, int]]) -> None:
+        """A replayed step that held these (index in the step, prompt) of this request."""
         self.log.append(step)
-        for g, p in enumerate(group.prompts):
+        for g, p in taken:
             self.taken[p].append((step, g))
-        self.stats.steps = max(self.stats.steps, max(len(self.taken[p]) for p in group.prompts))
+        self.stats.steps = max(self.stats.steps, max(len(self.taken[p]) for _, p in taken))
 
-    def _history(self, prompts: list[int]):
+    def scores_so_far(self, prompts: list[int]):
         """The processed scores so far of prompts of one length, as transformers passes them to stopping
         criteria."""
         if not self.request.config.output_scores:
             return None
         return tuple(scores for scores, in self._per_step(("scores",), len(self.taken[prompts[0]]), prompts))
 
-    def _end_round(self, p: int, first_step: int, replayed: int, walked: dict, ended: bool) -> None:
+    def end_round(self, p: int, first_step: int, replayed: int, walked: dict, ended: bool) -> None:
         """Count what prompt p's round accepted and record its drafted trees for the trace. For the tree policy:
         the replay went on past depths 1 .. replayed - 1 and, unless the search ended, stopped at the next one
         if it was drafted."""
@@ -148,14 +101,14 @@ class BeamDecoding(Decoding):
                 self.seen.append((replayed, None, 1))
             self.drafts[p] += draft_rounds(first_step, rows, trees, [walked[r] for r in rows], beams)
 
-    def _end_search(self, group: BeamSearch, g: int) -> None:
-        """Prompt g of the group has its final hypotheses: its rows' blocks are free at once."""
-        p, beams = group.prompts[g], self.params.num_beams
-        self.ended[p] = group.split([g])
+    def end_search(self, part: BeamSearch) -> None:
+        """The prompt of `part` (a search of it alone) has its final hypotheses: its rows' blocks are free at once."""
+        p, beams = part.prompts[0], self.params.num_beams
+        self.ended[p] = part
         for row in self.rows[p * beams:(p + 1) * beams]:
             self.release_row(row)
 
-    def _commit(self, group: BeamSearch, origin: list[tuple[int, list]], replayed: int) -> BeamSearch:
+    def commit_beams(self, group: BeamSearch, origin: list[tuple[int, list]], replayed: int) -> BeamSearch:
         """New beams fork the table of the beam they descend from and keep their path's K/V, their newest token
         (the next root) excluded; the draft's rows follow them. Their tokens: the source's and the `replayed`
         new ones."""
@@ -234,7 +187,8 @@ class BeamDecoding(Decoding):
         for t in range(steps):
             taken = [self.taken[p][t] if t < len(self.taken[p]) else (None, 0) for p in prompts]
             whole = taken[0][0]
-            if whole is not None and whole.prompts == prompts and all(s is whole for s, _ in taken):
+            if whole is not None and len(whole.prompts) == len(prompts) and all(
+                    s is whole and g == i for i, (s, g) in enumerate(taken)):
                 out.append(tuple(whole.part(name) for name in names))
             else:
                 out.append(tuple(torch.cat([s.part(name, g) if s is not None else ended[name] for s, g in taken])
@@ -257,15 +211,11 @@ class BeamDecoding(Decoding):
         )
 
 
-def _follow(search: BeamSearch, trees: dict[int, DraftTree], origin) -> tuple[list, list[bool]]:
-    """Each new running beam's origin after one more replayed step, and per prompt whether all of its running
-    beams are tree nodes."""
-    tokens = search.tail(1).flatten().tolist()
-    beams = search.params.num_beams
-    new, inside = [], [True] * search.batch
-    for beam, parent in enumerate(search.parents().tolist()):
-        row, path = origin[parent]
-        child = trees[row].child(path[-1], tokens[beam])
-        inside[beam // beams] &= child is not None
-        new.append((row, path + [child]))
-    return new, inside
+def absorb_beams(members: list[BeamDecoding], logits: torch.Tensor, firsts: list[int]) -> None:
+    """One round of beam requests that join (`BeamDecoding.joins`), replayed as one search. logits: [rows, vocab]
+    holding each member's tree nodes from row firsts[k] on."""
+    for member in members:
+        member.start_round()
+    running_on = BeamReplay(members, logits, firsts).run()
+    for member in members:
+        member.end_replay(running_on.get(member, []))

@@ -21,7 +21,7 @@ from specbeam.cache import BlockTable, PagedKVCache
 from specbeam.cascade import CascadeDrafter
 from specbeam.config import BEAM, SAMPLE, EngineConfig, SpecConfig
 from specbeam.drafters import DraftModelDrafter, NgramDrafter
-from specbeam.engine.beams import BeamDecoding
+from specbeam.engine.beams import BeamDecoding, absorb_beams
 from specbeam.engine.decoding import Decoding
 from specbeam.engine.scheduler import Scheduler
 from specbeam.engine.tokens import TokenDecoding
@@ -177,15 +177,24 @@ class EngineCore:
         # a nan or inf anywhere makes the sum one (20x cheaper than isfinite over all of them); then each request
         # checks its own rows, which also clears a sum of finite logits that overflowed
         finite = bool(torch.isfinite(logits.sum()))
+        spans = {}  # per request whose logits are fine: its rows of them
         for state, first, count in planned:
             state.stats.target_passes += 1
-            mine = logits[bounds[first]:bounds[first + count]]
+            spans[state] = bounds[first], bounds[first + count]
             try:
                 if not finite:
-                    check_finite(mine, state.stats.steps)
-                state.absorb(mine)
-            except Exception as error:  # noqa: BLE001: a request's own failure (a processor, a criterion)
+                    check_finite(logits[slice(*spans[state])], state.stats.steps)
+            except FloatingPointError as error:
+                del spans[state]
                 outputs.append(self._fail(state, error))
+        for members in _absorb_groups(list(spans)):
+            try:
+                if isinstance(members[0], BeamDecoding):
+                    absorb_beams(members, logits, [spans[m][0] for m in members])
+                else:
+                    members[0].absorb(logits[slice(*spans[members[0]])])
+            except Exception as error:  # noqa: BLE001: a request's own failure (a processor, a criterion)
+                outputs += [self._fail(state, error) for state in members]
         return [s for s, _, _ in planned if s.request_id in self.requests]
 
     def _plan(self, running: list[Decoding], outputs: list) -> list[tuple[Decoding, list[Work]]]:
@@ -374,6 +383,20 @@ class EngineCore:
                 f"{self.config.max_cache_bytes or total * self.cache.block_bytes}): shorten the prompt or the "
                 "batch, or raise max_cache_bytes"
             )
+
+
+def _absorb_groups(states: list[Decoding]) -> list[list[Decoding]]:
+    """The requests whose rounds select together: beam requests that join one another's search, in turn; every
+    other request alone."""
+    groups = []
+    for state in states:
+        joined = isinstance(state, BeamDecoding) and next(
+            (g for g in groups if isinstance(g[0], BeamDecoding) and g[0].joins(state)), None)
+        if joined:
+            joined.append(state)
+        else:
+            groups.append([state])
+    return groups
 
 
 def _device_free(device: torch.device) -> int:
