@@ -179,11 +179,16 @@ class BeamSearch:
         return self.is_finished.all(dim=1) & (self.params.early_stopping is True)
 
     def split(self, keep: list[int]) -> "BeamSearch":
-        """A search over the prompts `keep` (indices into this one's batch), their state as it is now."""
+        """A search over the prompts `keep` (indices into this one's batch), their state as it is now (views of
+        it where `keep` is a run of consecutive prompts: no state tensor is ever written in place)."""
         other = copy.copy(self)
-        index = torch.tensor(keep, device=self.running.device)
-        for name in _PER_PROMPT:
-            setattr(other, name, getattr(self, name).index_select(0, index))
+        if keep == list(range(keep[0], keep[0] + len(keep))):
+            for name in _PER_PROMPT:
+                setattr(other, name, getattr(self, name)[keep[0]:keep[0] + len(keep)])
+        else:
+            index = torch.tensor(keep, device=self.running.device)
+            for name in _PER_PROMPT:
+                setattr(other, name, getattr(self, name).index_select(0, index))
         other.batch, other.prompts = len(keep), [self.prompts[i] for i in keep]
         for name in _PER_PROMPT_LISTS:
             setattr(other, name, [getattr(self, name)[i] for i in keep])
