@@ -24,7 +24,7 @@ from specbeam.drafters import DraftModelDrafter, NgramDrafter
 from specbeam.engine.beams import BeamDecoding, absorb_beams
 from specbeam.engine.decoding import Decoding
 from specbeam.engine.scheduler import Scheduler
-from specbeam.engine.tokens import TokenDecoding
+from specbeam.engine.tokens import TokenDecoding, absorb_tokens
 from specbeam.model_runner import ModelRunner, Work
 from specbeam.outputs import RequestOutput
 from specbeam.request import build_request
@@ -187,12 +187,12 @@ class EngineCore:
             except FloatingPointError as error:
                 del spans[state]
                 outputs.append(self._fail(state, error))
-        for members in _absorb_groups(list(spans)):
+        tokens = [s for s in spans if isinstance(s, TokenDecoding)]
+        failures = absorb_tokens(tokens, [logits[slice(*spans[s])] for s in tokens])
+        outputs += [self._fail(state, error) for state, error in failures]
+        for members in _joined_beams([s for s in spans if isinstance(s, BeamDecoding)]):
             try:
-                if isinstance(members[0], BeamDecoding):
-                    absorb_beams(members, logits, [spans[m][0] for m in members])
-                else:
-                    members[0].absorb(logits[slice(*spans[members[0]])])
+                absorb_beams(members, logits, [spans[m][0] for m in members])
             except Exception as error:  # noqa: BLE001: a request's own failure (a processor, a criterion)
                 outputs += [self._fail(state, error) for state in members]
         return [s for s, _, _ in planned if s.request_id in self.requests]
@@ -385,17 +385,16 @@ class EngineCore:
             )
 
 
-def _absorb_groups(states: list[Decoding]) -> list[list[Decoding]]:
-    """The requests whose rounds select together: beam requests that join one another's search, in turn; every
-    other request alone."""
+def _joined_beams(states: list[BeamDecoding]) -> list[list[BeamDecoding]]:
+    """Beam requests grouped by the search they replay in: each joins the first group whose first request it
+    joins (`BeamDecoding.joins`)."""
     groups = []
     for state in states:
-        joined = isinstance(state, BeamDecoding) and next(
-            (g for g in groups if isinstance(g[0], BeamDecoding) and g[0].joins(state)), None)
-        if joined:
-            joined.append(state)
-        else:
+        group = next((g for g in groups if g[0].joins(state)), None)
+        if group is None:
             groups.append([state])
+        else:
+            group.append(state)
     return groups
 
 

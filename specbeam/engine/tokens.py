@@ -37,10 +37,17 @@ class TokenDecoding(Decoding):
         return [tree_work(self.rows[r].table, t) for r, t in zip(self.round_rows, self.trees)]
 
     def absorb(self, logits: torch.Tensor) -> None:  # [the round's tree nodes, vocab]
-        logits = logits.to(torch.float32)
-        logits = logits.split_with_sizes([len(t) for t in self.trees])  # per row of the round: [tree nodes, vocab]
-        processed = self._process(logits)
-        paths, next_tokens = self._verify(processed)
+        for _, error in absorb_tokens([self], [logits]):
+            raise error
+
+    def score_round(self, logits: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per tree of the round: its logits and processed scores [nodes, vocab]."""
+        logits = logits.to(torch.float32).split_with_sizes([len(t) for t in self.trees])
+        return logits, self._process(logits)
+
+    def commit_round(self, logits: list[torch.Tensor], processed: list[torch.Tensor], paths: list[list[int]],
+                     next_tokens: list[int]) -> None:
+        """Each row keeps its tree's accepted path (its K/V, its tokens) and the token after it."""
         self.advanced = 0
         accepted, kept = {}, []
         for i, r in enumerate(self.round_rows):
@@ -69,8 +76,9 @@ class TokenDecoding(Decoding):
         kept = self.sampling_probs(processed) > 0
         return (processed / self.params.warpers[0]).masked_fill(~kept, float("-inf"))
 
-    def _verify(self, processed: list[torch.Tensor]) -> tuple[list[list[int]], list[int]]:  # per tree: [nodes, vocab]
-        """Batched tree verification: each tree's accepted path (node indices) and the token after it."""
+    def verify(self, processed: list[torch.Tensor]) -> tuple[list[list[int]], list[int]]:  # per tree [nodes, vocab]
+        """Each tree's accepted path (node indices) and the token after it (greedy requests verify together:
+        `absorb_tokens`)."""
         if self.params.mode == SAMPLE:
             return verify_trees(self.trees, processed, self.sampling_probs, self.generator)
         return verify_trees(self.trees, processed)
@@ -143,3 +151,29 @@ def one_hot_logits(pad: int | None, vocab: int, device) -> torch.Tensor:  # [voc
     if pad is not None and 0 <= pad < vocab:
         logits[pad] = 0.0
     return logits
+
+
+def absorb_tokens(members: list[TokenDecoding], logits: list[torch.Tensor]) -> list[tuple[TokenDecoding, Exception]]:
+    """One round of greedy and sampling requests (logits: each one's [tree nodes, vocab]): the greedy ones' trees
+    are verified in one batch, each sampling one's with its own generator. Returns the requests that failed (a
+    processor, a stopping criterion), with their error; the others are unaffected."""
+    scored, failures = [], []
+    for member, mine in zip(members, logits):
+        try:
+            scored.append((member, *member.score_round(mine)))
+        except Exception as error:  # noqa: BLE001: the request's own
+            failures.append((member, error))
+    greedy = [(m, processed) for m, _, processed in scored if m.params.mode != SAMPLE]
+    verdicts = {}
+    if greedy:
+        paths, next_tokens = verify_trees([t for m, _ in greedy for t in m.trees], [p for _, ps in greedy for p in ps])
+        first = 0
+        for m, _ in greedy:
+            verdicts[m] = paths[first:first + len(m.trees)], next_tokens[first:first + len(m.trees)]
+            first += len(m.trees)
+    for member, raw, processed in scored:
+        try:
+            member.commit_round(raw, processed, *(verdicts.get(member) or member.verify(processed)))
+        except Exception as error:  # noqa: BLE001
+            failures.append((member, error))
+    return failures
