@@ -22,7 +22,7 @@ from specbeam.drafters import DraftModelDrafter, DraftSession
 from specbeam.processing import process_trees
 from specbeam.tree import DraftTree
 from specbeam.tree_policy import SummedPassCost
-from specbeam.verification import verify_trees
+from specbeam.verification import draw_uniforms, verify_trees
 
 
 class CascadeDrafter:
@@ -119,7 +119,7 @@ class CascadeSession:
 def _chains(trees: list[DraftTree], scores: list[torch.Tensor], sample, generator, budgets: list[int]):
     """Greedy or sampling: the path of each tree this stage accepts and its own token after it, as a chain of at
     most `budgets[i]` drafted nodes, with the map of the chain's nodes to the tree's (None: the new token)."""
-    paths, next_tokens = verify_trees(trees, scores, sample, generator)
+    paths, next_tokens = verify_trees(trees, scores, sample, draw_uniforms(trees, generator) if sample else None)
     chains, maps = [], []
     for tree, path, token, score, budget in zip(trees, paths, next_tokens, scores, budgets):
         kept = path[: budget + 1]

@@ -11,10 +11,11 @@ from specbeam.tree import DraftTree
 
 def verify_trees(trees: list[DraftTree], processed: list[torch.Tensor],
                  sampling_probs: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 generator: torch.Generator | None = None) -> tuple[list[list[int]], list[int]]:
+                 draws: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[list[list[int]], list[int]]:
     """processed: per tree, the model's processed scores at its nodes [nodes, vocab]. sampling_probs: processed
-    scores [rows, vocab] -> the distribution to sample (None: greedy); the uniforms come from `generator`.
-    Returns each tree's accepted path (node indices from the root) and the token after it."""
+    scores [rows, vocab] -> the distribution to sample (None: greedy); draws: the uniforms that decide, per tree
+    ([trees, >= its nodes] and [trees], `draw_uniforms`). Returns each tree's accepted path (node indices from
+    the root) and the token after it."""
     if sampling_probs is None and all(len(t) == 1 for t in trees):  # plain greedy steps: the argmax
         return [[0]] * len(trees), torch.cat(processed).argmax(dim=-1).tolist()
     width = max(len(t) for t in trees)
@@ -25,17 +26,25 @@ def verify_trees(trees: list[DraftTree], processed: list[torch.Tensor],
     num_nodes = torch.tensor([len(t) for t in trees], device=device)
     if sampling_probs is not None:
         q = torch.stack([_draft_probs(t, scores.shape[-1], width) for t in trees])
-        uniform, noise = _uniforms(parents.shape, generator), _uniforms(parents.shape[:1], generator)
+        uniform, noise = draws
         p = sampling_probs(scores.flatten(0, 1)).view(scores.shape)
         path, accepted, next_token = ops.stochastic_verify(
-            parents, num_nodes, tokens, p, q.to(device), uniform.to(device), noise.to(device))
+            parents, num_nodes, tokens, p, q.to(device), uniform[:, :width].to(device), noise.to(device))
     else:
         path, accepted, next_token = ops.greedy_verify(parents, num_nodes, tokens, scores.argmax(dim=-1))
     paths = [p[: a + 1] for p, a in zip(path.tolist(), accepted.tolist())]
     return paths, next_token.tolist()
 
 
-def _uniforms(shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
+def draw_uniforms(trees: list[DraftTree], generator: torch.Generator, width: int | None = None):
+    """The U(0, 1) draws that decide one request's trees, from its generator (on the generator's device):
+    uniform [trees, its widest tree] (zeros after, up to `width` if given) and noise [trees]."""
+    widest = max(len(t) for t in trees)
+    uniform, noise = _uniforms((len(trees), widest), generator), _uniforms((len(trees),), generator)
+    return torch.nn.functional.pad(uniform, (0, (width or widest) - widest)), noise
+
+
+def _uniforms(shape: tuple, generator: torch.Generator) -> torch.Tensor:
     """U(0, 1) draws from the request's generator, on the generator's device."""
     return torch.rand(shape, generator=generator, device=generator.device)
 

@@ -76,9 +76,11 @@ class BeamReplay:
             by_member = defaultdict(list)
             for g in (g for g in stop if not done[g]):
                 by_member[self.owner[group.prompts[g]][0]].append(g)
+            tails = group.tail(replayed).tolist() if by_member else []  # per running beam: this round's tokens
             for m, gs in by_member.items():
-                paths = [origin[g * beams + b][1:] for g in gs for b in range(beams)]
-                running_on[m].append(m.commit_beams(self._part(group, gs), paths, replayed))
+                rows = [g * beams + b for g in gs for b in range(beams)]
+                running_on[m].append(m.commit_beams(self._part(group, gs), [origin[i][1:] for i in rows],
+                                                    [tails[i] for i in rows]))
             going = [g for g in range(group.batch) if g not in stop]
             if not going:
                 return running_on

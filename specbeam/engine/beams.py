@@ -108,10 +108,10 @@ class BeamDecoding(Decoding):
         for row in self.rows[p * beams:(p + 1) * beams]:
             self.release_row(row)
 
-    def commit_beams(self, group: BeamSearch, origin: list[tuple[int, list]], replayed: int) -> BeamSearch:
+    def commit_beams(self, group: BeamSearch, origin: list[tuple[int, list]], tails: list[list[int]]) -> BeamSearch:
         """New beams fork the table of the beam they descend from and keep their path's K/V, their newest token
-        (the next root) excluded; the draft's rows follow them. Their tokens: the source's and the `replayed`
-        new ones."""
+        (the next root) excluded; the draft's rows follow them. Their tokens: the source's and `tails`, each new
+        beam's tokens of this round."""
         beams = self.params.num_beams
         rows = [p * beams + b for p in group.prompts for b in range(beams)]
         old = {r: self.rows[r].table for r in rows}
@@ -130,7 +130,7 @@ class BeamDecoding(Decoding):
                                zip(rows, origin)])
         for r, (source, path) in zip(rows, origin):
             self.draft_origins[r] = (source, path[:-1])
-        for r, (source, _), new in zip(rows, origin, group.tail(replayed).tolist()):
+        for r, (source, _), new in zip(rows, origin, tails):
             self.rows[r].tokens = old_tokens[source] + new
         return group
 

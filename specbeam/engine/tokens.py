@@ -1,6 +1,8 @@
 """Greedy decoding and sampling: each row keeps the deepest path of its draft tree that the target verifies,
 then the target's own next token after it (greedy: the argmax; sampling: tree speculative sampling, which emits
 exactly the target's processed distribution). A tree of the root alone is a plain step."""
+from collections import defaultdict
+
 import torch
 
 from specbeam.config import SAMPLE
@@ -9,7 +11,7 @@ from specbeam.outputs import SpecbeamOutput
 from specbeam.processing import process_trees
 from specbeam.stopping import StopCheck
 from specbeam.tree import DraftTree
-from specbeam.verification import verify_trees
+from specbeam.verification import draw_uniforms, verify_trees
 
 
 class TokenDecoding(Decoding):
@@ -75,13 +77,6 @@ class TokenDecoding(Decoding):
             return processed
         kept = self.sampling_probs(processed) > 0
         return (processed / self.params.warpers[0]).masked_fill(~kept, float("-inf"))
-
-    def verify(self, processed: list[torch.Tensor]) -> tuple[list[list[int]], list[int]]:  # per tree [nodes, vocab]
-        """Each tree's accepted path (node indices) and the token after it (greedy requests verify together:
-        `absorb_tokens`)."""
-        if self.params.mode == SAMPLE:
-            return verify_trees(self.trees, processed, self.sampling_probs, self.generator)
-        return verify_trees(self.trees, processed)
 
     def _accept(self, r: int, tree: DraftTree, path: list[int], next_token: int,
                 processed: torch.Tensor, logits: torch.Tensor) -> None:  # [tree nodes, vocab] each
@@ -154,26 +149,34 @@ def one_hot_logits(pad: int | None, vocab: int, device) -> torch.Tensor:  # [voc
 
 
 def absorb_tokens(members: list[TokenDecoding], logits: list[torch.Tensor]) -> list[tuple[TokenDecoding, Exception]]:
-    """One round of greedy and sampling requests (logits: each one's [tree nodes, vocab]): the greedy ones' trees
-    are verified in one batch, each sampling one's with its own generator. Returns the requests that failed (a
-    processor, a stopping criterion), with their error; the others are unaffected."""
+    """One round of greedy and sampling requests (logits: each one's [tree nodes, vocab]). Their trees are verified
+    in one batch per kind: the greedy ones, and the sampling ones per filter (temperature, top-k, top-p, min-p),
+    each drawing its uniforms from its own generator. Returns the requests that failed (a processor, a stopping
+    criterion), with their error; the others are unaffected."""
     scored, failures = [], []
     for member, mine in zip(members, logits):
         try:
             scored.append((member, *member.score_round(mine)))
         except Exception as error:  # noqa: BLE001: the request's own
             failures.append((member, error))
-    greedy = [(m, processed) for m, _, processed in scored if m.params.mode != SAMPLE]
+    kinds = defaultdict(list)  # requests whose trees verify in one batch
+    for member, _, processed in scored:
+        kinds[member.params.mode == SAMPLE, member.params.warpers].append((member, processed))
     verdicts = {}
-    if greedy:
-        paths, next_tokens = verify_trees([t for m, _ in greedy for t in m.trees], [p for _, ps in greedy for p in ps])
+    for (sample, _), batch in kinds.items():
+        trees = [t for m, _ in batch for t in m.trees]
+        width = max(len(t) for t in trees)
+        draws = [draw_uniforms(m.trees, m.generator, width) for m, _ in batch] if sample else None
+        paths, next_tokens = verify_trees(trees, [p for _, ps in batch for p in ps],
+                                          batch[0][0].sampling_probs if sample else None,
+                                          tuple(map(torch.cat, zip(*draws))) if sample else None)
         first = 0
-        for m, _ in greedy:
+        for m, _ in batch:
             verdicts[m] = paths[first:first + len(m.trees)], next_tokens[first:first + len(m.trees)]
             first += len(m.trees)
     for member, raw, processed in scored:
         try:
-            member.commit_round(raw, processed, *(verdicts.get(member) or member.verify(processed)))
+            member.commit_round(raw, processed, *verdicts[member])
         except Exception as error:  # noqa: BLE001
             failures.append((member, error))
     return failures
