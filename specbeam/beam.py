@@ -229,6 +229,10 @@ class BeamSearch:
         """Merge the candidates that stopped among the top B into the best B finished hypotheses."""
         beams = self.params.num_beams
         just_finished = hits & self.is_top_beam[None, :]
+        if not bool(just_finished.any()):
+            # nothing enters: every candidate scores below the set's hypotheses and at most ties its placeholders
+            # (score NEG, not finished), and which of those a tie keeps is read by nothing, results included
+            return torch.zeros_like(hits)
         scores = cand_scores / self._penalised([n + 1 - start for n, start in zip(self.lengths, self.prompt_lens)])
         scores = scores + self._full()[:, None].to(torch.float32) * NEG  # early_stopping=True: full takes no more
         scores = scores + (~self.can_improve).to(torch.float32) * NEG  # nothing can beat the set
