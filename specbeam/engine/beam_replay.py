@@ -26,10 +26,10 @@ class Step:
     raw: torch.Tensor  # [prompts * beams, vocab] logits
     trace: TraceStep  # [prompts, K] per field ([prompts, B] survivors)
 
-    def part(self, name: str, g: int | None = None) -> torch.Tensor:  # field `name`: its g-th prompt's rows, or all
+    def part(self, name: str, g: int, count: int = 1) -> torch.Tensor:  # field `name`: prompts g .. g + count - 1
         value = getattr(self, name) if name in ("scores", "raw") else getattr(self.trace, name)
         rows = value.shape[0] // len(self.prompts)
-        return value if g is None else value[g * rows:(g + 1) * rows]
+        return value if count == len(self.prompts) else value[g * rows:(g + count) * rows]
 
 
 class BeamReplay:

@@ -149,8 +149,9 @@ class BeamDecoding(Decoding):
         sequences, sequence_scores, beam_indices = self._results()
         if not config.return_dict_in_generate:
             return sequences
-        names = _TRACE_FIELDS + ("scores",) * bool(config.output_scores) + ("raw",) * bool(config.output_logits)
-        per_step = dict(zip(names, zip(*self._per_step(names, self.stats.steps))))  # name -> per step
+        names = ("scores",) * bool(config.output_scores) + ("raw",) * bool(config.output_logits)
+        per_step = dict(zip(names, zip(*self._per_step(names, self.stats.steps)))) if names else {}
+        per_step.update((name, self._trace_field(name)) for name in _TRACE_FIELDS)  # name -> per step
         trace = Trace([TraceStep(*fields) for fields in zip(*(per_step[f] for f in _TRACE_FIELDS))],
                       drafts=[d for drafts in self.drafts for d in drafts])
         trace.mark_returned(sequences, beam_indices, self.request.input_ids.shape[1])
@@ -179,21 +180,41 @@ class BeamDecoding(Decoding):
         return sequences, torch.cat([scores for _, scores, _ in results]), indices
 
     def _per_step(self, names: tuple[str, ...], steps: int, prompts: list[int] | None = None) -> list[tuple]:
-        """Per step, fields `names` of every prompt (or of `prompts`), concatenated; a step that ran over all of
-        them in order is taken as it is. A prompt whose search has ended shows `_ended_rows`."""
+        """Per step, fields `names` of every prompt (or of `prompts`), concatenated: consecutive prompts that one
+        step holds in order are read as one slice of it (all of them: the step as it is). A prompt whose search
+        has ended shows `_ended_rows`."""
         prompts = list(range(len(self.taken))) if prompts is None else prompts
         ended = self._ended_rows() if any(len(self.taken[p]) < steps for p in prompts) else {}
         out = []
         for t in range(steps):
-            taken = [self.taken[p][t] if t < len(self.taken[p]) else (None, 0) for p in prompts]
-            whole = taken[0][0]
-            if whole is not None and len(whole.prompts) == len(prompts) and all(
-                    s is whole and g == i for i, (s, g) in enumerate(taken)):
-                out.append(tuple(whole.part(name) for name in names))
-            else:
-                out.append(tuple(torch.cat([s.part(name, g) if s is not None else ended[name] for s, g in taken])
-                                 for name in names))
+            runs = []  # [step or None, its first index, prompts]
+            for s, g in (self.taken[p][t] if t < len(self.taken[p]) else (None, 0) for p in prompts):
+                if runs and runs[-1][0] is s and (s is None or runs[-1][1] + runs[-1][2] == g):
+                    runs[-1][2] += 1
+                else:
+                    runs.append([s, g, 1])
+            out.append(tuple(_cat([s.part(name, g, n) if s is not None else ended[name].repeat(n, 1)
+                                   for s, g, n in runs]) for name in names))
         return out
+
+    def _trace_field(self, name: str) -> tuple[torch.Tensor, ...]:
+        """Per step, a small field of every prompt (as `_per_step` gives it), read in one gather from every step
+        at once: a prompt's steps fall in different replays, so that a step's prompts are rarely one slice."""
+        steps, taken = self.stats.steps, self.taken
+        ended = self._ended_rows()[name] if any(len(t) < steps for t in taken) else None
+        sources, base, total = [], {}, 0  # every step's field once; where each starts among them
+        for step in self.log:
+            if id(step) not in base:
+                sources.append(step.part(name, 0, len(step.prompts)))
+                base[id(step)], total = total, total + sources[-1].shape[0]
+        rows = sources[0].shape[0] // len(self.log[0].prompts)  # per prompt
+        if ended is not None:
+            base[None] = total
+            sources.append(ended)
+        index = [base[id(t[i][0])] + t[i][1] * rows + r if i < len(t) else base[None] + r
+                 for i in range(steps) for t in taken for r in range(rows)]
+        flat = torch.cat(sources).index_select(0, torch.tensor(index, device=sources[0].device))
+        return flat.view(steps, -1, *flat.shape[1:]).unbind(0)
 
     def _ended_rows(self) -> dict[str, torch.Tensor]:
         """What a prompt whose search has ended shows, per field: uniform log-probabilities (transformers keeps
@@ -219,3 +240,7 @@ def absorb_beams(members: list[BeamDecoding], logits: torch.Tensor, firsts: list
     running_on = BeamReplay(members, logits, firsts).run()
     for member in members:
         member.end_replay(running_on.get(member, []))
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
