@@ -11,13 +11,7 @@ The caller's thread has one already (it loaded the model); a second thread opens
 seeing more threads than cores, stops spinning between parallel regions, so that each region wakes its workers
 through the kernel (~0.1 ms on a virtual machine): at 2 threads that made the shipped target's decode step 3x
 slower and a 246M target's 1.6x. A thread other than the main one that does step (one of several callers) runs
-torch's own operations serially (`ops.serial_torch_ops`), the C++ kernels on specbeam's worker team.
-
-For the length of a turn, every object Python's collector tracked before it is frozen (`gc.freeze`, as vLLM's
-engine core does): torch's, transformers' and the models' ~400K objects, which a full collection would scan,
-pausing the engine ~0.2 s now and then (one in three of a 0.3 s call's timings). The objects a turn makes are
-collected as usual; when the turn ends, the frozen ones go back (`gc.unfreeze`)."""
-import gc
+torch's own operations serially (`ops.serial_torch_ops`), the C++ kernels on specbeam's worker team."""
 import logging
 import threading
 from typing import Callable
@@ -117,11 +111,9 @@ class EngineLoop:
                 return False
             self.stepping = True
         ops.serial_torch_ops(True)  # (off the main thread)
-        gc.freeze()
         return True
 
     def _end_turn(self) -> None:
-        gc.unfreeze()
         ops.serial_torch_ops(False)  # the caller's thread gets its torch operations back as they were
         with self.wake:
             self.stepping = False
