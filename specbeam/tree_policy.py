@@ -25,7 +25,9 @@ the model's rate is multiplied by two measured factors: the tokens they advanced
 model expected, and the seconds the pass costs predicted over the seconds they took (discounted sums, each starting
 from some rounds' worth at a prior's word, more for the tokens, which the luck of acceptance makes noisy; for
 drafting shapes the prior is the same factor over all drafting rounds, which fades more slowly, so that a shape not
-run lately is judged as drafting has paid here so far). The model carries each shape's rate across loads and
+run lately is judged as drafting has paid here so far; for plain steps, the factor over all plain rounds: else,
+after a while of drafting, plain steps would be judged by the pass costs alone, without the work they leave out,
+and drafting, which carries its own, would win on that alone). The model carries each shape's rate across loads and
 batch sizes and ranks the shapes not run yet; the factors correct it where it has run.
 
 Which shape runs never changes the output (every shape is lossless), only the speed; the policy draws from its
@@ -248,6 +250,7 @@ class TreePolicy:
     faded_at: dict[tuple[int, int], int] = field(default_factory=dict)  # per shape: `clock` when last written
     clock: int = 0  # rounds observed with both pass costs known
     pooled: RoundSums = RoundSums()  # over the rounds of every drafting shape
+    pooled_plain: RoundSums = RoundSums()  # over the plain rounds
     refresh: int = 32  # plain rounds the rates are reused for (a drafting round, which teaches more, renews them)
     max_backoff: int = 4  # halvings of a probe's chance at most (one per probe from plain steps that did not pay:
     # after it, drafting's best rate still does not beat plain steps' by the margin `stay` asks of a switch)
@@ -270,10 +273,11 @@ class TreePolicy:
         """The measured rate of this shape's rounds over the modelled one, as two factors: the tokens they
         advanced over the tokens expected, and the seconds predicted over the seconds taken. Each starts from
         its evidence's worth of one-tree rounds at a prior's word: for a drafting shape, the factor over every
-        drafting round (a shape not run lately is judged as drafting has paid here so far); for plain steps, 1."""
+        drafting round (a shape not run lately is judged as drafting has paid here so far); for plain steps, the
+        factor over every plain round."""
         sums = self.sums((depth, width))
         tokens, seconds = unit or self.expected(depth, width, 1, 0)  # a one-tree round: the evidence's unit
-        token_prior, cost_prior = self._pooled_factors() if depth else (1.0, 1.0)
+        token_prior, cost_prior = _factors(self.pooled if depth else self.pooled_plain)
         t, c = self.token_evidence * tokens, self.cost_evidence * seconds
         return ((sums.tokens + t * token_prior) / (sums.expected + t)
                 * (sums.predicted + c * cost_prior) / (sums.seconds + c))
@@ -284,11 +288,6 @@ class TreePolicy:
         of keeping a few early, noisy rounds' verdict)."""
         faded = self.memory ** (self.clock - self.faded_at.get(shape, self.clock))
         return self.measured.get(shape, RoundSums()).add(faded, 0, 0, 0, 0)
-
-    def _pooled_factors(self) -> tuple[float, float]:
-        pooled = self.pooled
-        cost = pooled.predicted / pooled.seconds if pooled.seconds > 0 else 1.0
-        return (pooled.tokens + 1) / (pooled.expected + 1), cost
 
     def rate(self, depth: int, width: int, trees: int, load: float) -> float:
         """The modelled rate, corrected by what this shape's rounds measured against the model so far: the work
@@ -373,6 +372,8 @@ class TreePolicy:
         self.faded_at[depth, width] = self.clock
         if depth:
             self.pooled = self.pooled.add(self.pool_memory, *this_round)
+        else:
+            self.pooled_plain = self.pooled_plain.add(self.pool_memory, *this_round)
         if depth and caught_up:  # it followed plain steps: did drafting pay, by the margin a switch needs?
             rates = self._rate_every_shape(trees, load)
             best = max(rates, key=rates.get)
@@ -387,6 +388,12 @@ class TreePolicy:
         options = [(d, width if d else self.widths[0]) for d in (depth - 1, depth + 1) if 0 <= d <= deepest]
         options += [(depth, self.widths[j]) for j in (i - 1, i + 1) if depth and 0 <= j < len(self.widths)]
         return self.rng.choice(options) if options else shape
+
+
+def _factors(pooled: RoundSums) -> tuple[float, float]:
+    """A pool's measured factors: tokens advanced over expected, seconds predicted over taken (1 without rounds)."""
+    cost = pooled.predicted / pooled.seconds if pooled.seconds > 0 else 1.0
+    return (pooled.tokens + 1) / (pooled.expected + 1), cost
 
 
 class SummedPassCost:

@@ -181,6 +181,14 @@ def test_measured_rounds_correct_the_model_per_shape():
     for _ in range(200):
         policy.observe(*shape, 1, 0, tokens=tokens, seconds=seconds, seen=[])
     assert before < 0.2 and policy.ratio(*best) == pytest.approx(policy.ratio(*other), rel=0.05)
+    # plain steps not run lately are judged as plain steps have measured here (they too leave work out of the
+    # model), not by the model alone: else a while of drafting would leave them at the model's word
+    tokens, seconds = policy.expected(0, 1, 1, 0)
+    for _ in range(50):
+        policy.observe(0, 1, 1, 0, tokens=tokens, seconds=3 * seconds, seen=[])
+    for _ in range(400):
+        policy.observe(*shape, 1, 0, tokens=tokens, seconds=seconds, seen=[])
+    assert policy.sums((0, 1)).seconds < 1e-3 * seconds and policy.ratio(0, 1) == pytest.approx(1 / 3, rel=0.01)
 
 
 def test_a_request_stepping_plainly_keeps_doing_so_while_that_is_nearly_the_best():
