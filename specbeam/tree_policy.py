@@ -344,12 +344,13 @@ class TreePolicy:
         return seconds / (seconds + self.draft(unfed))
 
     def observe(self, depth: int, width: int, trees: int, load: float, tokens: int, seconds: float,
-                seen: list[tuple[int, int | None, int]], caught_up: int = 0) -> None:
+                seen: list[tuple[int, int | None, int]], caught_up: int = 0, rounds: int = 1) -> None:
         """A round of this shape over `trees` trees beside `load` tokens advanced `tokens` in `seconds` (the
         request's share of the round), its draft first catching up on `caught_up` tokens of plain steps before it
         (the cost of switching, not of the shape: the draft's modelled time for them is taken off), and accepted
-        as `seen` says ((depth, rank or None, width) observations, `TreeShape.observations`)."""
-        self._plain_rounds = 0 if depth else self._plain_rounds + 1
+        as `seen` says ((depth, rank or None, width) observations, `TreeShape.observations`). Plain rounds may
+        come `rounds` at a time, their tokens and seconds summed (taken as if they had all ended now)."""
+        self._plain_rounds = 0 if depth else self._plain_rounds + rounds
         if depth or self._plain_rounds >= self.refresh:
             self._rates.clear()
             self._plain_rounds = 0
@@ -365,15 +366,15 @@ class TreePolicy:
             seconds -= self.draft.share(roots + caught_up, load) - self.draft.share(roots, load)
             if seconds <= 0:
                 return
-        self.clock += 1  # every shape's sums fade by `memory` (when read: `sums`)
+        self.clock += rounds  # every shape's sums fade by `memory` per round (when read: `sums`)
         expected_tokens, predicted_seconds = self.expected(depth, width, trees, load)
-        this_round = (tokens, expected_tokens, seconds, predicted_seconds)
+        this_round = (tokens, rounds * expected_tokens, seconds, rounds * predicted_seconds)
         self.measured[depth, width] = self.sums((depth, width)).add(1.0, *this_round)
         self.faded_at[depth, width] = self.clock
         if depth:
             self.pooled = self.pooled.add(self.pool_memory, *this_round)
         else:
-            self.pooled_plain = self.pooled_plain.add(self.pool_memory, *this_round)
+            self.pooled_plain = self.pooled_plain.add(self.pool_memory ** rounds, *this_round)
         if depth and caught_up:  # it followed plain steps: did drafting pay, by the margin a switch needs?
             rates = self._rate_every_shape(trees, load)
             best = max(rates, key=rates.get)
@@ -432,5 +433,5 @@ class StagesPolicy:
         return depth, width, stages
 
     def observe(self, depth: int, width: int, trees: int, load: float, tokens: int, seconds: float, seen: list,
-                caught_up: int, stages: tuple[int, ...]) -> None:
-        self.policies[stages].observe(depth, width, trees, load, tokens, seconds, seen, caught_up)
+                caught_up: int, stages: tuple[int, ...], rounds: int = 1) -> None:
+        self.policies[stages].observe(depth, width, trees, load, tokens, seconds, seen, caught_up, rounds)

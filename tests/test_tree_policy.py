@@ -311,7 +311,7 @@ class CyclingShapes:
     def choose(self, trees: int, load: float, current=None, behind=None) -> tuple[int, int]:
         return next(self.shapes)
 
-    def observe(self, *round) -> None:
+    def observe(self, *round, rounds: int = 1) -> None:
         pass
 
 

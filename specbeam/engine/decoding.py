@@ -22,6 +22,8 @@ from specbeam.stats import DecodeStats
 from specbeam.tree import DraftTree
 from specbeam.tree_policy import TreePolicy
 
+PLAIN_ROUNDS_TOLD = 8  # plain rounds told to the tree policy at once
+
 
 @dataclass(eq=False)
 class Row:
@@ -55,6 +57,8 @@ class Decoding:
         self.stages: list = []  # under a cascade's policy: [the stages taking part]; else every stage
         self.advanced = 0  # tokens this round committed (beam search: steps, summed over prompts)
         self.seen: list[tuple[int, int | None, int]] = []  # this round's acceptance, for the tree policy
+        self.untold: tuple | None = None  # plain rounds not told to the tree policy yet: (rounds, tokens, seconds,
+        # their width, their stages)
         self.finished = False
         self.needs_prefill = True  # the prompts, or after a preemption every live row's tokens
         self.forked = False  # during a prefill: the rows have forked their prompts' tables
@@ -207,11 +211,23 @@ class Decoding:
             self.depth = 0
 
     def report_round(self, seconds: float) -> None:
-        """Tell the tree policy what this round advanced in its share of the round's `seconds`, and accepted."""
-        if self.policy is not None:
-            caught_up = self.draft.caught_up if self.depth else 0
-            self.policy.observe(self.depth, self.width, *self.chosen_for, self.advanced, seconds,
-                                self.seen if self.depth else [], caught_up, *self.stages)
+        """Tell the tree policy what this round advanced in its share of the round's `seconds`, and accepted.
+        Plain rounds are told PLAIN_ROUNDS_TOLD at a time (or sooner, when a drafting round or the end comes):
+        the policy's bookkeeping is most of what it adds to a plain step."""
+        if self.policy is None:
+            return
+        if not self.depth:
+            rounds, tokens, total, *_ = self.untold or (0, 0, 0.0)
+            self.untold = (rounds + 1, tokens + self.advanced, total + seconds, self.width, self.stages)
+            if rounds + 1 < PLAIN_ROUNDS_TOLD and not self.finished:
+                return
+        if self.untold:
+            rounds, tokens, total, width, stages = self.untold
+            self.policy.observe(0, width, *self.chosen_for, tokens, total, [], 0, *stages, rounds=rounds)
+            self.untold = None
+        if self.depth:
+            self.policy.observe(self.depth, self.width, *self.chosen_for, self.advanced, seconds, self.seen,
+                                self.draft.caught_up, *self.stages)
 
     def plan(self):  # a generator -> list[Work]
         """This round's works: each row's root and draft tree. Yields the draft passes it needs first."""
