@@ -49,9 +49,6 @@ class BeamDecoding(Decoding):
         self.starts = {r: self.rows[r].table.length for r in self.round_rows}
         return [tree_work(self.rows[r].table, self.trees[r]) for r in self.round_rows]
 
-    def absorb(self, logits: torch.Tensor) -> None:  # [the round's tree nodes, vocab]
-        absorb_beams([self], logits, [0])
-
     def joins(self, other: "BeamDecoding") -> bool:
         """Whether the two requests' rounds can replay as one search: no processors or stopping criteria of their
         own, the same eos tokens and the same kind of search."""

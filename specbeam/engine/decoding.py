@@ -1,7 +1,8 @@
 """A request's decoding state, which the core advances one round at a time: its rows (sequences) in the
 target's paged cache, their prefill, its draft session, and the round protocol every mode follows:
 
-    choose_shape() -> blocks_needed() -> plan() -> [one target forward shared with other requests] -> absorb()
+    choose_shape() -> blocks_needed() -> plan() -> [one target forward shared with other requests]
+        -> [selection, with the other requests of its kind: `tokens.absorb_tokens`, `beams.absorb_beams`]
 
 `plan` is a generator that yields the draft passes it needs before it returns its works, so that the core runs
 every request's draft passes of one depth as one draft forward.
@@ -36,7 +37,8 @@ class Row:
 
 
 class Decoding:
-    """What every mode shares. Subclasses build `self.rows` in `after_prefill` and define plan / absorb."""
+    """What every mode shares. Subclasses build `self.rows` in `after_prefill`, define `plan`, and the selection
+    that takes their logits."""
 
     def __init__(self, request: Request, cache: PagedKVCache, drafter, spec: SpecConfig,
                  policy: TreePolicy | None, streamer=None, generator: torch.Generator | None = None):
@@ -231,9 +233,6 @@ class Decoding:
 
     def plan(self):  # a generator -> list[Work]
         """This round's works: each row's root and draft tree. Yields the draft passes it needs first."""
-        raise NotImplementedError
-
-    def absorb(self, logits: torch.Tensor) -> None:  # [its works' scored tokens, vocab]
         raise NotImplementedError
 
     def propose(self, rows: list[int], depths: list[int], beams=None):  # a generator -> list[DraftTree]

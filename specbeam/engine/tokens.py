@@ -38,10 +38,6 @@ class TokenDecoding(Decoding):
         self.starts = [self.rows[r].table.length for r in self.round_rows]
         return [tree_work(self.rows[r].table, t) for r, t in zip(self.round_rows, self.trees)]
 
-    def absorb(self, logits: torch.Tensor) -> None:  # [the round's tree nodes, vocab]
-        for _, error in absorb_tokens([self], [logits]):
-            raise error
-
     def score_round(self, logits: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Per tree of the round: its logits and processed scores [nodes, vocab]."""
         logits = logits.to(torch.float32).split_with_sizes([len(t) for t in self.trees])
