@@ -19,7 +19,7 @@ def verify_trees(trees: list[DraftTree], processed: list[torch.Tensor],
     if sampling_probs is None and all(len(t) == 1 for t in trees):  # plain greedy steps: the argmax
         return [[0]] * len(trees), torch.cat(processed).argmax(dim=-1).tolist()
     width = max(len(t) for t in trees)
-    scores = torch.stack([torch.nn.functional.pad(s, (0, 0, 0, width - s.shape[0])) for s in processed])
+    scores = torch.nn.utils.rnn.pad_sequence(processed, batch_first=True)  # [trees, width, vocab], zeros after
     device = scores.device  # the verify kernel runs where the scores are
     parents = torch.tensor([t.parents + [-1] * (width - len(t)) for t in trees], device=device)
     tokens = torch.tensor([t.tokens + [0] * (width - len(t)) for t in trees], device=device)
