@@ -3,8 +3,10 @@ second, from what is measured on this machine as the engine runs.
 
 - Pass costs. T(n), the seconds of a target forward feeding n tokens, and D(n) of a draft pass: the curve's shape
   is timed once at first use for n = 1 .. 32 (the fastest of three sweeps), linear between those counts and along the
-  last slope past them; its scale follows every forward since (a running mean of measured / shape), so that a
-  machine that slows down or speeds up as a whole keeps the curve's shape. A request that shares a forward with
+  last slope past them; its scale at each calibrated count follows the forwards nearest to that count since (a
+  running mean of measured / shape), linear between the counts too: a machine that slows down or speeds up keeps
+  the curve's shape, and what real forwards add to the calibration's (a context to attend, a tree's mask) is
+  learnt per size, so that trees' passes do not make a plain step's look dearer than plain steps measure. A request that shares a forward with
   others feeding `load` tokens pays its share, T(load + n) * n / (load + n).
 - Acceptance per depth and width. Each drafted depth d ranks its nodes (greedy: by draft probability; sampling:
   the order the verifier tries the root's children). A round tells, for each depth its accepted path reached,
@@ -32,6 +34,7 @@ batch sizes and ranks the shapes not run yet; the factors correct it where it ha
 
 Which shape runs never changes the output (every shape is lossless), only the speed; the policy draws from its
 own `random.Random`, never from torch's generators, so seeded sampling stays reproducible."""
+import bisect
 import math
 import random
 import time
@@ -46,13 +49,13 @@ CALIBRATION_TOKENS = (1, 2, 4, 8, 16, 32)
 
 @dataclass
 class PassCost:
-    """T(n) = scale * shape(n): seconds a pass feeding n tokens takes."""
+    """T(n) = scale(n) * shape(n): seconds a pass feeding n tokens takes."""
 
     shape: dict[int, float] = field(default_factory=dict)  # tokens -> seconds, as calibrated
-    scale: float = 1.0  # how the machine runs now against the calibration
-    memory: float = 0.9  # weight of the past in the scale's running mean
-    # (the shape it was made of, tokens -> seconds): `_shape`'s memory, renewed when the shape is calibrated again
-    _interpolated: tuple[dict, dict] = field(default_factory=lambda: ({}, {}), repr=False, compare=False)
+    scales: dict[int, float] = field(default_factory=dict)  # per calibrated count: measured / calibrated (1 unseen)
+    memory: float = 0.9  # weight of the past in each scale's running mean
+    # (the shape it was made of, tokens -> seconds, its counts in order): `_shape`'s memory, renewed with the shape
+    _interpolated: tuple[dict, dict, list] = field(default_factory=lambda: ({}, {}, []), repr=False, compare=False)
 
     def calibrate(self, run: Callable[[int], None], sizes=CALIBRATION_TOKENS, repeats: int = 3) -> None:
         """Time `run(n)` for each size n, `repeats` sweeps over the sizes (the first also warms up), and keep each
@@ -68,29 +71,60 @@ class PassCost:
                 times[n] = min(times[n], max(time.perf_counter() - start, 1e-9))
         # more tokens never cost less: a size timed above a larger one met a busy machine
         monotone = {n: min(t for m, t in times.items() if m >= n) for n in times}
-        self.shape = _lower_convex_hull(monotone)
+        self.shape, self.scales = _lower_convex_hull(monotone), {}
 
     @property
     def known(self) -> bool:
         return bool(self.shape)
 
     def record(self, tokens: int, seconds: float) -> None:
-        """A pass of `tokens` took `seconds`: the scale moves towards what it says."""
+        """A pass of `tokens` took `seconds`: the scale at the calibrated count nearest to it moves towards what it
+        says."""
         if self.known:
-            self.scale = self.memory * self.scale + (1 - self.memory) * seconds / max(self._shape(tokens), 1e-12)
+            count = self._nearest(tokens)
+            old = self.scales.get(count, 1.0)
+            self.scales[count] = self.memory * old + (1 - self.memory) * seconds / max(self._shape(tokens), 1e-12)
 
     def __call__(self, tokens: float) -> float:
-        return self.scale * self._shape(tokens)
+        return self._scale(tokens) * self._shape(tokens)
+
+    def _scale(self, tokens: float) -> float:
+        """The scales of the calibrated counts, linear between them and flat past the ends."""
+        if not self.scales:
+            return 1.0
+        counts = self._counts()
+        if tokens <= counts[0]:
+            return self.scales.get(counts[0], 1.0)
+        if tokens >= counts[-1]:
+            return self.scales.get(counts[-1], 1.0)
+        low, high = next((a, b) for a, b in zip(counts, counts[1:]) if tokens <= b)
+        weight = (tokens - low) / (high - low)
+        return (1 - weight) * self.scales.get(low, 1.0) + weight * self.scales.get(high, 1.0)
 
     def _shape(self, tokens: float) -> float:
         """Linear between the counts calibrated and along the last slope past the largest (remembered per count
         until the shape is calibrated again: the tree policy asks for the same few counts every round)."""
-        of, known = self._interpolated
+        of, known, _ = self._interpolated
         if of is not self.shape:
-            of, known = self._interpolated = self.shape, {}
+            of, known, _ = self._interpolated = self.shape, {}, sorted(self.shape)
         if tokens not in known:
             known[tokens] = self._interpolate(tokens)
         return known[tokens]
+
+    def _nearest(self, tokens: int) -> int:
+        """The calibrated count nearest to `tokens` (the lower on a tie)."""
+        counts = self._counts()
+        i = bisect.bisect_left(counts, tokens)
+        if i in (0, len(counts)):
+            return counts[min(i, len(counts) - 1)]
+        low, high = counts[i - 1], counts[i]
+        return low if tokens - low <= high - tokens else high
+
+    def _counts(self) -> list[int]:
+        """The calibrated counts, in order (remembered with the shape's interpolations)."""
+        if self._interpolated[0] is not self.shape:
+            self._interpolated = self.shape, {}, sorted(self.shape)
+        return self._interpolated[2]
 
     def _interpolate(self, tokens: float) -> float:
         counts = sorted(self.shape)

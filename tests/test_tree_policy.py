@@ -24,8 +24,13 @@ def test_pass_cost_is_linear_between_counts_and_follows_the_last_slope_past_them
     assert cost(2) == pytest.approx(1 + 1 / 3) and cost(6) == pytest.approx(4.0)
     assert cost(16) == pytest.approx(14.0)  # slope (6 - 2) / (8 - 4) past 8
     assert cost.share(2, 6) == pytest.approx(6.0 * 2 / 8)  # T(8), split by tokens
-    cost.record(8, 12.0)  # twice the calibrated time: the scale moves a tenth of the way to 2, for every count
-    assert cost(1) == pytest.approx(1.1) and cost(16) == pytest.approx(14.0 * 1.1)
+    cost.record(7, 10.0)  # twice the calibrated time at 7, nearest to 8: 8's scale moves a tenth of the way to 2
+    assert cost(8) == pytest.approx(6.0 * 1.1) and cost(16) == pytest.approx(14.0 * 1.1)  # (flat past the end)
+    assert cost(1) == 1.0 and cost(6) == pytest.approx(4.0 * 1.05)  # (linear between the counts' scales)
+    # a count's passes move its scale alone: a tree's dearer passes leave a plain step's cost as plain steps measure
+    for _ in range(50):
+        cost.record(1, 0.5)
+    assert cost(1) == pytest.approx(0.5, rel=0.01) and cost(8) == pytest.approx(6.0 * 1.1)
 
 
 def test_calibration_times_every_size_and_keeps_the_fastest():
@@ -367,7 +372,7 @@ def test_the_engine_measures_pass_costs_at_first_use():
     for cost in (engine.core.target_cost, engine.drafter.pass_cost):  # timed at 1 .. 32 tokens, the hull kept
         assert {1, 32} <= set(cost.shape) <= {1, 2, 4, 8, 16, 32}
     policy = engine.tree_policies[_key(engine, GREEDY)]
-    assert policy.measured and policy.target.scale != 1.0  # rounds were timed too
+    assert policy.measured and policy.target.scales  # rounds were timed too
     assert engine.cache.allocator.num_free == engine.cache.allocator.num_blocks
 
 
