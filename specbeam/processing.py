@@ -66,15 +66,7 @@ def process_rows(
     if not processors:
         return scores
     if processors.token_sets:
-        penalties, ignored = processors.token_sets
-        vocab, width = scores.shape[-1], max(map(len, prefixes))
-        skip = [ignored[r] for r in rows] if isinstance(ignored, list) else [ignored] * len(rows)
-        input_ids = torch.tensor([[vocab] * (width - len(p) + k) + p[k:] for p, k in zip(prefixes, skip)],
-                                 device=logits.device)
-        scores = scores.clone()  # (a copy: theirs to change)
-        for penalty in penalties:
-            scores = penalty(input_ids, scores)
-        return scores
+        return penalize(processors.token_sets[0], prefixes, skips_of(processors, rows), scores)
     parts, order = [], []
     for layer in _layers(prefixes, rows):
         entry_of_row = [layer[0]] * num_rows  # rows without an entry here take a stand-in of the same length
@@ -85,6 +77,41 @@ def process_rows(
         parts.append(processed[[rows[e] for e in layer]])
         order += layer
     return torch.cat(parts).index_select(0, torch.tensor(order, device=logits.device).argsort())
+
+
+def penalties_of(processors: Processors) -> tuple[float, ...] | None:
+    """The penalties of processors that are transformers' repetition penalties alone (requests with equal ones
+    process together: `penalize`), else None."""
+    return tuple(p.penalty for p in processors.token_sets[0]) if processors.token_sets else None
+
+
+def skips_of(processors: Processors, rows: list[int]) -> list[int]:
+    """Per entry, given its row: the leading tokens of its prefix that repetition penalties ignore."""
+    ignored = processors.token_sets[1]
+    return [ignored[r] for r in rows] if isinstance(ignored, list) else [ignored] * len(rows)
+
+
+def penalize(penalties: list[RepetitionPenaltyLogitsProcessor], prefixes: list[list[int]], skips: list[int],
+             scores: torch.Tensor) -> torch.Tensor:  # [entries, vocab] -> [entries, vocab]
+    """Repetition penalties ignoring nothing on every entry at once: each prefix padded on the left, and its
+    `skips` leading tokens replaced, by the vocabulary's size (an id they ignore)."""
+    vocab, width = scores.shape[-1], max(map(len, prefixes))
+    input_ids = torch.tensor([[vocab] * (width - len(p) + k) + p[k:] for p, k in zip(prefixes, skips)],
+                             device=scores.device)
+    scores = scores.clone()  # (a copy: theirs to change)
+    for penalty in penalties:
+        scores = penalty(input_ids, scores)
+    return scores
+
+
+def tree_prefixes(tokens: list[list[int]], trees: list, rows: list[int]) -> tuple[list[list[int]], list[int]]:
+    """Per node of the trees (each with its row's full tokens, the root last, and its row): the node's prefix
+    (its row's tokens and its path) and its row."""
+    prefixes, entry_rows = [], []
+    for row_tokens, tree, row in zip(tokens, trees, rows):
+        prefixes += [row_tokens + [tree.tokens[n] for n in tree.path(node)[1:]] for node in range(len(tree))]
+        entry_rows += [row] * len(tree)
+    return prefixes, entry_rows
 
 
 def process_trees(
@@ -100,9 +127,6 @@ def process_trees(
     node's path)."""
     if not processors and not log_softmax:
         return logits
-    prefixes, entry_rows = [], []
-    for row_tokens, tree, row in zip(tokens, trees, rows) if processors else ():  # (built only for processors)
-        prefixes += [row_tokens + [tree.tokens[n] for n in tree.path(node)[1:]] for node in range(len(tree))]
-        entry_rows += [row] * len(tree)
+    prefixes, entry_rows = tree_prefixes(tokens, trees, rows) if processors else ([], [])  # (only for processors)
     processed = process_rows(processors, prefixes, torch.cat(logits), entry_rows, num_rows, log_softmax)
     return list(processed.split([len(t) for t in trees]))

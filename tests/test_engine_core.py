@@ -202,6 +202,36 @@ def test_beam_requests_of_other_widths_and_limits_replay_as_one_search(draft, mo
     _assert_no_leak(engine)
 
 
+@pytest.mark.parametrize("draft", [None, "perturbed"])
+def test_requests_with_equal_repetition_penalties_are_processed_together(draft, monkeypatch):
+    """Greedy and sampling requests whose processors are the same repetition penalty alone are processed in one
+    call, each node with its own prefix; each request gets its solo output (a seeded sampling one included)."""
+    import specbeam.engine.tokens as tokens
+    engine = Engine(tiny_model("llama"), draft_model=perturbed_draft() if draft else None,
+                    spec=SpecConfig(depth=2, adaptive=False))
+    ids, mask = left_padded_batch((7, 3, 5), seed=4)
+    common = dict(pad_token_id=PAD, eos_token_id=EOS, return_dict_in_generate=True, output_scores=True)
+    calls = [dict(input_ids=ids, attention_mask=mask, max_new_tokens=9, repetition_penalty=1.3, **common),
+             dict(input_ids=ids[1:], attention_mask=mask[1:], max_new_tokens=12, repetition_penalty=1.3, **common),
+             dict(input_ids=ids[:1], max_new_tokens=7, repetition_penalty=1.3, do_sample=True, top_k=5,
+                  generator=torch.Generator().manual_seed(3), **common),
+             dict(input_ids=ids[2:], attention_mask=mask[2:], max_new_tokens=8, repetition_penalty=0.7, **common)]
+    solo = [engine.generate(**_fresh(c)) for c in calls]
+    together = []
+    joint = tokens._penalized_together
+    monkeypatch.setattr(tokens, "_penalized_together", lambda group, raw: together.append(len(group)) or
+                        joint(group, raw))
+    ids = [engine.add_request(**_fresh(c)) for c in calls]
+    results = {}
+    while engine.has_unfinished_requests():
+        results.update((o.request_id, o.result) for o in engine.step() if o.finished)
+    assert max(together) == 3  # the three requests of penalty 1.3 in one call
+    for i, alone in zip(ids, solo):
+        assert torch.equal(results[i].sequences, alone.sequences)
+        assert all(torch.equal(a, b) for a, b in zip(results[i].scores, alone.scores))
+    _assert_no_leak(engine)
+
+
 def _eos_after_a_few(model, ids, mask) -> list[int]:
     """An eos list under which transformers' greedy rows all stop within a few tokens."""
     out = model.generate(ids, attention_mask=mask, max_new_tokens=4, pad_token_id=PAD)

@@ -8,7 +8,7 @@ import torch
 from specbeam.config import SAMPLE
 from specbeam.engine.decoding import Decoding, tree_work
 from specbeam.outputs import SpecbeamOutput
-from specbeam.processing import process_trees
+from specbeam.processing import penalize, penalties_of, process_trees, skips_of, tree_prefixes
 from specbeam.stopping import StopCheck
 from specbeam.tree import DraftTree
 from specbeam.verification import draw_uniforms, verify_trees
@@ -38,10 +38,9 @@ class TokenDecoding(Decoding):
         self.starts = [self.rows[r].table.length for r in self.round_rows]
         return [tree_work(self.rows[r].table, t) for r, t in zip(self.round_rows, self.trees)]
 
-    def score_round(self, logits: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Per tree of the round: its logits and processed scores [nodes, vocab]."""
-        logits = logits.to(torch.float32).split_with_sizes([len(t) for t in self.trees])
-        return logits, self._process(logits)
+    def round_logits(self, logits: torch.Tensor) -> list[torch.Tensor]:  # [tree nodes, vocab] -> per tree
+        """Per tree of the round: its logits [nodes, vocab], in float32."""
+        return list(logits.to(torch.float32).split_with_sizes([len(t) for t in self.trees]))
 
     def commit_round(self, logits: list[torch.Tensor], processed: list[torch.Tensor], paths: list[list[int]],
                      next_tokens: list[int]) -> None:
@@ -61,10 +60,14 @@ class TokenDecoding(Decoding):
                          for seen in self.policy.shape.observations(tree, path)]
         self.finished = all(row.table is None for row in self.rows)
 
-    def _process(self, logits: list[torch.Tensor]) -> list[torch.Tensor]:  # per tree: [nodes, vocab]
+    def process(self, logits: list[torch.Tensor]) -> list[torch.Tensor]:  # per tree: [nodes, vocab]
         """The request's logits processors at every node, each with its own prefix."""
         return process_trees(self.request.logits_processor, [self.rows[r].tokens for r in self.round_rows],
                              self.trees, logits, self.round_rows, len(self.rows), log_softmax=False)
+
+    def prefixes(self) -> tuple[list[list[int]], list[int]]:
+        """Per node of the round's trees: its prefix and its row (`processing.tree_prefixes`)."""
+        return tree_prefixes([self.rows[r].tokens for r in self.round_rows], self.trees, self.round_rows)
 
     def _reported(self, processed: torch.Tensor) -> torch.Tensor:  # [nodes, vocab] -> [nodes, vocab]
         """What `output_scores` reports at each node: under the fused filter, transformers' warped scores (the
@@ -149,12 +152,9 @@ def absorb_tokens(members: list[TokenDecoding], logits: list[torch.Tensor]) -> l
     in one batch per kind: the greedy ones, and the sampling ones per filter (temperature, top-k, top-p, min-p),
     each drawing its uniforms from its own generator. Returns the requests that failed (a processor, a stopping
     criterion), with their error; the others are unaffected."""
-    scored, failures = [], []
-    for member, mine in zip(members, logits):
-        try:
-            scored.append((member, *member.score_round(mine)))
-        except Exception as error:  # noqa: BLE001: the request's own
-            failures.append((member, error))
+    raw = {member: member.round_logits(mine) for member, mine in zip(members, logits)}
+    processed, failures = _processed(raw)
+    scored = [(member, raw[member], processed[member]) for member in members if member in processed]
     kinds = defaultdict(list)  # requests whose trees verify in one batch
     for member, _, processed in scored:
         kinds[member.params.mode == SAMPLE, member.params.warpers].append((member, processed))
@@ -176,3 +176,35 @@ def absorb_tokens(members: list[TokenDecoding], logits: list[torch.Tensor]) -> l
         except Exception as error:  # noqa: BLE001
             failures.append((member, error))
     return failures
+
+
+def _processed(raw: dict[TokenDecoding, list[torch.Tensor]]) -> tuple[dict, list]:
+    """Each request's processed scores, per tree [nodes, vocab], and the requests whose processors failed. Requests
+    whose processors are repetition penalties alone, of equal penalties, are processed in one call."""
+    processed, failures, by_penalties = {}, [], defaultdict(list)
+    for member in raw:
+        penalties = penalties_of(member.request.logits_processor)
+        if penalties is not None:
+            by_penalties[penalties].append(member)
+    for group in (g for g in by_penalties.values() if len(g) > 1):
+        processed.update(_penalized_together(group, raw))
+    for member, logits in raw.items():
+        if member not in processed:
+            try:
+                processed[member] = member.process(logits)
+            except Exception as error:  # noqa: BLE001: the request's own
+                failures.append((member, error))
+    return processed, failures
+
+
+def _penalized_together(group: list[TokenDecoding], raw: dict) -> dict[TokenDecoding, list[torch.Tensor]]:
+    """The repetition penalties of requests with equal ones, on every node of their trees in one call."""
+    prefixes, skips = [], []
+    for member in group:
+        mine, rows = member.prefixes()
+        prefixes += mine
+        skips += skips_of(member.request.logits_processor, rows)
+    scores = penalize(group[0].request.logits_processor.token_sets[0], prefixes, skips,
+                      torch.cat([tree for member in group for tree in raw[member]]))
+    parts = iter(scores.split([len(t) for member in group for t in member.trees]))
+    return {member: [next(parts) for _ in member.trees] for member in group}
