@@ -93,20 +93,17 @@ class PassCost:
         if not self.scales:
             return 1.0
         counts = self._counts()
-        if tokens <= counts[0]:
-            return self.scales.get(counts[0], 1.0)
-        if tokens >= counts[-1]:
-            return self.scales.get(counts[-1], 1.0)
-        low, high = next((a, b) for a, b in zip(counts, counts[1:]) if tokens <= b)
+        if tokens <= counts[0] or tokens >= counts[-1]:
+            return self.scales.get(counts[0] if tokens <= counts[0] else counts[-1], 1.0)
+        low, high = self._segment(tokens)
         weight = (tokens - low) / (high - low)
         return (1 - weight) * self.scales.get(low, 1.0) + weight * self.scales.get(high, 1.0)
 
     def _shape(self, tokens: float) -> float:
         """Linear between the counts calibrated and along the last slope past the largest (remembered per count
         until the shape is calibrated again: the tree policy asks for the same few counts every round)."""
-        of, known, _ = self._interpolated
-        if of is not self.shape:
-            of, known, _ = self._interpolated = self.shape, {}, sorted(self.shape)
+        self._counts()  # (renews the memory with the shape)
+        known = self._interpolated[1]
         if tokens not in known:
             known[tokens] = self._interpolate(tokens)
         return known[tokens]
@@ -114,11 +111,17 @@ class PassCost:
     def _nearest(self, tokens: int) -> int:
         """The calibrated count nearest to `tokens` (the lower on a tie)."""
         counts = self._counts()
-        i = bisect.bisect_left(counts, tokens)
-        if i in (0, len(counts)):
-            return counts[min(i, len(counts) - 1)]
-        low, high = counts[i - 1], counts[i]
+        if tokens <= counts[0] or tokens >= counts[-1]:
+            return counts[0] if tokens <= counts[0] else counts[-1]
+        low, high = self._segment(tokens)
         return low if tokens - low <= high - tokens else high
+
+    def _segment(self, tokens: float) -> tuple[int, int]:
+        """The consecutive calibrated counts whose span holds `tokens` (the last two past the largest); for two
+        counts or more, and tokens above the smallest."""
+        counts = self._counts()
+        i = min(bisect.bisect_left(counts, tokens), len(counts) - 1)
+        return counts[i - 1], counts[i]
 
     def _counts(self) -> list[int]:
         """The calibrated counts, in order (remembered with the shape's interpolations)."""
@@ -127,10 +130,10 @@ class PassCost:
         return self._interpolated[2]
 
     def _interpolate(self, tokens: float) -> float:
-        counts = sorted(self.shape)
+        counts = self._counts()
         if len(counts) == 1 or tokens <= counts[0]:
             return self.shape[counts[0]]
-        low, high = next(((a, b) for a, b in zip(counts, counts[1:]) if tokens <= b), counts[-2:])
+        low, high = self._segment(tokens)
         slope = max(self.shape[high] - self.shape[low], 0.0) / (high - low)
         return self.shape[low] + slope * (tokens - low)
 

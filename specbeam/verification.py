@@ -14,7 +14,7 @@ def verify_trees(trees: list[DraftTree], processed: list[torch.Tensor],
                  draws: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[list[list[int]], list[int]]:
     """processed: per tree, the model's processed scores at its nodes [nodes, vocab]. sampling_probs: processed
     scores [rows, vocab] -> the distribution to sample (None: greedy); draws: the uniforms that decide, per tree
-    ([trees, >= its nodes] and [trees], `draw_uniforms`). Returns each tree's accepted path (node indices from
+    ([trees, the widest tree's nodes] and [trees], `draw_uniforms`). Returns each tree's accepted path (node indices from
     the root) and the token after it."""
     if sampling_probs is None and all(len(t) == 1 for t in trees):  # plain greedy steps: the argmax
         return [[0]] * len(trees), torch.cat(processed).argmax(dim=-1).tolist()
@@ -29,7 +29,7 @@ def verify_trees(trees: list[DraftTree], processed: list[torch.Tensor],
         uniform, noise = draws
         p = sampling_probs(scores.flatten(0, 1)).view(scores.shape)
         path, accepted, next_token = ops.stochastic_verify(
-            parents, num_nodes, tokens, p, q.to(device), uniform[:, :width].to(device), noise.to(device))
+            parents, num_nodes, tokens, p, q.to(device), uniform.to(device), noise.to(device))
     else:
         path, accepted, next_token = ops.greedy_verify(parents, num_nodes, tokens, scores.argmax(dim=-1))
     paths = [p[: a + 1] for p, a in zip(path.tolist(), accepted.tolist())]

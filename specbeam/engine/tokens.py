@@ -1,6 +1,7 @@
 """Greedy decoding and sampling: each row keeps the deepest path of its draft tree that the target verifies,
 then the target's own next token after it (greedy: the argmax; sampling: tree speculative sampling, which emits
 exactly the target's processed distribution). A tree of the root alone is a plain step."""
+import itertools
 from collections import defaultdict
 
 import torch
@@ -154,28 +155,30 @@ def absorb_tokens(members: list[TokenDecoding], logits: list[torch.Tensor]) -> l
     criterion), with their error; the others are unaffected."""
     raw = {member: member.round_logits(mine) for member, mine in zip(members, logits)}
     processed, failures = _processed(raw)
-    scored = [(member, raw[member], processed[member]) for member in members if member in processed]
     kinds = defaultdict(list)  # requests whose trees verify in one batch
-    for member, _, processed in scored:
-        kinds[member.params.mode == SAMPLE, member.params.warpers].append((member, processed))
+    for member in processed:
+        kinds[member.params.mode == SAMPLE, member.params.warpers].append(member)
     verdicts = {}
     for (sample, _), batch in kinds.items():
-        trees = [t for m, _ in batch for t in m.trees]
+        trees = [t for m in batch for t in m.trees]
         width = max(len(t) for t in trees)
-        draws = [draw_uniforms(m.trees, m.generator, width) for m, _ in batch] if sample else None
-        paths, next_tokens = verify_trees(trees, [p for _, ps in batch for p in ps],
-                                          batch[0][0].sampling_probs if sample else None,
+        draws = [draw_uniforms(m.trees, m.generator, width) for m in batch] if sample else None
+        paths, next_tokens = verify_trees(trees, [p for m in batch for p in processed[m]],
+                                          batch[0].sampling_probs if sample else None,
                                           tuple(map(torch.cat, zip(*draws))) if sample else None)
-        first = 0
-        for m, _ in batch:
-            verdicts[m] = paths[first:first + len(m.trees)], next_tokens[first:first + len(m.trees)]
-            first += len(m.trees)
-    for member, raw, processed in scored:
+        verdicts.update(zip(batch, zip(_per_member(paths, batch), _per_member(next_tokens, batch))))
+    for member, scores in processed.items():
         try:
-            member.commit_round(raw, processed, *verdicts[member])
+            member.commit_round(raw[member], scores, *verdicts[member])
         except Exception as error:  # noqa: BLE001
             failures.append((member, error))
     return failures
+
+
+def _per_member(flat: list, members: list[TokenDecoding]) -> list[list]:
+    """Values over the members' trees, in order, as each member's part."""
+    bounds = [0, *itertools.accumulate(len(m.trees) for m in members)]
+    return [list(flat[a:b]) for a, b in zip(bounds, bounds[1:])]
 
 
 def _processed(raw: dict[TokenDecoding, list[torch.Tensor]]) -> tuple[dict, list]:
@@ -194,7 +197,7 @@ def _processed(raw: dict[TokenDecoding, list[torch.Tensor]]) -> tuple[dict, list
                 processed[member] = member.process(logits)
             except Exception as error:  # noqa: BLE001: the request's own
                 failures.append((member, error))
-    return processed, failures
+    return {member: processed[member] for member in raw if member in processed}, failures  # (in their order)
 
 
 def _penalized_together(group: list[TokenDecoding], raw: dict) -> dict[TokenDecoding, list[torch.Tensor]]:
@@ -206,5 +209,4 @@ def _penalized_together(group: list[TokenDecoding], raw: dict) -> dict[TokenDeco
         skips += skips_of(member.request.logits_processor, rows)
     scores = penalize(group[0].request.logits_processor.token_sets[0], prefixes, skips,
                       torch.cat([tree for member in group for tree in raw[member]]))
-    parts = iter(scores.split([len(t) for member in group for t in member.trees]))
-    return {member: [next(parts) for _ in member.trees] for member in group}
+    return dict(zip(group, _per_member(scores.split([len(t) for m in group for t in m.trees]), group)))
