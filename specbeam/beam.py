@@ -20,9 +20,11 @@ from collections import defaultdict
 from dataclasses import replace
 from typing import Callable
 
+import numpy as np
 import torch
 
 from specbeam.config import SamplingParams
+from specbeam.host import as_tensor
 from specbeam.stopping import StopCheck
 from specbeam.trace import TraceStep
 
@@ -94,7 +96,7 @@ class BeamSearch:
 
     def _position(self, offset) -> torch.Tensor:  # [batch, 1, n]: each prompt's length + offset ([n] or int)
         if self._lengths[0] is not self.lengths:  # (the list is replaced, never changed in place)
-            self._lengths = self.lengths, torch.tensor(self.lengths, device=self.running.device)
+            self._lengths = self.lengths, as_tensor(self.lengths, self.running.device)
         return (self._lengths[1][:, None] + offset).view(self.batch, 1, -1)
 
     def _per_length(self, fn: Callable[[int, slice | list[int]], torch.Tensor]) -> torch.Tensor:  # -> [batch, ...]
@@ -115,7 +117,7 @@ class BeamSearch:
         """Per prompt, its generated length ** length_penalty, computed in Python doubles as transformers computes
         it: a float32 tensor divided by these divides exactly as by each Python float."""
         penalty = self.params.length_penalty
-        return torch.tensor([n**penalty for n in generated], dtype=torch.float32, device=self.running.device)[:, None]
+        return as_tensor([n**penalty for n in generated], self.running.device, np.float32)[:, None]
 
     def _ids(self, index: slice | list[int]) -> list[int]:
         """The caller's prompts at these indices."""
@@ -186,7 +188,7 @@ class BeamSearch:
             for name in _PER_PROMPT:
                 setattr(other, name, getattr(self, name)[keep[0]:keep[0] + len(keep)])
         else:
-            index = torch.tensor(keep, device=self.running.device)
+            index = as_tensor(keep, self.running.device)
             for name in _PER_PROMPT:
                 setattr(other, name, getattr(self, name).index_select(0, index))
         other.batch, other.prompts = len(keep), [self.prompts[i] for i in keep]

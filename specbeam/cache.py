@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from specbeam.host import as_tensor
+
 
 class CacheFullError(RuntimeError):
     """The pool ran out of blocks (the scheduler reserves every round's blocks first: a bug, not bad input)."""
@@ -86,7 +88,7 @@ class PagedKVCache:
         """Zero the blocks of `tables` (a forward that wrote non-finite K/V there must leave none behind)."""
         blocks = sorted({b for t in tables for b in t.blocks})
         if blocks:
-            self.pool[:, :, torch.tensor(blocks, device=self.pool.device)] = 0
+            self.pool[:, :, as_tensor(blocks, self.pool.device)] = 0
 
     def release(self, table: BlockTable) -> None:
         self.allocator.decref(table.blocks[table.borrowed:])
@@ -117,7 +119,7 @@ class PagedKVCache:
                  for s, d in mine]
         if slots:
             self.flush()
-            src, dst = torch.tensor(slots, device=self.pool.device).unbind(1)
+            src, dst = as_tensor(slots, self.pool.device).unbind(1)
             flat = self.pool.view(*self.pool.shape[:2], -1, *self.pool.shape[4:])  # [layers, 2, slots, Hkv, D]
             flat.index_copy_(2, dst, flat.index_select(2, src))
         for table, start, nodes in kept:
@@ -151,7 +153,7 @@ class PagedKVCache:
     def flush(self) -> None:
         """Do the pending copies on write, all in one indexed copy."""
         if self.pending:
-            source, new = torch.tensor(self.pending, device=self.pool.device).unbind(1)
+            source, new = as_tensor(self.pending, self.pool.device).unbind(1)
             self.pool.index_copy_(2, new, self.pool.index_select(2, source))
             self.pending = []
 

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
+from specbeam.host import as_tensor
+
 
 class Processors(LogitsProcessorList):
     """A request's logits processors, called as `LogitsProcessorList` calls them without kwargs: each on
@@ -72,11 +74,11 @@ def process_rows(
         entry_of_row = [layer[0]] * num_rows  # rows without an entry here take a stand-in of the same length
         for entry in layer:
             entry_of_row[rows[entry]] = entry
-        input_ids = torch.tensor([prefixes[e] for e in entry_of_row], device=logits.device)
+        input_ids = as_tensor([prefixes[e] for e in entry_of_row], logits.device)
         processed = processors(input_ids, scores[entry_of_row])  # (indexing by a list copies: theirs to change)
         parts.append(processed[[rows[e] for e in layer]])
         order += layer
-    return torch.cat(parts).index_select(0, torch.tensor(order, device=logits.device).argsort())
+    return torch.cat(parts).index_select(0, as_tensor(order, logits.device).argsort())
 
 
 def penalties_of(processors: Processors) -> tuple[float, ...] | None:
@@ -96,8 +98,7 @@ def penalize(penalties: list[RepetitionPenaltyLogitsProcessor], prefixes: list[l
     """Repetition penalties ignoring nothing on every entry at once: each prefix padded on the left, and its
     `skips` leading tokens replaced, by the vocabulary's size (an id they ignore)."""
     vocab, width = scores.shape[-1], max(map(len, prefixes))
-    input_ids = torch.tensor([[vocab] * (width - len(p) + k) + p[k:] for p, k in zip(prefixes, skips)],
-                             device=scores.device)
+    input_ids = as_tensor([[vocab] * (width - len(p) + k) + p[k:] for p, k in zip(prefixes, skips)], scores.device)
     scores = scores.clone()  # (a copy: theirs to change)
     for penalty in penalties:
         scores = penalty(input_ids, scores)

@@ -5,6 +5,8 @@ import torch
 from transformers import StoppingCriteriaList
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 
+from specbeam.host import as_tensor
+
 
 class StopCheck:
     """A request's stopping criteria after each new token: on one row's token list (`__call__`), or on beam
@@ -23,7 +25,7 @@ class StopCheck:
         """tokens: the row's so far, the newest last; history() -> the scores the criteria get."""
         stop = (self.max_length is not None and len(tokens) >= self.max_length) or tokens[-1] in self.eos
         if self.others:  # called even when the row stops anyway: a criterion may keep state
-            stop = bool(self.others(torch.tensor([tokens], device=device), history())[0]) or stop
+            stop = bool(self.others(as_tensor([tokens], device), history())[0]) or stop
         return stop
 
     def hits(self, tokens: torch.Tensor, lengths: torch.Tensor, max_lengths: torch.Tensor) -> torch.Tensor:

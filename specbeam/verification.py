@@ -6,6 +6,7 @@ from typing import Callable
 import torch
 
 from specbeam import ops
+from specbeam.host import as_tensor
 from specbeam.tree import DraftTree
 
 
@@ -21,9 +22,9 @@ def verify_trees(trees: list[DraftTree], processed: list[torch.Tensor],
     width = max(len(t) for t in trees)
     scores = torch.nn.utils.rnn.pad_sequence(processed, batch_first=True)  # [trees, width, vocab], zeros after
     device = scores.device  # the verify kernel runs where the scores are
-    parents = torch.tensor([t.parents + [-1] * (width - len(t)) for t in trees], device=device)
-    tokens = torch.tensor([t.tokens + [0] * (width - len(t)) for t in trees], device=device)
-    num_nodes = torch.tensor([len(t) for t in trees], device=device)
+    parents = as_tensor([t.parents + [-1] * (width - len(t)) for t in trees], device)
+    tokens = as_tensor([t.tokens + [0] * (width - len(t)) for t in trees], device)
+    num_nodes = as_tensor([len(t) for t in trees], device)
     if sampling_probs is not None:
         q = torch.stack([_draft_probs(t, scores.shape[-1], width) for t in trees])
         uniform, noise = draws

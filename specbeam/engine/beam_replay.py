@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from specbeam.beam import BeamSearch
+from specbeam.host import as_tensor
 from specbeam.processing import process_rows
 from specbeam.trace import TraceStep
 
@@ -59,8 +60,7 @@ class BeamReplay:
             walked[m][r] = {0}
         replayed, running_on = 0, defaultdict(list)
         while True:
-            index = torch.tensor([self.first_row[m] + m.offset[r] + path[-1] for m, r, path in origin],
-                                 device=self.logits.device)
+            index = as_tensor([self.first_row[m] + m.offset[r] + path[-1] for m, r, path in origin], self.logits.device)
             self._step(group, self.logits.index_select(0, index).to(torch.float32))
             replayed += 1
             done = group.prompts_done().tolist()

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from specbeam.beam import NEG, BeamSearch
 from specbeam.engine.beam_replay import BeamReplay, Step
 from specbeam.engine.decoding import Decoding, tree_work
+from specbeam.host import as_tensor
 from specbeam.outputs import SpecbeamBeamOutput
 from specbeam.stopping import StopCheck
 from specbeam.trace import Trace, TraceStep, draft_rounds
@@ -210,7 +211,7 @@ class BeamDecoding(Decoding):
             sources.append(ended)
         index = [base[id(t[i][0])] + t[i][1] * rows + r if i < len(t) else base[None] + r
                  for i in range(steps) for t in taken for r in range(rows)]
-        flat = torch.cat(sources).index_select(0, torch.tensor(index, device=sources[0].device))
+        flat = torch.cat(sources).index_select(0, as_tensor(index, sources[0].device))
         return flat.view(steps, -1, *flat.shape[1:]).unbind(0)
 
     def _ended_rows(self) -> dict[str, torch.Tensor]:

@@ -8,6 +8,7 @@ import torch
 
 from specbeam.config import SAMPLE
 from specbeam.engine.decoding import Decoding, tree_work
+from specbeam.host import as_tensor
 from specbeam.outputs import SpecbeamOutput
 from specbeam.processing import penalize, penalties_of, process_trees, skips_of, tree_prefixes
 from specbeam.stopping import StopCheck
@@ -118,7 +119,7 @@ class TokenDecoding(Decoding):
         config, pad = self.request.config, self.params.pad_token_id
         steps = max(len(s) for s in self.scores)
         rows = [row.tokens + [pad] * (steps - len(s)) for row, s in zip(self.rows, self.scores)]
-        sequences = torch.tensor(rows, device=self.request.input_ids.device)
+        sequences = as_tensor(rows, self.request.input_ids.device)
         if not config.return_dict_in_generate:
             return sequences
         return SpecbeamOutput(

@@ -4,6 +4,8 @@ from itertools import accumulate
 
 import torch
 
+from specbeam.host import as_tensor
+
 from specbeam.serve.schemas import ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob
 
 
@@ -19,7 +21,7 @@ def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[To
     if not tokens:
         return []
     logp = torch.log_softmax(logits[: len(tokens)].float(), dim=-1)  # [n, vocab]
-    chosen = logp.gather(1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
+    chosen = logp.gather(1, as_tensor(tokens, logp.device)[:, None])[:, 0].tolist()
     values, ids = logp.topk(top, dim=-1) if top else (logp[:, :0], logp[:, :0].long())  # [n, top]
     return [TokenLogprob(token, lp, list(zip(i, v)))
             for token, lp, i, v in zip(tokens, chosen, ids.tolist(), values.tolist())]
