@@ -221,11 +221,10 @@ class BeamSearch:
         order = sorted(range(merged.batch), key=merged.prompts.__getitem__)
         return merged.split(order) if order != list(range(merged.batch)) else merged
 
-    def joins(self, other: "BeamSearch") -> bool:
-        """Whether the two searches can step as one: the same parameters but for each prompt's limits."""
-        mine, theirs = (replace(s.params, max_length=0, num_return_sequences=1) for s in (self, other))
-        return (mine == theirs and self.num_candidates == other.num_candidates and self.fill == other.fill
-                and self.running.device == other.running.device)
+    def kind(self) -> tuple:
+        """What two searches must share to step as one: the same parameters but for each prompt's limits."""
+        return (replace(self.params, max_length=0, num_return_sequences=1), self.num_candidates, self.fill,
+                self.running.device)
 
     def _update_finished(self, candidates: "_Candidates", cand_scores, hits) -> torch.Tensor:
         """Merge the candidates that stopped among the top B into the best B finished hypotheses."""

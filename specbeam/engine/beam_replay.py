@@ -5,7 +5,7 @@ Each step reads every running beam's distribution off the target pass (its node 
 transformers' beam step. A prompt goes on while every new running beam of it is a tree node; its round ends at
 the first step that leaves its trees (the others step on without it), and its request commits it. Requests
 join only when a step treats their prompts alike: no logits processors, no stopping criteria but max-length and
-eos (`BeamDecoding.joins`); their prompts' limits (width, max length) stay their own."""
+eos (`BeamDecoding.kind`); their prompts' limits (width, max length) stay their own."""
 from collections import defaultdict
 from dataclasses import dataclass
 

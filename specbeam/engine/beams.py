@@ -34,8 +34,10 @@ class BeamDecoding(Decoding):
         self.log: list[Step] = []  # every beam step
         self.taken = [[] for _ in range(self.search.batch)]  # per prompt, per step: (its Step, its index in it)
         self.drafts = [[] for _ in range(self.search.batch)]  # per prompt: its DraftRounds, for the trace
-        # a step treats its prompts as any other request's: it may replay in one search with theirs
-        self.joinable = not self.request.logits_processor and not self.stop.others
+        # requests of one kind replay in one search: a step treats their prompts alike (no processors or stopping
+        # criteria of their own, the same eos tokens and the same kind of search); None: it replays alone
+        alike = not self.request.logits_processor and not self.stop.others
+        self.kind = (frozenset(self.stop.eos), self.search.kind()) if alike else None
 
     # --- one round ----------------------------------------------------------------------------------------
 
@@ -49,12 +51,6 @@ class BeamDecoding(Decoding):
         self.trees = dict(zip(self.round_rows, trees))
         self.starts = {r: self.rows[r].table.length for r in self.round_rows}
         return [tree_work(self.rows[r].table, self.trees[r]) for r in self.round_rows]
-
-    def joins(self, other: "BeamDecoding") -> bool:
-        """Whether the two requests' rounds can replay as one search: no processors or stopping criteria of their
-        own, the same eos tokens and the same kind of search."""
-        return (self.joinable and other.joinable and self.stop.eos == other.stop.eos
-                and self.search.joins(other.search))
 
     def start_round(self) -> None:
         """Before the replay: where each beam's tree sits in the logits; what the draft and the policy hear."""
@@ -231,7 +227,7 @@ class BeamDecoding(Decoding):
 
 
 def absorb_beams(members: list[BeamDecoding], logits: torch.Tensor, firsts: list[int]) -> None:
-    """One round of beam requests that join (`BeamDecoding.joins`), replayed as one search. logits: [rows, vocab]
+    """One round of beam requests of one kind (`BeamDecoding.kind`), replayed as one search. logits: [rows, vocab]
     holding each member's tree nodes from row firsts[k] on."""
     for member in members:
         member.start_round()

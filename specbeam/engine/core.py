@@ -398,16 +398,12 @@ class EngineCore:
 
 
 def _joined_beams(states: list[BeamDecoding]) -> list[list[BeamDecoding]]:
-    """Beam requests grouped by the search they replay in: each joins the first group whose first request it
-    joins (`BeamDecoding.joins`)."""
-    groups = []
+    """Beam requests grouped by the search they replay in: those of one kind together (`BeamDecoding.kind`), in
+    the order their kinds first come; a request of no kind alone."""
+    groups = defaultdict(list)
     for state in states:
-        group = next((g for g in groups if g[0].joins(state)), None)
-        if group is None:
-            groups.append([state])
-        else:
-            group.append(state)
-    return groups
+        groups[state.kind if state.kind is not None else state].append(state)
+    return list(groups.values())
 
 
 def _device_free(device: torch.device) -> int:
