@@ -293,7 +293,9 @@ class TreePolicy:
     # after it, drafting's best rate still does not beat plain steps' by the margin `stay` asks of a switch)
     probe_backoff: int = 0  # probes from plain steps since drafting last paid after one, up to max_backoff
     rng: random.Random = field(default_factory=lambda: random.Random(0))
-    _rates: dict = field(default_factory=dict, repr=False, compare=False)  # (trees, load) -> ({shape: rate}, best)
+    # (trees, load) -> ({shape: rate}, best, {shape: seconds}), `_rated`
+    _rates: dict = field(default_factory=dict, repr=False, compare=False)
+    _ratios: dict = field(default_factory=dict, repr=False, compare=False)  # shape -> ratio, reused with the rates
     _plain_rounds: int = 0  # observed since the rates were renewed
 
     def expected(self, depth: int, width: int, trees: int, load: float) -> tuple[float, float]:
@@ -341,43 +343,51 @@ class TreePolicy:
         a neighbour of the best instead. Before the pass costs are known: the deepest, widest tree."""
         if not (self.target.known and self.draft.known):
             return self.acceptance.max_depth, self.widths[-1]
-        if (trees, load) not in self._rates:
-            rates = self._rate_every_shape(trees, load)
-            self._rates[trees, load] = rates, max(rates, key=rates.get)
-        rates, best = self._rates[trees, load]
+        rates, best, seconds = self._rated(trees, load)
         if best[0] and current in rates and current[0] == 0:  # plain: drafting's first round includes the catch-up
-            switching = rates[best] * self._catching_up(best, trees, load, behind)
+            switching = rates[best] * self._catching_up(best, seconds[best], behind)
             best = current if self.stay * switching <= rates[current] else best
         draw = self.rng.random()
         if draw >= self.explore:  # no neighbour is tried more often than this (relative <= 1)
             return best
         neighbour = self._neighbour(best)
         relative = rates[neighbour] / rates[best]
-        return neighbour if draw < self._exploring(neighbour, relative, trees, load, behind) else best
+        return neighbour if draw < self._exploring(neighbour, relative, seconds[neighbour], behind) else best
 
-    def _rate_every_shape(self, trees: int, load: float) -> dict[tuple[int, int], float]:
-        shapes = [(0, self.widths[0])] + [(d, w) for d in range(1, self.acceptance.max_depth + 1) for w in self.widths]
-        return {shape: self.rate(*shape, trees, load) for shape in shapes}
+    def _rated(self, trees: int, load: float) -> tuple[dict, tuple[int, int], dict]:
+        """`rate` of every shape beside `load`, the best shape, and each shape's modelled seconds: reused until the
+        rates are renewed, and so is each shape's `ratio`, the same for every (trees, load)."""
+        if (trees, load) in self._rates:
+            return self._rates[trees, load]
+        if not self._ratios:
+            shapes = [(0, self.widths[0])] + [(d, w) for d in range(1, self.acceptance.max_depth + 1)
+                                              for w in self.widths]
+            self._ratios = {shape: self.ratio(*shape) for shape in shapes}
+        rates, seconds = {}, {}
+        for shape, ratio in self._ratios.items():
+            tokens, seconds[shape] = self.expected(*shape, trees, load)
+            rates[shape] = ratio * tokens / seconds[shape]
+        self._rates[trees, load] = rates, max(rates, key=rates.get), seconds
+        return self._rates[trees, load]
 
-    def _exploring(self, shape: tuple[int, int], relative: float, trees: int, load: float,
+    def _exploring(self, shape: tuple[int, int], relative: float, seconds: float,
                    behind: Callable[[], int] | None) -> float:
         """The chance of trying a neighbour whose rate is `relative` times the best's: a neighbour as fast runs
         one round in 1 / explore, a slower one less often by the square of its relative speed (each try costs
         what it is slower), and a drafting one less often by the share of its first round that the draft's
         catch-up leaves to drafting, and by half for each probe from plain steps since drafting last paid (where
         the draft does not pay, probes cost their catch-ups and teach nothing new)."""
-        catching_up = self._catching_up(shape, trees, load, behind)
+        catching_up = self._catching_up(shape, seconds, behind)
         backoff = 0.5 ** self.probe_backoff if catching_up < 1 else 1.0
         return self.explore * relative ** 2 * catching_up * backoff
 
-    def _catching_up(self, shape: tuple[int, int], trees: int, load: float, behind: Callable[[], int] | None) -> float:
-        """The share of a request's first round of `shape` that is the round itself, not the draft catching up on
-        the `behind()` tokens it has not fed (a request that has stepped plainly for long, or never drafted, pays
-        for all of them; no one shares the catch-up): 1 for plain steps."""
+    def _catching_up(self, shape: tuple[int, int], seconds: float, behind: Callable[[], int] | None) -> float:
+        """The share of a request's first round of `shape` (modelled to take `seconds`) that is the round itself,
+        not the draft catching up on the `behind()` tokens it has not fed (a request that has stepped plainly for
+        long, or never drafted, pays for all of them; no one shares the catch-up): 1 for plain steps."""
         unfed = behind() if shape[0] and behind else 0
         if not unfed:
             return 1.0
-        seconds = self.expected(*shape, trees, load)[1]
         return seconds / (seconds + self.draft(unfed))
 
     def observe(self, depth: int, width: int, trees: int, load: float, tokens: int, seconds: float,
@@ -390,6 +400,7 @@ class TreePolicy:
         self._plain_rounds = 0 if depth else self._plain_rounds + rounds
         if depth or self._plain_rounds >= self.refresh:
             self._rates.clear()
+            self._ratios.clear()
             self._plain_rounds = 0
         if depth:
             self.acceptance.fade()
@@ -413,9 +424,7 @@ class TreePolicy:
         else:
             self.pooled_plain = self.pooled_plain.add(self.pool_memory ** rounds, *this_round)
         if depth and caught_up:  # it followed plain steps: did drafting pay, by the margin a switch needs?
-            rates = self._rate_every_shape(trees, load)
-            best = max(rates, key=rates.get)
-            self._rates[trees, load] = rates, best
+            rates, best, _ = self._rated(trees, load)  # (renewed: this round cleared them)
             pays = self.stay * rates[best] > rates[0, self.widths[0]]
             self.probe_backoff = 0 if pays else min(self.probe_backoff + 1, self.max_backoff)
 

@@ -237,10 +237,10 @@ def test_a_drafting_neighbour_is_tried_less_the_more_the_draft_would_catch_up_on
     policy = _policy(target=PassCost({1: 1.0, 8: 1.1}), draft=PassCost({1: 0.1, 64: 2.0}), hits=0.3)
     policy.explore = 0.02
     # a plain step catches up on nothing
-    assert policy._exploring((0, 1), 1.0, 1, 0, behind=lambda: 50) == policy.explore
+    assert policy._exploring((0, 1), 1.0, policy.expected(0, 1, 1, 0)[1], behind=lambda: 50) == policy.explore
     seconds = policy.expected(1, 1, 1, 0)[1]
-    assert policy._exploring((1, 1), 1.0, 1, 0, behind=lambda: 0) == policy.explore
-    assert policy._exploring((1, 1), 1.0, 1, 0, behind=lambda: 50) == pytest.approx(
+    assert policy._exploring((1, 1), 1.0, policy.expected(1, 1, 1, 0)[1], behind=lambda: 0) == policy.explore
+    assert policy._exploring((1, 1), 1.0, policy.expected(1, 1, 1, 0)[1], behind=lambda: 50) == pytest.approx(
         policy.explore * seconds / (seconds + policy.draft(50)))
 
 
@@ -268,14 +268,14 @@ def test_probes_from_plain_steps_back_off_while_drafting_does_not_pay():
     policy = _policy(target=PassCost({1: 1.0, 8: 1.1}), draft=PassCost({1: 0.1, 64: 2.0}), hits=0.05)
     policy.explore = 0.02
     assert policy.choose(1, 0)[0] == 0
-    base = policy._exploring((1, 1), 1.0, 1, 0, behind=lambda: 50)
+    base = policy._exploring((1, 1), 1.0, policy.expected(1, 1, 1, 0)[1], behind=lambda: 50)
     seconds = policy.expected(1, 1, 1, 0)[1] + policy.draft(51) - policy.draft(1)  # the catch-up included
     for probes in range(1, 7):
         policy.observe(1, 1, 1, 0, tokens=1, seconds=seconds, seen=[(1, None, 1)], caught_up=50)
         backoff = min(probes, policy.max_backoff)
         assert policy.probe_backoff == backoff
-        assert policy._exploring((1, 1), 1.0, 1, 0, behind=lambda: 50) == pytest.approx(base * 0.5 ** backoff)
-    assert policy._exploring((1, 1), 1.0, 1, 0, behind=lambda: 0) == policy.explore  # a drafting best's neighbour
+        assert policy._exploring((1, 1), 1.0, policy.expected(1, 1, 1, 0)[1], behind=lambda: 50) == pytest.approx(base * 0.5 ** backoff)
+    assert policy._exploring((1, 1), 1.0, policy.expected(1, 1, 1, 0)[1], behind=lambda: 0) == policy.explore  # a drafting best's neighbour
     policy.observe(1, 1, 1, 0, tokens=200, seconds=seconds, seen=[(1, 0, 1)], caught_up=50)  # drafting paid
     assert policy.choose(1, 0)[0] > 0 and policy.probe_backoff == 0
 
@@ -286,7 +286,7 @@ def test_a_probe_pays_only_by_the_margin_a_switch_needs():
     policy = _policy(widths=(1,))
     policy.probe_backoff = 2
     rates = {(0, 1): 1.0, (1, 1): 1.0 / policy.stay - 0.01}  # drafting best, within the margin
-    policy._rate_every_shape = lambda trees, load: dict(rates)
+    policy._rated = lambda trees, load: (dict(rates), max(rates, key=rates.get), None)
     policy.observe(1, 1, 1, 0, tokens=1, seconds=1.0, seen=[(1, None, 1)], caught_up=5)
     assert policy.probe_backoff == 3
     rates[1, 1] = 1.0 / policy.stay + 0.01
@@ -301,7 +301,7 @@ def test_a_cascades_draft_cost_prices_a_catch_up_as_its_stages_summed():
     policy.explore = 0.02
     assert policy.draft(50) == pytest.approx(small(50) + mid(50))
     seconds = policy.expected(1, 1, 1, 0)[1]
-    assert policy._exploring((1, 1), 1.0, 1, 0, behind=lambda: 50) == pytest.approx(
+    assert policy._exploring((1, 1), 1.0, policy.expected(1, 1, 1, 0)[1], behind=lambda: 50) == pytest.approx(
         policy.explore * seconds / (seconds + small(50) + mid(50)))
 
 class CyclingShapes:
