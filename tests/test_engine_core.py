@@ -85,6 +85,32 @@ def test_requests_added_while_others_run_each_get_their_solo_output(draft):
     _assert_no_leak(engine)
 
 
+def test_a_prompt_admitted_beside_running_requests_rides_in_their_forward(monkeypatch):
+    """One target forward a step, however requests arrive: a request admitted while others run has its prompt
+    stored in their round's forward (it scores nothing there; its first round is the next step's), and each
+    request still gets its solo output."""
+    engine = Engine(tiny_model("llama"))
+    calls = _calls()[:3]
+    solo = [engine.generate(**_fresh(c)) for c in calls]
+    forwards, forward = [], engine.runner.forward
+    monkeypatch.setattr(engine.runner, "forward", lambda cache, works: forwards.append(works) or forward(cache, works))
+    ids, results = {engine.add_request(**_fresh(calls[0])): 0}, {}
+    engine.step()  # the first request alone: its prompt, then its first round
+    assert [all(w.num_logits == 0 for w in works) for works in forwards] == [True, False]
+    for i, call in enumerate(calls[1:], start=1):
+        ids[engine.add_request(**_fresh(call))] = i
+        forwards.clear()
+        outputs = engine.step()
+        assert len(forwards) == 1 and sum(w.num_logits == 0 for w in forwards[0]) > 0  # the prompt rode along
+        assert all(out.request_id in ids for out in outputs) and list(ids)[i] not in [o.request_id for o in outputs]
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                results[ids[out.request_id]] = out.result
+    assert all(_same(results[i], solo[i]) for i in range(len(calls)))
+    _assert_no_leak(engine)
+
+
 def test_step_outputs_stream_each_rows_new_tokens():
     engine = Engine(tiny_model("llama"))
     ids, mask = left_padded_batch((7, 3), seed=0)

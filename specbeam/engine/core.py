@@ -144,11 +144,16 @@ class EngineCore:
         if not running:
             return outputs
         self.cache.allocator.peak_used = self.cache.allocator.num_used
-        running = self._prefill(running, outputs)
-        start = time.perf_counter()  # the tree policies weigh rounds, not prefills
-        running = self._round(running, outputs)
+        stepping = [s for s in running if not s.needs_prefill]
+        riding = {s: s.prefill_works() for s in running if s.needs_prefill} if stepping else {}
+        if not stepping:  # nothing else runs: the prompts first, then their first round, in this step
+            stepping = self._prefill(running, outputs)
+        start = time.perf_counter()  # the tree policies weigh rounds, not prefills of their own
+        running = self._round(stepping, outputs, riding)
         seconds = time.perf_counter() - start
-        total = sum(state.round_tokens for state in running) or 1
+        # riding prompts' tokens took their share of the round's forward
+        total = sum(state.round_tokens for state in running) + sum(len(w.tokens) for ws in riding.values()
+                                                                    for w in ws) or 1
         peak = self.cache.allocator.peak_used
         for state in running:
             # a request's share of the round's time is its share of the forward's tokens: deeper trees beside
@@ -174,16 +179,25 @@ class EngineCore:
             states = [s for s in states if s.needs_prefill]
         return [s for s in running if s.request_id in self.requests]
 
-    def _round(self, running: list[Decoding], outputs: list) -> list[Decoding]:
-        """Every request's round in one target forward."""
-        planned, works = [], []
+    def _round(self, running: list[Decoding], outputs: list, riding: dict[Decoding, list[Work]]) -> list[Decoding]:
+        """Every request's round in one target forward, which also stores the K/V of the `riding` requests'
+        prompts (their prefill works, which score nothing): those just admitted beside running ones, whose first
+        round is the next step's (one forward a step, however requests arrive)."""
+        works = [w for mine in riding.values() for w in mine]
+        planned = []
         for state, mine in self._plan(running, outputs):
             planned.append((state, len(works), len(mine)))
             state.round_tokens = sum(len(w.tokens) for w in mine)
             works += mine
-        cost = self.target_cost if self.tree_policies else None  # timed only for the tree policies
-        logits = self._forward(works, [s for s, _, _ in planned], outputs, cost) if works else None
-        if logits is None:
+        # timed only for the tree policies, and only as a round: prompts riding along are not a tree's tokens
+        cost = self.target_cost if self.tree_policies and not riding else None
+        logits = self._forward(works, [s for s, _, _ in planned] + list(riding), outputs, cost) if works else None
+        if works and logits is None:  # the forward failed, and so did every request in it
+            return []
+        for state, mine in riding.items():
+            state.stats.target_passes += bool(mine)
+            state.after_prefill()
+        if not planned:
             return []
         bounds = [0, *itertools.accumulate(w.num_logits for w in works)]  # per work: its first row of logits
         # a nan or inf anywhere makes the sum one (20x cheaper than isfinite over all of them); then each request
