@@ -60,6 +60,19 @@ def test_ties_at_top_k_and_min_p_keep_the_group_as_transformers(backend, params,
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("top_k", [1, 7, 256, 257, 299])  # the C++ kernel: a heap up to 256, a quickselect past it
+def test_top_k_keeps_what_transformers_keeps_among_ties_and_minus_infinity(backend, top_k, device):
+    """Integer logits (ties everywhere), a run of -inf (fewer than k finite in the last rows) and a row of
+    plain normals: the kept set is transformers' whole tie groups."""
+    gen = torch.Generator().manual_seed(top_k)
+    logits = torch.cat([torch.randint(-4, 4, (5, 300), generator=gen).float(), torch.randn(1, 300, generator=gen)])
+    for row in range(5):
+        logits[row, : 60 * row] = float("-inf")
+    kept = ops.filter_probs(logits.to(device), top_k=top_k, backend=backend) > 0
+    assert torch.equal(kept.cpu(), transformers_probs(logits, top_k=top_k) > 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("top_p, group", [(0.4, 0.18), (0.85, 0.06)])
 def test_ties_at_top_p_keep_the_whole_group(backend, top_p, group, device):
     """transformers keeps part of the tied group at the threshold; the rule here keeps all of it."""

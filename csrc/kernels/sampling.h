@@ -10,7 +10,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <limits>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -39,7 +41,11 @@ struct SamplingWorkspace {
   std::vector<T> scores;              // [vocab] scaled logits
   std::vector<T> weights;             // [vocab] kept weights (sample_row)
   std::vector<Scored<T>> candidates;  // [<= vocab]
+  std::vector<T> largest;             // [top_k] a min-heap (kth_largest)
 };
+
+// Top-k at most this: the k-th largest score by a heap of k (one comparison for most scores), not a quickselect.
+constexpr int64_t kHeapTopK = 256;
 
 // Three-way partition of [first, last) by score around pivot: > pivot | == pivot | < pivot.
 // Returns the two boundaries and adds the weights of the first two parts to greater and equal.
@@ -85,18 +91,38 @@ T lowest_kept(Scored<T>* first, Scored<T>* last, double budget, T top) {
   return answer;
 }
 
+// The k-th largest score, counting ties (0 < k < vocab; no NaN in the row): the lowest score with fewer than k
+// scores above it, which is what lowest_kept finds for a budget of k tokens. A min-heap holds the k largest so
+// far; a score that does not beat its least passes with one comparison. -inf where fewer than k beat -inf (then
+// top-k keeps every token, as lowest_kept's lowest score does).
+template <typename T>
+T kth_largest(const T* scores, int64_t vocab, int64_t k, std::vector<T>& heap) {
+  heap.assign(k, -std::numeric_limits<T>::infinity());  // a heap already: all equal
+  const auto greater = std::greater<T>();
+  for (int64_t i = 0; i < vocab; ++i) {
+    if (scores[i] > heap.front()) {
+      std::pop_heap(heap.begin(), heap.end(), greater);
+      heap.back() = scores[i];
+      std::push_heap(heap.begin(), heap.end(), greater);
+    }
+  }
+  return heap.front();
+}
+
 // Scale the row by the temperature; returns the max and the min scaled score (NaN ignored; -inf for both when
-// nothing else is there).
+// nothing else is there) and whether any score is NaN.
 template <typename L, typename T>
-std::pair<T, T> scale_row(const L* logits, int64_t vocab, T temperature, T* scores) {
+std::tuple<T, T, bool> scale_row(const L* logits, int64_t vocab, T temperature, T* scores) {
   T top = -std::numeric_limits<T>::infinity(), bottom = std::numeric_limits<T>::infinity();
-#pragma omp simd reduction(max : top) reduction(min : bottom)
+  int nan = 0;
+#pragma omp simd reduction(max : top) reduction(min : bottom) reduction(| : nan)
   for (int64_t i = 0; i < vocab; ++i) {
     scores[i] = static_cast<T>(logits[i]) / temperature;
     top = std::max(top, scores[i]);
     bottom = std::min(bottom, scores[i]);
+    nan |= scores[i] != scores[i];
   }
-  return {top, bottom};
+  return {top, bottom, nan != 0};
 }
 
 // The first index holding `top` (0 when nothing beats -inf), as a running strict maximum finds it.
@@ -108,10 +134,13 @@ int64_t first_index_of(const T* scores, int64_t vocab, T top) {
 
 // The lowest score that top-k and then top-p keep (-inf: everything).
 template <typename T>
-T keep_floor(const T* scores, int64_t vocab, T top, const SamplingParams<T>& params, SamplingWorkspace<T>& ws) {
+T keep_floor(const T* scores, int64_t vocab, T top, bool nan, const SamplingParams<T>& params,
+             SamplingWorkspace<T>& ws) {
   T floor = -std::numeric_limits<T>::infinity();
   auto& cand = ws.candidates;
-  if (params.top_k > 0 && params.top_k < vocab) {
+  if (params.top_k > 0 && params.top_k < vocab && params.top_k <= kHeapTopK && !nan) {
+    floor = kth_largest(scores, vocab, params.top_k, ws.largest);
+  } else if (params.top_k > 0 && params.top_k < vocab) {
     cand.resize(vocab);
     for (int64_t i = 0; i < vocab; ++i) cand[i] = {scores[i], T(1)};
     floor = lowest_kept(cand.data(), cand.data() + vocab, static_cast<double>(params.top_k), top);
@@ -138,13 +167,13 @@ double kept_weights(const L* logits,  // [vocab]
   ws.scores.resize(vocab);
   T* scores = ws.scores.data();
   const bool greedy = params.temperature == 0;
-  const auto [top, bottom] = scale_row(logits, vocab, greedy ? T(1) : params.temperature, scores);
+  const auto [top, bottom, nan] = scale_row(logits, vocab, greedy ? T(1) : params.temperature, scores);
   if (greedy) {
     std::fill(weights, weights + vocab, T(0));
     weights[first_index_of(scores, vocab, top)] = 1;
     return 1;
   }
-  const T floor = keep_floor(scores, vocab, top, params, ws);
+  const T floor = keep_floor(scores, vocab, top, nan, params, ws);
 #pragma omp simd
   for (int64_t i = 0; i < vocab; ++i) weights[i] = fast_exp(scores[i] - top);
   if (bottom - top < ExpTraits<T>::kLowest) {  // fast_exp's 0 there: std::exp keeps the subnormal tail
