@@ -45,7 +45,7 @@ class BeamReplay:
             self.search = searches[0]
         else:
             self.owner = dict(enumerate((m, p) for m in members for p in m.search.prompts))
-            self.search = BeamSearch.merge(searches, list(self.owner))
+            self.search = _rejoined(members) or BeamSearch.merge(searches, list(self.owner))
         self.beams = members[0].params.num_beams
 
     def run(self) -> dict:
@@ -83,6 +83,11 @@ class BeamReplay:
                                                     [tails[i] for i in rows]))
             going = [g for g in range(group.batch) if g not in stop]
             if not going:
+                if len(stop) == len(self.owner) and not any(done) and len(self.members) > 1:
+                    # every prompt ended its round at this step: the group is whole, each member's part a view of it
+                    joined = (tuple(map(id, self.members)), group, tuple(running_on[m][0] for m in self.members))
+                    for m in self.members:
+                        m.joined = joined
                 return running_on
             if stop:
                 group, origin = group.split(going), [origin[g * beams + b] for g in going for b in range(beams)]
@@ -113,6 +118,15 @@ class BeamReplay:
             taken[m].append((g, p))
         for m, mine in taken.items():
             m.log_step(step, mine)
+
+
+def _rejoined(members: list) -> BeamSearch | None:
+    """The joined search of the last round, if it joined exactly these requests, in this order, and each still
+    holds the part of it that round gave it: it steps on as it is, not merged again (a plain round's, as a rule)."""
+    ids, group, parts = members[0].joined or ((), None, ())
+    if ids == tuple(map(id, members)) and all(m.search is part for m, part in zip(members, parts)):
+        return group
+    return None
 
 
 def _follow(search: BeamSearch, origin: list) -> tuple[list, list[bool]]:

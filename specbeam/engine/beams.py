@@ -38,6 +38,8 @@ class BeamDecoding(Decoding):
         # criteria of their own, the same eos tokens and the same kind of search); None: it replays alone
         alike = not self.request.logits_processor and not self.stop.others
         self.kind = (frozenset(self.stop.eos), self.search.kind()) if alike else None
+        # the last round's joined search (`BeamReplay`): (its requests' ids, the search, each one's part of it)
+        self.joined: tuple[tuple[int, ...], BeamSearch, tuple[BeamSearch, ...]] | None = None
 
     # --- one round ----------------------------------------------------------------------------------------
 
