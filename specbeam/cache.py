@@ -86,6 +86,22 @@ class PagedKVCache:
             refcount[block] += 1
         return BlockTable(blocks.copy(), table.length, borrowed)
 
+    def continue_tables(self, sources: list[BlockTable], old: list[BlockTable]) -> list[BlockTable]:
+        """One table per new row, continuing its source: a table of `old` is taken over by its first
+        continuation and forked for the others (as is any other source, which outlives the call); the tables of
+        `old` that nothing continues are released."""
+        mine, taken, new = {id(t) for t in old}, set(), []
+        for source in sources:
+            if id(source) in mine and id(source) not in taken:
+                taken.add(id(source))
+                new.append(source)
+            else:
+                new.append(self.fork(source))
+        for table in old:
+            if id(table) not in taken:
+                self.release(table)
+        return new
+
     def zero(self, tables: list[BlockTable]) -> None:
         """Zero the blocks of `tables` (a forward that wrote non-finite K/V there must leave none behind)."""
         blocks = sorted({b for t in tables for b in t.blocks})

@@ -170,18 +170,17 @@ class DraftSession:
         return trees
 
     def commit(self, origins: list[tuple[int, list[int]]]) -> None:
-        """New row i continues old row origins[i][0] along the node path origins[i][1] of its last tree."""
-        new, kept = [], []
+        """New row i continues old row origins[i][0] along the node path origins[i][1] of its last tree: from the
+        deepest node of the path it fed (a row's own table is its root's), or from its scored tree's table (the
+        tree went in one pass), of which it keeps the path's K/V."""
+        sources = []
         for old, path in origins:
-            if old in self.scored:  # the tree went in one pass: keep the path's K/V in a copy of its table
-                scored, start = self.scored[old]
-                new.append(self.cache.fork(scored))
-                kept.append((new[-1], start, path))
-                continue
             fed = [self.fed[old][n] for n in path if n in self.fed[old]]
-            new.append(self.cache.fork(fed[-1] if fed else self.tables[old]))
-        self.cache.keep_paths(kept)
-        self._release_all()
+            sources.append(self.scored[old][0] if old in self.scored else fed[-1] if fed else self.tables[old])
+        new = self.cache.continue_tables(sources, self.tables)
+        self.cache.keep_paths([(table, self.scored[old][1], path) for table, (old, path) in zip(new, origins)
+                               if old in self.scored])
+        self._release_round()
         self.tables, self.fed = new, [{} for _ in new]
 
     def _release_all(self) -> None:

@@ -289,6 +289,9 @@ class TreePolicy:
     pooled: RoundSums = RoundSums()  # over the rounds of every drafting shape
     pooled_plain: RoundSums = RoundSums()  # over the plain rounds
     refresh: int = 32  # plain rounds the rates are reused for (a drafting round, which teaches more, renews them)
+    # rounds a request's choice of plain steps holds before it chooses again: a choice costs more than a plain
+    # step's own work on a small model, and a plain request keeps stepping plainly unless drafting wins clearly
+    hold: int = 8
     max_backoff: int = 4  # halvings of a probe's chance at most (one per probe from plain steps that did not pay:
     # after it, drafting's best rate still does not beat plain steps' by the margin `stay` asks of a switch)
     probe_backoff: int = 0  # probes from plain steps since drafting last paid after one, up to max_backoff
@@ -468,7 +471,7 @@ class StagesPolicy:
 
     def __init__(self, policies: dict[tuple[int, ...], TreePolicy]):
         self.policies = policies
-        self.shape = next(iter(policies.values())).shape
+        self.shape, self.hold = next(iter(policies.values())).shape, next(iter(policies.values())).hold
 
     def choose(self, trees: int, load: float, current: tuple | None = None,
                behind: Callable[[], int] | None = None) -> tuple[int, int, tuple[int, ...]]:

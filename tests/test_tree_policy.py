@@ -309,6 +309,7 @@ class CyclingShapes:
     the same way every time (after each plain stretch the draft catches up on the tokens it has not seen)."""
 
     shape = TreeShape(GREEDY_TREES)
+    hold = 1  # every round chooses
 
     def __init__(self, shapes: list[tuple[int, int]]):
         self.shapes = itertools.cycle(shapes)
@@ -363,6 +364,24 @@ def test_plain_steps_and_drafting_rounds_interleaved_give_the_target_alone(draft
     if draft == "perfect":  # drafted tokens were accepted, after plain stretches too
         assert ours.stats.target_passes < ours.stats.steps
     assert engine.cache.allocator.num_free == engine.cache.allocator.num_blocks
+
+
+@pytest.mark.parametrize("hold", [1, 4])
+def test_a_choice_of_plain_steps_holds_for_the_policys_hold_rounds(hold):
+    """A request whose policy chose plain steps asks it again only every `hold` rounds (a drafting choice is
+    asked again the next round); the output is the target's either way."""
+    model, inputs = tiny_model("llama"), _inputs(eos=EOS_ONE)
+    engine = Engine(model, draft_model=drafts()["perturbed"])
+    policy = CyclingShapes([(0, 1)])
+    policy.hold = hold
+    calls = []
+    choose = policy.choose
+    policy.choose = lambda *args, **kwargs: calls.append(args) or choose(*args, **kwargs)
+    engine.tree_policies[_key(engine, GREEDY)] = policy
+    reference, ours = run_both(model, engine, **inputs, do_sample=False)
+    assert_same_tokens(reference, ours, inputs["input_ids"].shape[1], PAD, EOS_ONE)
+    rounds = ours.stats.target_passes - 1  # after the prefill
+    assert len(calls) == math.ceil(rounds / hold)
 
 
 def test_the_engine_measures_pass_costs_at_first_use():

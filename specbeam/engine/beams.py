@@ -112,16 +112,9 @@ class BeamDecoding(Decoding):
         rows = [p * beams + b for p in group.prompts for b in range(beams)]
         old = {r: self.rows[r].table for r in rows}
         old_tokens = {r: self.rows[r].tokens for r in rows}
-        takers = {}  # per source row: its new beams; the first takes its table over, the others fork it
-        for r, (source, _) in zip(rows, origin):
-            takers.setdefault(source, []).append(r)
-        for source, table in old.items():
-            for r in takers.get(source, [])[1:]:
-                self.rows[r].table = self.cache.fork(table)
-            if source in takers:
-                self.rows[takers[source][0]].table = table
-            else:
-                self.cache.release(table)
+        tables = self.cache.continue_tables([old[source] for source, _ in origin], list(old.values()))
+        for r, table in zip(rows, tables):
+            self.rows[r].table = table
         self.cache.keep_paths([(self.rows[r].table, self.starts[source], path[:-1]) for r, (source, path) in
                                zip(rows, origin)])
         for r, (source, path) in zip(rows, origin):

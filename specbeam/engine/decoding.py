@@ -56,6 +56,7 @@ class Decoding:
         self.depth, self.width = 0, spec.width  # this round's tree
         self.round_tokens = 0  # tokens this round feeds the target
         self.chosen_for = (num_rows, 0)  # (trees, load) this round's shape was chosen for
+        self.plain_left = 0  # plain rounds the policy's last choice still holds for
         self.stages: list = []  # under a cascade's policy: [the stages taking part]; else every stage
         self.advanced = 0  # tokens this round committed (beam search: steps, summed over prompts)
         self.seen: list[tuple[int, int | None, int]] = []  # this round's acceptance, for the tree policy
@@ -184,11 +185,15 @@ class Decoding:
             self.depth = 0
         elif self.policy is None:
             self.depth, self.width = self.spec.depth, self.spec.width
+        elif self.plain_left and not self.depth:  # a choice of plain steps holds for the policy's `hold` rounds
+            self.plain_left -= 1
+            self.chosen_for = (self.chosen_for[0], load)
         else:  # a cascade's policy also says which of its stages take part
             self.chosen_for = (self.num_trees(), load)
             current = (self.depth, self.width, *self.stages) if self.rows else None
             self.depth, self.width, *self.stages = self.policy.choose(*self.chosen_for, current=current,
                                                                       behind=self._behind)
+            self.plain_left = 0 if self.depth else self.policy.hold - 1
 
     def _behind(self) -> int:
         """Tokens the draft would catch up on before a drafting round (asked only when one is considered): before
