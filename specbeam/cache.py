@@ -67,12 +67,10 @@ class PagedKVCache:
             self.pool = _zeros(shape, dtype, torch.device(device))
         self.block_size = block_size
         self.allocator = BlockAllocator(num_blocks)
-        # copies on write not done yet: (source block, new block, positions to copy from the block's first)
-        self.pending: list[tuple[int, int, int]] = []
+        self.pending: list[tuple[int, int]] = []  # copies on write not done yet: (source block, new block)
         # views made once: per layer, K and V as blocks [num_blocks, block_size, Hkv, D] and as slots
         self.layers = [(self.pool[i, 0], self.pool[i, 1]) for i in range(num_layers)]
         self.slots = [(k.view(-1, *k.shape[2:]), v.view(-1, *v.shape[2:])) for k, v in self.layers]
-        self.by_slot = self.pool.view(*shape[:2], -1, *shape[4:])  # [layers, 2, slots, Hkv, D]: every layer's
         # one block, all layers, K and V
         self.block_bytes = int(np.prod(shape[:2] + shape[3:])) * self.pool.element_size()
 
@@ -138,7 +136,8 @@ class PagedKVCache:
         if slots:
             self.flush()
             src, dst = as_tensor(slots, self.pool.device).unbind(1)
-            self.by_slot.index_copy_(2, dst, self.by_slot.index_select(2, src))
+            flat = self.pool.view(*self.pool.shape[:2], -1, *self.pool.shape[4:])  # [layers, 2, slots, Hkv, D]
+            flat.index_copy_(2, dst, flat.index_select(2, src))
         for table, start, nodes in kept:
             if table.length > start + len(nodes):
                 self.truncate(table, start + len(nodes))
@@ -147,12 +146,11 @@ class PagedKVCache:
         return table.blocks[position // self.block_size] * self.block_size + position % self.block_size
 
     def _make_private(self, table: BlockTable, first: int, last: int) -> None:
-        """Copy every shared block holding a position in [first, last]: the positions of it below the table's
-        length, the only ones the table has stored there."""
-        refcount, blocks, size = self.allocator.refcount, table.blocks, self.block_size
-        for index in range(first // size, last // size + 1):
+        """Copy every shared block holding a position in [first, last]."""
+        refcount, blocks = self.allocator.refcount, table.blocks
+        for index in range(first // self.block_size, last // self.block_size + 1):
             if refcount[blocks[index]] > 1:
-                blocks[index] = self._copy_block(blocks[index], min(size, table.length - index * size))
+                blocks[index] = self._copy_block(blocks[index])
 
     def truncate(self, table: BlockTable, length: int) -> None:
         """Forget positions >= length, releasing blocks that no longer hold any."""
@@ -161,24 +159,18 @@ class PagedKVCache:
         del table.blocks[keep:]
         table.length, table.borrowed = length, min(table.borrowed, keep)
 
-    def _copy_block(self, block: int, count: int) -> int:
-        """A private copy of a shared block's first `count` positions (its source keeps another holder until the
-        copy is flushed)."""
+    def _copy_block(self, block: int) -> int:
+        """A private copy of a shared block (its source keeps another holder until the copy is flushed)."""
         new = self.allocator.allocate()
-        if count > 0:
-            self.pending.append((block, new, count))
+        self.pending.append((block, new))
         self.allocator.decref([block])
         return new
 
     def flush(self) -> None:
-        """Do the pending copies on write, all in one indexed copy of their slots."""
+        """Do the pending copies on write, all in one indexed copy."""
         if self.pending:
-            source, new, count = np.array(self.pending, dtype=np.int64).T
-            # slot j of a copy: block * block_size + j, for j < its count
-            within = np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)
-            src, dst = (as_tensor(np.repeat(b * self.block_size, count) + within, self.pool.device)
-                        for b in (source, new))
-            self.by_slot.index_copy_(2, dst, self.by_slot.index_select(2, src))
+            source, new = as_tensor(self.pending, self.pool.device).unbind(1)
+            self.pool.index_copy_(2, new, self.pool.index_select(2, source))
             self.pending = []
 
 
