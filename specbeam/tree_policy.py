@@ -289,9 +289,11 @@ class TreePolicy:
     pooled: RoundSums = RoundSums()  # over the rounds of every drafting shape
     pooled_plain: RoundSums = RoundSums()  # over the plain rounds
     refresh: int = 32  # plain rounds the rates are reused for (a drafting round, which teaches more, renews them)
-    # rounds a request's choice of plain steps holds before it chooses again: a choice costs more than a plain
-    # step's own work on a small model, and a plain request keeps stepping plainly unless drafting wins clearly
+    # rounds a request's choice of plain steps holds before it chooses again (unless the choice was a probe of a
+    # neighbour, `holds` after `choose`): a choice costs more than a plain step's own work on a small model, and
+    # a plain request keeps stepping plainly unless drafting wins clearly
     hold: int = 8
+    holds: bool = field(default=True, repr=False, compare=False)
     max_backoff: int = 4  # halvings of a probe's chance at most (one per probe from plain steps that did not pay:
     # after it, drafting's best rate still does not beat plain steps' by the margin `stay` asks of a switch)
     probe_backoff: int = 0  # probes from plain steps since drafting last paid after one, up to max_backoff
@@ -351,11 +353,13 @@ class TreePolicy:
             switching = rates[best] * self._catching_up(best, seconds[best], behind)
             best = current if self.stay * switching <= rates[current] else best
         draw = self.rng.random()
+        self.holds = True  # a considered choice, which holds `hold` rounds if it is plain steps; a probe does not
         if draw >= self.explore:  # no neighbour is tried more often than this (relative <= 1)
             return best
         neighbour = self._neighbour(best)
         relative = rates[neighbour] / rates[best]
-        return neighbour if draw < self._exploring(neighbour, relative, seconds[neighbour], behind) else best
+        self.holds = draw >= self._exploring(neighbour, relative, seconds[neighbour], behind)
+        return best if self.holds else neighbour
 
     def _rated(self, trees: int, load: float) -> tuple[dict, tuple[int, int], dict]:
         """`rate` of every shape beside `load`, the best shape, and each shape's modelled seconds: reused until the
@@ -479,6 +483,7 @@ class StagesPolicy:
         options = [(policy.choose(trees, load, current[:2] if current and current[2] == stages else None, behind),
                     stages) for stages, policy in self.policies.items()]
         (depth, width), stages = max(options, key=lambda o: self.policies[o[1]].rate(*o[0], trees, load))
+        self.holds = self.policies[stages].holds
         return depth, width, stages
 
     def observe(self, depth: int, width: int, trees: int, load: float, tokens: int, seconds: float, seen: list,

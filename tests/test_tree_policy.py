@@ -309,7 +309,7 @@ class CyclingShapes:
     the same way every time (after each plain stretch the draft catches up on the tokens it has not seen)."""
 
     shape = TreeShape(GREEDY_TREES)
-    hold = 1  # every round chooses
+    hold, holds = 1, True  # every round chooses
 
     def __init__(self, shapes: list[tuple[int, int]]):
         self.shapes = itertools.cycle(shapes)
@@ -382,6 +382,21 @@ def test_a_choice_of_plain_steps_holds_for_the_policys_hold_rounds(hold):
     assert_same_tokens(reference, ours, inputs["input_ids"].shape[1], PAD, EOS_ONE)
     rounds = ours.stats.target_passes - 1  # after the prefill
     assert len(calls) == math.ceil(rounds / hold)
+
+
+def test_a_probe_of_plain_steps_does_not_hold_but_a_considered_choice_does():
+    """`holds` after `choose`: a plain step picked as the best (or kept by `stay`) holds for `hold` rounds; one
+    picked as a probe of the best's neighbour lasts one round."""
+    policy = _policy(target=PassCost({1: 1.0, 8: 1.1}), draft=PassCost({1: 0.1, 64: 2.0}), hits=0.3)
+    best = policy.choose(1, 0)
+    assert best[0] > 0 and policy.holds
+    policy.explore = 1.0
+    policy._neighbour = lambda shape: (0, policy.widths[0])
+    policy._exploring = lambda *args: 1.0  # every draw probes
+    assert policy.choose(1, 0) == (0, policy.widths[0]) and not policy.holds
+    policy.explore = 0.0
+    plain = (0, policy.widths[0])
+    assert policy.choose(1, 0, current=plain, behind=lambda: 10**6) == plain and policy.holds  # kept by `stay`
 
 
 def test_the_engine_measures_pass_costs_at_first_use():

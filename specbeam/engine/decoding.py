@@ -193,7 +193,7 @@ class Decoding:
             current = (self.depth, self.width, *self.stages) if self.rows else None
             self.depth, self.width, *self.stages = self.policy.choose(*self.chosen_for, current=current,
                                                                       behind=self._behind)
-            self.plain_left = 0 if self.depth else self.policy.hold - 1
+            self.plain_left = self.policy.hold - 1 if not self.depth and self.policy.holds else 0
 
     def _behind(self) -> int:
         """Tokens the draft would catch up on before a drafting round (asked only when one is considered): before
