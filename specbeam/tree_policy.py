@@ -142,6 +142,13 @@ class PassCost:
         return self(own + load) * own / (own + load)
 
 
+def _coarse(load: float) -> float:
+    """`load` to 4 significant bits (within 6% of it): requests beside nearly the same load share one rating of
+    the shapes (each request's load is the others' tokens, a little different for each)."""
+    mantissa, exponent = math.frexp(load)
+    return math.ldexp(round(mantissa * 16) / 16, exponent)
+
+
 def _lower_convex_hull(points: dict[int, float]) -> dict[int, float]:
     """The points on the lower convex hull of (n, seconds) (Andrew's monotone chain, lower half)."""
     hull: list[tuple[int, float]] = []
@@ -348,7 +355,7 @@ class TreePolicy:
         a neighbour of the best instead. Before the pass costs are known: the deepest, widest tree."""
         if not (self.target.known and self.draft.known):
             return self.acceptance.max_depth, self.widths[-1]
-        rates, best, seconds = self._rated(trees, load)
+        rates, best, seconds = self._rated(trees, _coarse(load))
         if best[0] and current in rates and current[0] == 0:  # plain: drafting's first round includes the catch-up
             switching = rates[best] * self._catching_up(best, seconds[best], behind)
             best = current if self.stay * switching <= rates[current] else best

@@ -399,6 +399,18 @@ def test_a_probe_of_plain_steps_does_not_hold_but_a_considered_choice_does():
     assert policy.choose(1, 0, current=plain, behind=lambda: 10**6) == plain and policy.holds  # kept by `stay`
 
 
+def test_requests_beside_nearly_the_same_load_share_one_rating():
+    """Each request's load is the other requests' tokens, a little different for each: loads within 6% of each
+    other share one rating of the shapes, which is the rating at the coarse load."""
+    policy = _policy(target=PassCost({1: 1.0, 8: 1.1}), draft=PassCost({1: 0.1, 64: 2.0}), hits=0.3)
+    for load in (101, 103, 105, 107):
+        policy.choose(1, load)
+    assert list(policy._rates) == [(1, 104.0)]
+    assert policy._rates[1, 104.0][0] == {shape: policy.rate(*shape, 1, 104.0) for shape in policy._ratios}
+    policy.choose(1, 120)
+    assert len(policy._rates) == 2
+
+
 def test_the_engine_measures_pass_costs_at_first_use():
     model, inputs = tiny_model("llama"), _inputs(eos=EOS_ONE)
     engine = Engine(model, draft_model=drafts()["perfect"])

@@ -23,7 +23,7 @@ from specbeam.stats import DecodeStats
 from specbeam.tree import DraftTree
 from specbeam.tree_policy import TreePolicy
 
-PLAIN_ROUNDS_TOLD = 8  # plain rounds told to the tree policy at once
+PLAIN_ROUNDS_TOLD = 16  # plain rounds told to the tree policy at once
 
 
 @dataclass(eq=False)
