@@ -26,11 +26,14 @@ def verify_trees(trees: list[DraftTree], processed: list[torch.Tensor],
     tokens = as_tensor([t.tokens + [0] * (width - len(t)) for t in trees], device)
     num_nodes = as_tensor([len(t) for t in trees], device)
     if sampling_probs is not None:
-        q = torch.stack([_draft_probs(t, scores.shape[-1], width) for t in trees])
+        q = scores.new_zeros(scores.shape)  # the draft's probabilities at each node: none at a root or padding
+        for i, tree in enumerate(trees):
+            if tree.draft_probs is not None:
+                q[i, :len(tree)] = tree.draft_probs
         uniform, noise = draws
         p = sampling_probs(scores.flatten(0, 1)).view(scores.shape)
         path, accepted, next_token = ops.stochastic_verify(
-            parents, num_nodes, tokens, p, q.to(device), uniform.to(device), noise.to(device))
+            parents, num_nodes, tokens, p, q, uniform.to(device), noise.to(device))
     else:
         path, accepted, next_token = ops.greedy_verify(parents, num_nodes, tokens, scores.argmax(dim=-1))
     paths = [p[: a + 1] for p, a in zip(path.tolist(), accepted.tolist())]
@@ -49,9 +52,3 @@ def _uniforms(shape: tuple, generator: torch.Generator) -> torch.Tensor:
     """U(0, 1) draws from the request's generator, on the generator's device."""
     return torch.rand(shape, generator=generator, device=generator.device)
 
-
-def _draft_probs(tree: DraftTree, vocab: int, width: int) -> torch.Tensor:  # [width, vocab]
-    """q at each node (zeros for a root-only tree and for padding)."""
-    if tree.draft_probs is None:
-        return torch.zeros(width, vocab)
-    return torch.nn.functional.pad(tree.draft_probs, (0, 0, 0, width - len(tree)))
