@@ -295,7 +295,7 @@ class TreePolicy:
     clock: int = 0  # rounds observed with both pass costs known
     pooled: RoundSums = RoundSums()  # over the rounds of every drafting shape
     pooled_plain: RoundSums = RoundSums()  # over the plain rounds
-    refresh: int = 32  # plain rounds the rates are reused for (a drafting round, which teaches more, renews them)
+    refresh: int = 64  # plain rounds the rates are reused for (a drafting round, which teaches more, renews them)
     # rounds a request's choice of plain steps holds before it chooses again (unless the choice was a probe of a
     # neighbour, `holds` after `choose`): a choice costs more than a plain step's own work on a small model, and
     # a plain request keeps stepping plainly unless drafting wins clearly
