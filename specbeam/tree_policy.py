@@ -348,19 +348,17 @@ class TreePolicy:
 
     def choose(self, trees: int, load: float, current: tuple[int, int] | None = None,
                behind: Callable[[], int] | None = None) -> tuple[int, int]:
-        """The (depth, width) with the best rate, unless the request's `current` one is a plain step (as is a request's
-        before its first round) within `stay` of it, the best's first round counting the draft's catch-up on the
-        `behind()` tokens it has not
+        """The (depth, width) with the best rate, unless the request's `current` one is a plain step within
+        `stay` of it, the best's first round counting the draft's catch-up on the `behind()` tokens it has not
         fed (going from plain steps to drafting costs that; the other way costs nothing: requests sharing a
         policy do not all switch to drafting on a small edge and pay every catch-up in one round); now and then
         a neighbour of the best instead. Before the pass costs are known: the deepest, widest tree."""
         if not (self.target.known and self.draft.known):
             return self.acceptance.max_depth, self.widths[-1]
         rates, best, seconds = self._rated(trees, _coarse(load))
-        if best[0] and current is not None and current[0] == 0:  # plain: drafting's first round includes the catch-up
-            plain = (0, self.widths[0])
+        if best[0] and current in rates and current[0] == 0:  # plain: drafting's first round includes the catch-up
             switching = rates[best] * self._catching_up(best, seconds[best], behind)
-            best = plain if self.stay * switching <= rates[plain] else best
+            best = current if self.stay * switching <= rates[current] else best
         draw = self.rng.random()
         self.holds = True  # a considered choice, which holds `hold` rounds if it is plain steps; a probe does not
         if draw >= self.explore:  # no neighbour is tried more often than this (relative <= 1)
@@ -489,9 +487,8 @@ class StagesPolicy:
     def choose(self, trees: int, load: float, current: tuple | None = None,
                behind: Callable[[], int] | None = None) -> tuple[int, int, tuple[int, ...]]:
         """(depth, width, the stages taking part); `current`: the request's (depth, width, stages) now."""
-        # a plain request is plain under every subset (it drafts with none)
-        options = [(policy.choose(trees, load, current[:2] if current and (current[0] == 0 or current[2] == stages)
-                                  else None, behind), stages) for stages, policy in self.policies.items()]
+        options = [(policy.choose(trees, load, current[:2] if current and current[2] == stages else None, behind),
+                    stages) for stages, policy in self.policies.items()]
         (depth, width), stages = max(options, key=lambda o: self.policies[o[1]].rate(*o[0], trees, load))
         self.holds = self.policies[stages].holds
         return depth, width, stages

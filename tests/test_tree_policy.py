@@ -411,22 +411,6 @@ def test_requests_beside_nearly_the_same_load_share_one_rating():
     assert len(policy._rates) == 2
 
 
-def test_a_request_not_started_yet_chooses_as_a_plain_one_with_its_prompt_to_catch_up_on():
-    """Drafting from a request's first round has the draft prefill its prompt first: the policy hears the request
-    as a plain one, whose draft is behind by the prompt (so it starts drafting only if that pays, by `stay`)."""
-    model, inputs = tiny_model("llama"), _inputs(eos=EOS_ONE)
-    engine = Engine(model, draft_model=drafts()["perturbed"])
-    policy, asked = CyclingShapes([(2, 2)]), []
-    choose = policy.choose
-    policy.choose = lambda trees, load, current=None, behind=None: asked.append((current, behind())) or choose(
-        trees, load, current, behind)
-    engine.tree_policies[_key(engine, GREEDY)] = policy
-    engine.generate(**dict(inputs, max_new_tokens=4), do_sample=False)
-    prompts = int(inputs["attention_mask"].sum()) - inputs["input_ids"].shape[0]  # every row's tokens before its root
-    assert asked[0] == ((0, engine.spec.width), prompts)
-    assert asked[1][0] == (2, 2)  # then its own shape
-
-
 def test_the_engine_measures_pass_costs_at_first_use():
     model, inputs = tiny_model("llama"), _inputs(eos=EOS_ONE)
     engine = Engine(model, draft_model=drafts()["perfect"])

@@ -190,8 +190,7 @@ class Decoding:
             self.chosen_for = (self.chosen_for[0], load)
         else:  # a cascade's policy also says which of its stages take part
             self.chosen_for = (self.num_trees(), load)
-            # a request not started yet is a plain one: drafting from its first round has the prompt to catch up on
-            current = (self.depth, self.width, *self.stages) if self.rows else (0, self.width)
+            current = (self.depth, self.width, *self.stages) if self.rows else None
             self.depth, self.width, *self.stages = self.policy.choose(*self.chosen_for, current=current,
                                                                       behind=self._behind)
             self.plain_left = self.policy.hold - 1 if not self.depth and self.policy.holds else 0
