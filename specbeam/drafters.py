@@ -172,7 +172,10 @@ class DraftSession:
     def commit(self, origins: list[tuple[int, list[int]]]) -> None:
         """New row i continues old row origins[i][0] along the node path origins[i][1] of its last tree: from the
         deepest node of the path it fed (a row's own table is its root's), or from its scored tree's table (the
-        tree went in one pass), of which it keeps the path's K/V."""
+        tree went in one pass), of which it keeps the path's K/V. A draft that holds nothing (it has not fed since
+        the request began, or since a preemption) has nothing to follow."""
+        if not self.scored and not any(self.fed) and not any(table.blocks for table in self.tables):
+            return
         sources = []
         for old, path in origins:
             fed = [self.fed[old][n] for n in path if n in self.fed[old]]
