@@ -6,8 +6,8 @@ second, from what is measured on this machine as the engine runs.
   last slope past them; its scale at each calibrated count follows the forwards nearest to that count since (a
   running mean of measured / shape), linear between the counts too: a machine that slows down or speeds up keeps
   the curve's shape, and what real forwards add to the calibration's (a context to attend, a tree's mask) is
-  learnt per size, so that trees' passes do not make a plain step's look dearer than plain steps measure. A request that shares a forward with
-  others feeding `load` tokens pays its share, T(load + n) * n / (load + n).
+  learnt per size, so that trees' passes do not make a plain step's look dearer than plain steps measure. A
+  request that shares a forward with others feeding `load` tokens pays its share, T(load + n) * n / (load + n).
 - Acceptance per depth and width. Each drafted depth d ranks its nodes (greedy: by draft probability; sampling:
   the order the verifier tries the root's children). A round tells, for each depth its accepted path reached,
   at which rank the target's token stood there, or that it was not among the w drafted (censored: its rank is

@@ -15,8 +15,8 @@ def verify_trees(trees: list[DraftTree], processed: list[torch.Tensor],
                  draws: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[list[list[int]], list[int]]:
     """processed: per tree, the model's processed scores at its nodes [nodes, vocab]. sampling_probs: processed
     scores [rows, vocab] -> the distribution to sample (None: greedy); draws: the uniforms that decide, per tree
-    ([trees, the widest tree's nodes] and [trees], `draw_uniforms`). Returns each tree's accepted path (node indices from
-    the root) and the token after it."""
+    ([trees, the widest tree's nodes] and [trees], `draw_uniforms`). Returns each tree's accepted path (node
+    indices from the root) and the token after it."""
     if sampling_probs is None and all(len(t) == 1 for t in trees):  # plain greedy steps: the argmax
         return [[0]] * len(trees), torch.cat(processed).argmax(dim=-1).tolist()
     width = max(len(t) for t in trees)

@@ -268,14 +268,16 @@ def test_probes_from_plain_steps_back_off_while_drafting_does_not_pay():
     policy = _policy(target=PassCost({1: 1.0, 8: 1.1}), draft=PassCost({1: 0.1, 64: 2.0}), hits=0.05)
     policy.explore = 0.02
     assert policy.choose(1, 0)[0] == 0
-    base = policy._exploring((1, 1), 1.0, policy.expected(1, 1, 1, 0)[1], behind=lambda: 50)
-    seconds = policy.expected(1, 1, 1, 0)[1] + policy.draft(51) - policy.draft(1)  # the catch-up included
+    round_seconds = policy.expected(1, 1, 1, 0)[1]
+    base = policy._exploring((1, 1), 1.0, round_seconds, behind=lambda: 50)
+    seconds = round_seconds + policy.draft(51) - policy.draft(1)  # the catch-up included
     for probes in range(1, 7):
         policy.observe(1, 1, 1, 0, tokens=1, seconds=seconds, seen=[(1, None, 1)], caught_up=50)
         backoff = min(probes, policy.max_backoff)
         assert policy.probe_backoff == backoff
-        assert policy._exploring((1, 1), 1.0, policy.expected(1, 1, 1, 0)[1], behind=lambda: 50) == pytest.approx(base * 0.5 ** backoff)
-    assert policy._exploring((1, 1), 1.0, policy.expected(1, 1, 1, 0)[1], behind=lambda: 0) == policy.explore  # a drafting best's neighbour
+        assert policy._exploring((1, 1), 1.0, round_seconds, behind=lambda: 50) == pytest.approx(base * 0.5 ** backoff)
+    # a drafting best's neighbour
+    assert policy._exploring((1, 1), 1.0, round_seconds, behind=lambda: 0) == policy.explore
     policy.observe(1, 1, 1, 0, tokens=200, seconds=seconds, seen=[(1, 0, 1)], caught_up=50)  # drafting paid
     assert policy.choose(1, 0)[0] > 0 and policy.probe_backoff == 0
 

@@ -144,16 +144,16 @@ class EngineCore:
         if not running:
             return outputs
         self.cache.allocator.peak_used = self.cache.allocator.num_used
-        stepping = [s for s in running if not s.needs_prefill]
-        riding = {s: s.prefill_works() for s in running if s.needs_prefill} if stepping else {}
-        if not stepping:  # nothing else runs: the prompts first, then their first round, in this step
-            stepping = self._prefill(running, outputs)
+        if all(s.needs_prefill for s in running):  # nothing else runs: the prompts first, then their first round
+            while prefilling := [s for s in running if s.needs_prefill and s.request_id in self.requests]:
+                self._round([], outputs, {s: s.prefill_works() for s in prefilling})
+            running = [s for s in running if s.request_id in self.requests]
+        riding = {s: s.prefill_works() for s in running if s.needs_prefill}
         start = time.perf_counter()  # the tree policies weigh rounds, not prefills of their own
-        running = self._round(stepping, outputs, riding)
+        running = self._round([s for s in running if not s.needs_prefill], outputs, riding)
         seconds = time.perf_counter() - start
-        # riding prompts' tokens took their share of the round's forward
-        total = sum(state.round_tokens for state in running) + sum(len(w.tokens) for ws in riding.values()
-                                                                    for w in ws) or 1
+        riding_tokens = sum(len(w.tokens) for works in riding.values() for w in works)  # their share of the forward
+        total = sum(state.round_tokens for state in running) + riding_tokens or 1
         peak = self.cache.allocator.peak_used
         for state in running:
             # a request's share of the round's time is its share of the forward's tokens: deeper trees beside
@@ -164,25 +164,11 @@ class EngineCore:
             outputs.append(self._output(state))
         return outputs
 
-    def _prefill(self, running: list[Decoding], outputs: list) -> list[Decoding]:
-        """K/V of the prompts just admitted, and of preempted requests' tokens: the prompts in one forward,
-        then the rows' own tokens past them in another."""
-        states = [s for s in running if s.needs_prefill]
-        while states:
-            works = {state: state.prefill_works() for state in states}
-            flat = [w for state in states for w in works[state]]
-            if flat and self._forward(flat, states, outputs) is None:
-                break
-            for state in states:
-                state.stats.target_passes += bool(works[state])
-                state.after_prefill()
-            states = [s for s in states if s.needs_prefill]
-        return [s for s in running if s.request_id in self.requests]
-
     def _round(self, running: list[Decoding], outputs: list, riding: dict[Decoding, list[Work]]) -> list[Decoding]:
         """Every request's round in one target forward, which also stores the K/V of the `riding` requests'
-        prompts (their prefill works, which score nothing): those just admitted beside running ones, whose first
-        round is the next step's (one forward a step, however requests arrive)."""
+        prompts (their prefill works, which score nothing), and of preempted ones' tokens past them: those just
+        admitted beside running ones, whose first round is the next step's (one forward a step, however requests
+        arrive), or, with none running, the prompts alone."""
         works = [w for mine in riding.values() for w in mine]
         planned = []
         for state, mine in self._plan(running, outputs):
