@@ -55,8 +55,9 @@ class BeamReplay:
         # row's tree, the last entry the new root's node or None)
         origin = [(m, p * beams + b, [0]) for m, p in map(self.owner.get, group.prompts) for b in range(beams)]
         first = {key: len(m.taken[p]) for key, (m, p) in self.owner.items()}
-        walked = defaultdict(dict)  # per request, per row: the nodes its beams walked
-        for m, r, _ in origin:
+        drafted = any(len(tree) > 1 for m in self.members for tree in m.trees.values())  # else a plain step
+        walked = defaultdict(dict)  # per request, per row: the nodes its beams walked (read where it drafted)
+        for m, r, _ in origin if drafted else ():
             walked[m][r] = {0}
         replayed, running_on = 0, defaultdict(list)
         while True:
@@ -64,8 +65,8 @@ class BeamReplay:
             self._step(group, self.logits.index_select(0, index).to(torch.float32))
             replayed += 1
             done = group.prompts_done().tolist()
-            origin, inside = _follow(group, origin)
-            for m, r, path in origin:
+            origin, inside = _follow(group, origin, drafted)
+            for m, r, path in origin if drafted else ():
                 walked[m][r].update(node for node in path if node is not None)
             stop = [g for g in range(group.batch) if done[g] or not inside[g]]
             for g in stop:
@@ -129,13 +130,16 @@ def _rejoined(members: list) -> BeamSearch | None:
     return None
 
 
-def _follow(search: BeamSearch, origin: list) -> tuple[list, list[bool]]:
+def _follow(search: BeamSearch, origin: list, drafted: bool) -> tuple[list, list[bool]]:
     """Each new running beam's origin after one more replayed step, and per prompt whether all of its running
-    beams are tree nodes."""
+    beams are tree nodes (drafted: some tree has more than its root; else every new beam has left them)."""
+    parents = search.parents().tolist()
+    if not drafted:
+        return [(*origin[parent][:2], [0, None]) for parent in parents], [False] * search.batch
     tokens = search.tail(1).flatten().tolist()
     beams = search.params.num_beams
     new, inside = [], [True] * search.batch
-    for beam, parent in enumerate(search.parents().tolist()):
+    for beam, parent in enumerate(parents):
         member, row, path = origin[parent]
         child = member.trees[row].child(path[-1], tokens[beam])
         inside[beam // beams] &= child is not None

@@ -115,8 +115,9 @@ class BeamDecoding(Decoding):
         tables = self.cache.continue_tables([old[source] for source, _ in origin], list(old.values()))
         for r, table in zip(rows, tables):
             self.rows[r].table = table
-        self.cache.keep_paths([(self.rows[r].table, self.starts[source], path[:-1]) for r, (source, path) in
-                               zip(rows, origin)])
+        if self.depth:  # (a plain round's beams keep their root where it is)
+            self.cache.keep_paths([(self.rows[r].table, self.starts[source], path[:-1]) for r, (source, path) in
+                                   zip(rows, origin)])
         for r, (source, path) in zip(rows, origin):
             self.draft_origins[r] = (source, path[:-1])
         for r, (source, _), new in zip(rows, origin, tails):

@@ -22,6 +22,8 @@ class TokenDecoding(Decoding):
         num_rows = self.request.input_ids.shape[0]
         self.scores, self.raw = [[] for _ in range(num_rows)], [[] for _ in range(num_rows)]
         self.sent = [0] * num_rows  # per row, generated tokens already handed out
+        # what each token's history keeps: its scores (None where the caller reads none), its logits
+        self.keeps = (self.request.config.output_scores, self.request.config.output_logits)
         self.stop = StopCheck(self.request.stopping_criteria)
 
     def after_prefill(self) -> None:
@@ -54,7 +56,8 @@ class TokenDecoding(Decoding):
             if self.rows[r].table is not None:
                 kept.append((self.rows[r].table, self.starts[i], paths[i]))
             accepted[r] = paths[i]
-        self.cache.keep_paths(kept)
+        if self.depth:  # (a plain round's rows keep their root where it is)
+            self.cache.keep_paths(kept)
         if self.draft is not None and self.depth:  # (a plain round left the draft's rows as they were)
             self.draft.commit([(r, accepted.get(r, [0])) for r in range(len(self.rows))])
         if self.policy is not None and self.depth:
@@ -89,13 +92,17 @@ class TokenDecoding(Decoding):
             if self.rows[r].table is None:
                 return
             self.advanced += 1
-            self._emit(r, token, processed[node], logits[node])
+            self._emit(r, token, node, processed, logits)
 
-    def _emit(self, r: int, token: int, scores: torch.Tensor, logits: torch.Tensor) -> None:  # [vocab] each
+    def _emit(self, r: int, token: int, node: int, scores: torch.Tensor, logits: torch.Tensor) -> None:
+        """The row's next token, read at `node` of its tree's scores and logits ([tree nodes, vocab] each)."""
         row = self.rows[r]
         row.tokens.append(token)
-        self.scores[r].append(scores[None])  # [1, vocab], as a one-row batch's score history holds them
-        self.raw[r].append(logits[None])
+        keeps_scores, keeps_logits = self.keeps
+        # [1, vocab], as a one-row batch's score history holds them
+        self.scores[r].append(scores[node, None] if keeps_scores else None)
+        if keeps_logits:
+            self.raw[r].append(logits[node, None])
         if self.streamer is not None:
             self.streamer.put(torch.tensor([token]))
         if self.stop(row.tokens, lambda: self.history(self.scores[r]), self.request.input_ids.device):
