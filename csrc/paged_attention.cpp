@@ -91,16 +91,25 @@ at::Tensor paged_attention(const at::Tensor& query,            // [num_queries, 
     for (int64_t seq = 0; seq < num_seqs; ++seq) {
       for (int64_t token = 0; token < start[seq + 1] - start[seq]; token += kTileQueries) tiles.emplace_back(seq, token);
     }
+    const auto tile_of = [&](int64_t unit) {  // a work unit's tokens
+      const auto [seq, token] = tiles[unit / kv_heads];
+      const int64_t num_new = start[seq + 1] - start[seq];
+      return Tile{tables.data_ptr<int64_t>() + seq * tables.size(1), lens.data_ptr<int64_t>()[seq], num_new, token,
+                  std::min(num_new, token + kTileQueries),
+                  mask.defined() ? mask.data_ptr<bool>() + start[seq] * mask.size(1) : nullptr,
+                  mask.defined() ? mask.size(1) : 0};
+    };
     const auto attend_all = [&](auto dim) {
       parallel_for(0, int64_t(tiles.size()) * kv_heads, 1, [&](int64_t begin, int64_t end) {
         AttentionWorkspace<A> ws(kTileQueries * group, head_dim, block_size);
         for (int64_t unit = begin; unit < end; ++unit) {
-          const auto [seq, token] = tiles[unit / kv_heads];
-          const int64_t kv_head = unit % kv_heads, num_new = start[seq + 1] - start[seq], row = start[seq] + token;
-          const Tile tile{tables.data_ptr<int64_t>() + seq * tables.size(1), lens.data_ptr<int64_t>()[seq], num_new,
-                          token, std::min(num_new, token + kTileQueries),
-                          mask.defined() ? mask.data_ptr<bool>() + start[seq] * mask.size(1) : nullptr,
-                          mask.defined() ? mask.size(1) : 0};
+          if (unit + 1 < end) {  // the next unit's first keys and values start coming
+            const Tile next = tile_of(unit + 1);
+            prefetch_block(keys.data_ptr<scalar_t>(), values.data_ptr<scalar_t>(), kv, next, (unit + 1) % kv_heads, 0,
+                           next.end(next.token_end - 1), head_dim);
+          }
+          const Tile tile = tile_of(unit);
+          const int64_t kv_head = unit % kv_heads, row = start[tiles[unit / kv_heads].first] + tile.token_begin;
           const int64_t first_head = kv_head * group;
           attend_tile<decltype(dim)::value>(
               q.data_ptr<scalar_t>() + row * q.stride(0) + first_head * q.stride(1), q.stride(0), q.stride(1),

@@ -22,13 +22,13 @@ struct KVLayout {
 };
 
 // A tile: up to kTileQueries new tokens of one sequence, each with the `group` query heads that share one KV
-// head. Each block of keys is read and transposed once for the whole tile (a draft tree's tokens share their
-// keys); each query vector then scores it and weighs the block's values on its own, the same operations whatever
-// else the tile holds: a token's output does not depend on the tokens beside it.
+// head. The tile walks the blocks of keys once (a draft tree's tokens share their keys); each query vector
+// scores a block and weighs its values on its own, the same operations whatever else the tile holds: a token's
+// output does not depend on the tokens beside it.
 constexpr int64_t kTileQueries = 16;
-constexpr int64_t kLanes = 16;  // keys scored together: the innermost loops run along them
-constexpr int64_t kChains = 4;  // independent partial sums (of a score over d, of the weights over keys), so that
-                                // no long chain of dependent adds waits
+constexpr int64_t kLanes = 16;  // partial sums of a score over d; values weighed a vector at a time
+constexpr int64_t kChains = 4;  // independent partial sums of the weights over keys, so that no long chain of
+                                // dependent adds waits
 
 // kLanes values of the accumulator type as one GCC / Clang vector: an operation on it is one per lane
 template <typename A>
@@ -43,15 +43,15 @@ struct LanesOf<double> {
 };
 
 // Per-thread buffers for a tile of `rows` query vectors (tokens x group) of `head_dim`, a block of keys at a
-// time (accumulator type A); `width` is the block size rounded up to whole kLanes.
+// time (accumulator type A); `width`: a block's scores per query vector.
 template <typename A>
 struct AttentionWorkspace {
   int64_t width;
-  std::vector<A> query, acc, scores, keys, running_max, running_sum;
+  std::vector<A> query, acc, scores, running_max, running_sum;
   std::vector<int64_t> end;  // per query vector: the keys [0, end) it may see
   AttentionWorkspace(int64_t rows, int64_t head_dim, int64_t block_size)
-      : width((block_size + kLanes - 1) / kLanes * kLanes), query(rows * head_dim), acc(rows * head_dim),
-        scores(rows * width), keys(head_dim * width), running_max(rows), running_sum(rows), end(rows) {}
+      : width(block_size), query(rows * head_dim), acc(rows * head_dim), scores(rows * width), running_max(rows),
+        running_sum(rows), end(rows) {}
 };
 
 // A tile's new tokens: tokens [token_begin, token_end) of one sequence.
@@ -71,50 +71,62 @@ struct Tile {
   }
 };
 
-// The block's `count` keys, transposed into ws.keys [head_dim, width] (zeros past count).
-template <typename S, typename A>
-void transpose_keys(const S* keys, int64_t slot_stride, int64_t count, int64_t head_dim, AttentionWorkspace<A>& ws) {
-  for (int64_t d = 0; d < head_dim; ++d) {
-    A* row = &ws.keys[d * ws.width];
-    for (int64_t j = 0; j < count; ++j) row[j] = static_cast<A>(keys[j * slot_stride + d]);
-    std::fill(row + count, row + ws.width, A(0));
+// kLanes values from x as accumulator lanes (converted, where the pool holds another type)
+template <typename A, typename S>
+typename LanesOf<A>::type load_lanes(const S* x) {
+  typename LanesOf<A>::type lanes;
+  if constexpr (std::is_same_v<S, A>) {
+    std::memcpy(&lanes, x, sizeof lanes);
+  } else {
+    A wide[kLanes];
+    for (int64_t l = 0; l < kLanes; ++l) wide[l] = static_cast<A>(x[l]);
+    std::memcpy(&lanes, wide, sizeof lanes);
   }
+  return lanes;
 }
 
-// s[j] = scale * q . k_j for the kLanes keys from `first` of the transposed block: the sum over d runs as kChains
-// partial sums (d mod kChains, the last ones of an odd head_dim into the first), each in order, added pairwise,
-// the same operations in every lane. kDim: head_dim when known at compile time (the loop unrolls), or 0.
-template <int64_t kDim, typename A>
-void score_lanes(const A* q, const A* keys, int64_t width, int64_t first, int64_t head_dim, A scale, A* s) {
-  using Lanes = typename LanesOf<A>::type;
-  const auto lanes = [&](int64_t d) {
-    Lanes k;
-    std::memcpy(&k, keys + d * width + first, sizeof k);
-    return q[d] * k;
+// The lanes' sum, added pairwise by halving: lane l + half into lane l, for half = kLanes / 2, ..., 1.
+template <typename A>
+A halving_sum(typename LanesOf<A>::type lanes) {
+  static_assert(kLanes == 16, "four halvings");
+  typedef A Half __attribute__((vector_size(kLanes / 2 * sizeof(A))));
+  typedef A Quarter __attribute__((vector_size(kLanes / 4 * sizeof(A))));
+  typedef A Eighth __attribute__((vector_size(kLanes / 8 * sizeof(A))));
+  const auto halves = [](const auto& whole, auto half) {  // its low half + its high half
+    decltype(half) high;
+    std::memcpy(&half, &whole, sizeof half);
+    std::memcpy(&high, reinterpret_cast<const char*>(&whole) + sizeof half, sizeof high);
+    return half + high;
   };
-  const int64_t size = kDim ? kDim : head_dim;
-  Lanes part[kChains] = {};
-  int64_t d = 0;
-  for (; d + kChains <= size; d += kChains) {
-    for (int64_t c = 0; c < kChains; ++c) part[c] += lanes(d + c);
-  }
-  for (; d < size; ++d) part[0] += lanes(d);
-  const Lanes sum = ((part[0] + part[1]) + (part[2] + part[3])) * scale;
-  std::memcpy(s, &sum, sizeof sum);
+  const Eighth two = halves(halves(halves(lanes, Half{}), Quarter{}), Eighth{});
+  return two[0] + two[1];
 }
 
-// Scores of every query vector against the keys [start, stop) of one block; -inf where a query may not see.
-// Query vectors t * group ... t * group + group - 1 are token token_begin + t's heads.
+// scale * q . k for one query vector and one key row (both unit stride along d): the sum over d runs as kLanes
+// partial sums (d mod kLanes), each in order of d, then `halving_sum`. Every query and key goes through the same
+// operations, whatever else the tile holds. kDim: head_dim when known at compile time (the loop unrolls), or 0.
+template <int64_t kDim, typename S, typename A>
+A scaled_dot(const A* q, const S* k, int64_t head_dim, A scale) {
+  const int64_t size = kDim ? kDim : head_dim;
+  typename LanesOf<A>::type part = {};
+  int64_t d = 0;
+  for (; d + kLanes <= size; d += kLanes) part += load_lanes<A>(q + d) * load_lanes<A>(k + d);
+  for (int64_t l = 0; d + l < size; ++l) part[l] += q[d + l] * static_cast<A>(k[d + l]);
+  return halving_sum<A>(part) * scale;
+}
+
+// Scores of every query vector against the keys [start, stop) of one block, each key row read where it lies;
+// -inf where a query may not see. Query vectors t * group ... t * group + group - 1 are token token_begin + t's
+// heads.
 template <int64_t kDim, typename S, typename A>
 void block_scores(const S* keys, int64_t slot_stride, const Tile& tile, int64_t start, int64_t stop, int64_t rows,
                   int64_t group, int64_t head_dim, A scale, AttentionWorkspace<A>& ws) {
-  transpose_keys(keys, slot_stride, stop - start, head_dim, ws);
   for (int64_t t = 0, i = 0; i < rows; ++t, i += group) {
     const int64_t count = std::min(stop, ws.end[i]) - start;
-    for (int64_t g = i; g < i + group; ++g) {
-      for (int64_t first = 0; first < count; first += kLanes) {
-        score_lanes<kDim>(&ws.query[g * head_dim], ws.keys.data(), ws.width, first, head_dim, scale,
-                          &ws.scores[g * ws.width + first]);
+    for (int64_t j = 0; j < count; ++j) {
+      for (int64_t g = i; g < i + group; ++g) {
+        ws.scores[g * ws.width + j] = scaled_dot<kDim>(&ws.query[g * head_dim], keys + j * slot_stride, head_dim,
+                                                       scale);
       }
     }
     if (tile.mask == nullptr) continue;  // causal: every key before the token's end is visible
@@ -180,6 +192,22 @@ void accumulate_block(const S* values, int64_t slot_stride, int64_t start, int64
   }
 }
 
+// Ask for the key and value rows of positions [start, min(start + block_size, end)) of one KV head (start: the
+// first of a block), so that they come from memory while other work runs: the cache rarely holds a step's K/V,
+// whose blocks lie apart.
+template <typename S>
+void prefetch_block(const S* key_cache, const S* value_cache, const KVLayout& kv, const Tile& tile, int64_t kv_head,
+                    int64_t start, int64_t end, int64_t head_dim) {
+  constexpr int64_t kLine = 64 / int64_t(sizeof(S));  // elements per cache line
+  const int64_t offset = tile.block_table[start / kv.block_size] * kv.block_stride + kv_head * kv.head_stride;
+  for (int64_t j = 0; j < std::min(kv.block_size, end - start); ++j) {
+    for (int64_t d = 0; d < head_dim; d += kLine) {
+      __builtin_prefetch(key_cache + offset + j * kv.slot_stride + d);
+      __builtin_prefetch(value_cache + offset + j * kv.slot_stride + d);
+    }
+  }
+}
+
 // out[t, g] = softmax(scale * q[t, g] . K^T over the keys token t sees) V, for the tile's tokens t and the
 // `group` heads g sharing kv_head.
 template <int64_t kDim, typename S, typename A>
@@ -201,13 +229,19 @@ void attend_tile(const S* query, int64_t query_token_stride, int64_t query_head_
   for (int64_t start = 0; start < last; start += kv.block_size) {
     const int64_t stop = std::min(start + kv.block_size, last);
     const int64_t offset = tile.block_table[start / kv.block_size] * kv.block_stride + kv_head * kv.head_stride;
+    if (stop < last) prefetch_block(key_cache, value_cache, kv, tile, kv_head, stop, last, head_dim);
     block_scores<kDim>(key_cache + offset, kv.slot_stride, tile, start, stop, rows, group, head_dim, scale, ws);
     accumulate_block<kDim>(value_cache + offset, kv.slot_stride, start, stop, rows, head_dim, ws);
   }
   for (int64_t i = 0; i < rows; ++i) {
     const A sum = ws.running_sum[i];
+    const A* acc = &ws.acc[i * head_dim];
     S* o = out + (i / group) * out_token_stride + (i % group) * head_dim;
-    for (int64_t d = 0; d < head_dim; ++d) o[d] = static_cast<S>(sum > 0 ? ws.acc[i * head_dim + d] / sum : A(0));
+    if (sum > 0) {
+      for (int64_t d = 0; d < head_dim; ++d) o[d] = static_cast<S>(acc[d] / sum);
+    } else {
+      std::fill(o, o + head_dim, S(0));
+    }
   }
 }
 
