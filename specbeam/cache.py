@@ -88,33 +88,17 @@ class PagedKVCache:
         """One table per new row, continuing its source: a table of `old` is taken over by its first
         continuation and forked for the others (as is any other source, which outlives the call); the tables of
         `old` that nothing continues are released."""
-        mine, taken = {id(t) for t in old}, set()
-        takes = []  # per new row: whether it takes its source over
+        mine, taken, new = {id(t) for t in old}, set(), []
         for source in sources:
-            takes.append(id(source) in mine and id(source) not in taken)
-            if takes[-1]:
+            if id(source) in mine and id(source) not in taken:
                 taken.add(id(source))
-        spare = [t for t in reversed(old) if id(t) not in taken]  # (popped in their order)
-        new = [source if took else self._refork(spare.pop(), source) if spare else self.fork(source)
-               for source, took in zip(sources, takes)]
-        for table in spare:
-            self.release(table)
+                new.append(source)
+            else:
+                new.append(self.fork(source))
+        for table in old:  # (after every fork: a source may borrow blocks from a table released here)
+            if id(table) not in taken:
+                self.release(table)
         return new
-
-    def _refork(self, old: BlockTable, source: BlockTable) -> BlockTable:
-        """Release `old` and fork `source`, in one: the leading blocks both hold keep their counts."""
-        if old.borrowed:
-            self.release(old)
-            return self.fork(source)
-        common = min(len(old.blocks), len(source.blocks))  # beams part in their last blocks: compared from there
-        while old.blocks[:common] != source.blocks[:common]:
-            common -= 1
-        refcount = self.allocator.refcount
-        for block in source.blocks[common:]:
-            refcount[block] += 1
-        self.allocator.decref(old.blocks[common:])
-        old.blocks, old.length = [], 0
-        return BlockTable(source.blocks.copy(), source.length)
 
     def zero(self, tables: list[BlockTable]) -> None:
         """Zero the blocks of `tables` (a forward that wrote non-finite K/V there must leave none behind)."""

@@ -102,6 +102,20 @@ def test_a_perfect_draft_takes_beam_search_to_its_full_depth():
     assert len(out.stats.accepted_by_depth) == 3 and out.stats.accepted_by_depth[2] > 0
 
 
+def test_a_perfect_draft_keeps_a_long_batched_beam_search_in_its_trees():
+    """A perfect draft at a fixed depth 4 under beam search over 8 prompts for 64 steps, while blocks of both pools
+    are freed and reused: the draft's K/V stay right (a block freed while a table still reads it would be
+    rewritten, and the draft's beams would leave the trees early), and every block is free once, at the end."""
+    model = tiny_model("llama")
+    engine = Engine(model, draft_model=drafts()["perfect"], spec=SpecConfig(depth=4, adaptive=False))
+    input_ids = torch.randint(2, VOCAB, (8, 6), generator=torch.Generator().manual_seed(3))
+    out = engine.generate(input_ids, max_new_tokens=64, min_new_tokens=64, num_beams=4, eos_token_id=None,
+                          return_dict_in_generate=True)
+    assert out.stats.steps == 64 and out.stats.target_passes - 1 <= 64 / 3
+    for cache in (engine.cache, engine.drafter.cache):
+        assert sorted(cache.allocator.free) == list(range(cache.allocator.num_blocks))
+
+
 def test_draft_with_another_vocabulary_is_refused():
     other = tiny_model("qwen2")  # same vocabulary size: fine
     Engine(tiny_model("llama"), draft_model=other)
