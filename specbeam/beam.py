@@ -87,6 +87,10 @@ class BeamSearch:
         ends = [n for n in self.lengths for _ in range(self.params.num_beams)]
         return [row[:n] for row, n in zip(self.running.flatten(0, 1).tolist(), ends)]
 
+    def whole(self) -> "BeamSearch":
+        """Itself (a request's part of a joined search is split off when read: `beam_replay.SplitLater`)."""
+        return self
+
     def same_length(self) -> bool:
         return all(n == self.lengths[0] for n in self.lengths)
 
@@ -203,6 +207,7 @@ class BeamSearch:
         step together."""
         if prompts is None and len(parts) == 1 and parts[0].prompts == sorted(parts[0].prompts):
             return parts[0]  # (a plain round's, as a rule: every prompt left its trees at the same step)
+        parts = [part.whole() for part in parts]
         merged = copy.copy(parts[0])
         for name in _PER_PROMPT:
             tensors = [getattr(p, name) for p in parts]

@@ -6,6 +6,7 @@ transformers' beam step. A prompt goes on while every new running beam of it is 
 the first step that leaves its trees (the others step on without it), and its request commits it. Requests
 join only when a step treats their prompts alike: no logits processors, no stopping criteria but max-length and
 eos (`BeamDecoding.kind`); their prompts' limits (width, max length) stay their own."""
+import copy
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -42,7 +43,7 @@ class BeamReplay:
         searches = [m.search for m in members]
         if len(members) == 1:  # its own prompt ids
             self.owner = {p: (members[0], p) for p in searches[0].prompts}
-            self.search = searches[0]
+            self.search = searches[0].whole()
         else:
             self.owner = dict(enumerate((m, p) for m in members for p in m.search.prompts))
             self.search = _rejoined(members) or BeamSearch.merge(searches, list(self.owner))
@@ -72,8 +73,8 @@ class BeamReplay:
             for g in stop:
                 m, p = self.owner[group.prompts[g]]
                 m.end_round(p, first[group.prompts[g]], replayed, walked[m], done[g])
-            for g in (g for g in stop if done[g]):
-                self.owner[group.prompts[g]][0].end_search(self._part(group, [g]))
+            for g in (g for g in stop if done[g]):  # (split off now: the group steps on)
+                self.owner[group.prompts[g]][0].end_search(self._part(group, [g]).whole())
             by_member = defaultdict(list)
             for g in (g for g in stop if not done[g]):
                 by_member[self.owner[group.prompts[g]][0]].append(g)
@@ -93,13 +94,13 @@ class BeamReplay:
             if stop:
                 group, origin = group.split(going), [origin[g * beams + b] for g in going for b in range(beams)]
 
-    def _part(self, group: BeamSearch, gs: list[int]) -> BeamSearch:
-        """The prompts gs of the group as a search of their request, under its own prompt ids."""
-        part = group if len(gs) == group.batch else group.split(gs)
-        if len(self.members) > 1:
-            member = self.owner[group.prompts[gs[0]]][0]
-            part.prompts, part.params = [self.owner[group.prompts[g]][1] for g in gs], member.params
-        return part
+    def _part(self, group: BeamSearch, gs: list[int]) -> "BeamSearch | SplitLater":
+        """The prompts gs of the group as a search of their request, under its own prompt ids (of a joined search:
+        split off when it is read)."""
+        if len(self.members) == 1:
+            return group if len(gs) == group.batch else group.split(gs)
+        member = self.owner[group.prompts[gs[0]]][0]
+        return SplitLater(group, gs, [self.owner[group.prompts[g]][1] for g in gs], member.params)
 
     def _step(self, group: BeamSearch, logits: torch.Tensor) -> None:  # [group rows, vocab] their logits
         """One beam step over the group; each member logs its prompts' part of it."""
@@ -119,6 +120,24 @@ class BeamReplay:
             taken[m].append((g, p))
         for m, mine in taken.items():
             m.log_step(step, mine)
+
+
+class SplitLater:
+    """Prompts `gs` of a joined search as their request's own search, split off only when it is read (`whole`): a
+    search joined again the next round (`_rejoined`) never is. Its group must not step before then."""
+
+    def __init__(self, group: BeamSearch, gs: list[int], prompts: list[int], params):
+        self.group, self.gs, self.prompts, self.params, self.batch = group, gs, prompts, params, len(gs)
+        self.lengths = group.lengths  # (a step gives the group a new list)
+
+    def whole(self) -> BeamSearch:
+        if self.group.lengths is not self.lengths:
+            raise RuntimeError("a joined beam search stepped before a request's part of it was split off")
+        part = self.group if len(self.gs) == self.group.batch else self.group.split(self.gs)
+        if part is self.group:
+            part = copy.copy(part)
+        part.prompts, part.params = self.prompts, self.params
+        return part
 
 
 def _rejoined(members: list) -> BeamSearch | None:

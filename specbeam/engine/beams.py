@@ -46,9 +46,11 @@ class BeamDecoding(Decoding):
     def plan(self):  # a generator -> list[Work]
         beams = self.params.num_beams
         self.round_rows = [p * beams + b for p in self.search.prompts for b in range(beams)]
-        scores = self.search.running_scores.flatten().tolist()
         depths = [min(self.depth, self.params.max_length - len(self.rows[r].tokens) - 1) for r in self.round_rows]
-        groups = [(r // beams, s) for r, s in zip(self.round_rows, scores)]  # (prompt, running beam score)
+        groups = None  # (prompt, running beam score) per row, for the draft
+        if self.depth:
+            scores = self.search.whole().running_scores.flatten().tolist()
+            groups = [(r // beams, s) for r, s in zip(self.round_rows, scores)]
         trees = yield from self.propose(self.round_rows, depths, beams=groups)
         self.trees = dict(zip(self.round_rows, trees))
         self.starts = {r: self.rows[r].table.length for r in self.round_rows}
