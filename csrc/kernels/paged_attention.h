@@ -102,17 +102,53 @@ A halving_sum(typename LanesOf<A>::type lanes) {
   return two[0] + two[1];
 }
 
-// scale * q . k for one query vector and one key row (both unit stride along d): the sum over d runs as kLanes
-// partial sums (d mod kLanes), each in order of d, then `halving_sum`. Every query and key goes through the same
-// operations, whatever else the tile holds. kDim: head_dim when known at compile time (the loop unrolls), or 0.
+// Lane j: halving_sum(parts[j]), for all kLanes parts at once where the compiler can shuffle vectors (GCC 12+,
+// Clang): each level adds the halves of two vectors' partial sums side by side, the same additions.
+template <typename A>
+typename LanesOf<A>::type halving_sums(const typename LanesOf<A>::type (&parts)[kLanes]) {
+  typename LanesOf<A>::type sums;
+#if defined(__clang__) || __GNUC__ >= 12
+  typename LanesOf<A>::type eights[8], fours[4], twos[2];
+  for (int a = 0; a < 8; ++a) {  // parts 2a and 2a + 1, each halved to 8 lanes, side by side
+    const auto &x = parts[2 * a], &y = parts[2 * a + 1];
+    eights[a] = __builtin_shufflevector(x, y, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                __builtin_shufflevector(x, y, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  }
+  for (int b = 0; b < 4; ++b) {  // parts 4b .. 4b + 3, each halved to 4 lanes
+    const auto &x = eights[2 * b], &y = eights[2 * b + 1];
+    fours[b] = __builtin_shufflevector(x, y, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+               __builtin_shufflevector(x, y, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  }
+  for (int c = 0; c < 2; ++c) {  // parts 8c .. 8c + 7, each halved to 2 lanes
+    const auto &x = fours[2 * c], &y = fours[2 * c + 1];
+    twos[c] = __builtin_shufflevector(x, y, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+              __builtin_shufflevector(x, y, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  }
+  sums = __builtin_shufflevector(twos[0], twos[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         __builtin_shufflevector(twos[0], twos[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+#else
+  for (int64_t j = 0; j < kLanes; ++j) sums[j] = halving_sum<A>(parts[j]);
+#endif
+  return sums;
+}
+
+// out[j] = scale * q . k_j for `count` <= kLanes consecutive key rows (unit stride along d) and one query vector:
+// the sum over d runs as kLanes partial sums (d mod kLanes), each in order of d, then `halving_sum`. Every query
+// and key goes through the same operations, whatever else the tile holds. kDim: head_dim when known at compile
+// time (the loops unroll), or 0.
 template <int64_t kDim, typename S, typename A>
-A scaled_dot(const A* q, const S* k, int64_t head_dim, A scale) {
+void scaled_dots(const A* q, const S* keys, int64_t slot_stride, int64_t count, int64_t head_dim, A scale, A* out) {
+  using Lanes = typename LanesOf<A>::type;
   const int64_t size = kDim ? kDim : head_dim;
-  typename LanesOf<A>::type part = {};
-  int64_t d = 0;
-  for (; d + kLanes <= size; d += kLanes) part += load_lanes<A>(q + d) * load_lanes<A>(k + d);
-  for (int64_t l = 0; d + l < size; ++l) part[l] += q[d + l] * static_cast<A>(k[d + l]);
-  return halving_sum<A>(part) * scale;
+  Lanes parts[kLanes] = {};
+  for (int64_t j = 0; j < count; ++j) {
+    const S* k = keys + j * slot_stride;
+    int64_t d = 0;
+    for (; d + kLanes <= size; d += kLanes) parts[j] += load_lanes<A>(q + d) * load_lanes<A>(k + d);
+    for (int64_t l = 0; d + l < size; ++l) parts[j][l] += q[d + l] * static_cast<A>(k[d + l]);
+  }
+  const Lanes dots = halving_sums<A>(parts) * scale;
+  std::memcpy(out, &dots, count * sizeof(A));
 }
 
 // Scores of every query vector against the keys [start, stop) of one block, each key row read where it lies;
@@ -123,10 +159,10 @@ void block_scores(const S* keys, int64_t slot_stride, const Tile& tile, int64_t 
                   int64_t group, int64_t head_dim, A scale, AttentionWorkspace<A>& ws) {
   for (int64_t t = 0, i = 0; i < rows; ++t, i += group) {
     const int64_t count = std::min(stop, ws.end[i]) - start;
-    for (int64_t j = 0; j < count; ++j) {
-      for (int64_t g = i; g < i + group; ++g) {
-        ws.scores[g * ws.width + j] = scaled_dot<kDim>(&ws.query[g * head_dim], keys + j * slot_stride, head_dim,
-                                                       scale);
+    for (int64_t g = i; g < i + group; ++g) {
+      for (int64_t first = 0; first < count; first += kLanes) {
+        scaled_dots<kDim>(&ws.query[g * head_dim], keys + first * slot_stride, slot_stride,
+                          std::min(kLanes, count - first), head_dim, scale, &ws.scores[g * ws.width + first]);
       }
     }
     if (tile.mask == nullptr) continue;  // causal: every key before the token's end is visible
