@@ -18,6 +18,7 @@ from collections import defaultdict
 import torch
 from transformers import PreTrainedModel
 
+from specbeam import ops
 from specbeam.cache import BlockTable, PagedKVCache
 from specbeam.cascade import CascadeDrafter
 from specbeam.config import BEAM, SAMPLE, EngineConfig, SpecConfig
@@ -65,9 +66,16 @@ class EngineCore:
 
     def prepare(self, *args, **kwargs) -> Decoding:
         """The decoding state of one `generate` call, validated; nothing runs yet. Its tensors are ordinary ones
-        even when the caller is in inference mode: the engine's thread updates them in place."""
-        with torch.inference_mode(False), torch.no_grad():
-            return self._prepare(*args, **kwargs)
+        even when the caller is in inference mode: the engine's thread updates them in place. Off the main thread
+        its torch operations run serially: a caller's thread that opened an OpenMP team of its own would leave it
+        spinning on the cores the engine steps on (`specbeam.engine.loop`; 8 callers' threads made each step of
+        theirs 1.6x slower)."""
+        ops.serial_torch_ops(True)
+        try:
+            with torch.inference_mode(False), torch.no_grad():
+                return self._prepare(*args, **kwargs)
+        finally:
+            ops.serial_torch_ops(False)
 
     def _prepare(self, inputs=None, generation_config=None, logits_processor=None, stopping_criteria=None,
                  prefix_allowed_tokens_fn=None, synced_gpus=None, assistant_model=None, streamer=None,
