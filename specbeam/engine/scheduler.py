@@ -3,7 +3,7 @@ blocks fit in the pool; when they do not, the youngest running request is preemp
 tokens kept; it waits at the head of the queue and its K/V are recomputed when it is admitted again). Then
 waiting requests are admitted in order while their prefill and first round fit. A request never fails because
 another one holds the memory: only a request that cannot fit in the whole pool on its own does."""
-from collections import Counter, deque
+from collections import deque
 
 from specbeam.cache import PagedKVCache
 from specbeam.engine.decoding import Decoding
@@ -23,14 +23,15 @@ class Scheduler:
         for state in self.running:
             state.choose_shape(load - state.round_tokens)
         needs = {state: self._need(state) for state in self.running}
-        if not _fits(_total(needs.values())):  # a plain step for everyone before anyone is preempted
+        total = _total(needs.values())
+        if not _fits(total):  # a plain step for everyone before anyone is preempted
             for state in self.running:
                 state.plain_step()
             needs = {state: self._need(state) for state in self.running}
-        total = _total(needs.values())
+            total = _total(needs.values())
         while self.running and not _fits(total):
             victim = self.running.pop()
-            total.subtract(needs.pop(victim))
+            _add(total, needs.pop(victim), -1)
             if not self.running:
                 failures.append((victim, too_large(victim, self.cache)))
                 break
@@ -50,7 +51,7 @@ class Scheduler:
                 need = self._need(state)
             if _fits(total, need):
                 self.running.append(self.waiting.popleft())
-                total.update(need)
+                _add(total, need)
             elif not self.running:
                 failures.append((self.waiting.popleft(), too_large(state, self.cache)))
             else:
@@ -63,25 +64,31 @@ class Scheduler:
         elif state in self.waiting:
             self.waiting.remove(state)
 
-    def _need(self, state: Decoding) -> Counter:
+    def _need(self, state: Decoding) -> dict:
         """Blocks per pool (the target's, the draft's) that one round of `state`, and its prefill, may take."""
         target, draft = state.blocks_needed()
-        need = Counter(draft)
-        need[self.cache] += target + (state.prefill_blocks() if state.needs_prefill else 0)
+        need = dict(draft)
+        need[self.cache] = need.get(self.cache, 0) + target + (state.prefill_blocks() if state.needs_prefill else 0)
         return need
 
 
-def _total(needs) -> Counter:
-    total = Counter()
+def _add(total: dict, need: dict, sign: int = 1) -> None:
+    """total += sign * need, per pool."""
+    for cache, blocks in need.items():
+        total[cache] = total.get(cache, 0) + sign * blocks
+
+
+def _total(needs) -> dict:
+    total = {}
     for need in needs:
-        total.update(need)
+        _add(total, need)
     return total
 
 
-def _fits(*needs: Counter) -> bool:
+def _fits(*needs: dict) -> bool:
     """Whether the blocks `needs` take together from each pool are free in it."""
     pools = {cache for need in needs for cache in need}
-    return all(sum(need[cache] for need in needs) <= cache.allocator.num_free for cache in pools)
+    return all(sum(need.get(cache, 0) for need in needs) <= cache.allocator.num_free for cache in pools)
 
 
 def _rows(states: list[Decoding]) -> int:
