@@ -106,3 +106,27 @@ def test_a_caller_thread_that_steps_runs_torch_serially_and_keeps_the_kernels_bi
     assert after == 2 and torch.get_num_threads() == 2  # the caller's thread has its count back, the main its own
     assert _same(thread_result, _work(3))
     assert torch.equal(engine.generate(prompt, max_new_tokens=4), main_result)
+
+
+def test_a_caller_thread_prepares_its_call_with_torch_serial(two_threads):
+    """A call's preparation (transformers merging its generation config, its processors and criteria built) on a
+    thread other than the main one runs torch's operations serially: an OpenMP team opened there would spin on the
+    cores that the engine steps on. A value in the generation config, which transformers deep-copies there, sees
+    one thread; the caller's thread has its count back afterwards."""
+    from transformers import GenerationConfig
+
+    from specbeam import Engine
+    from tiny_models import tiny_model
+
+    seen = []
+
+    class CountsThreads:
+        def __deepcopy__(self, memo):
+            seen.append(torch.get_num_threads())
+            return self
+
+    engine, prompt = Engine(tiny_model("llama")), torch.tensor([[5, 6, 7]])
+    config = GenerationConfig(max_new_tokens=4, do_sample=False, counts_threads=CountsThreads())
+    after = _in_thread(lambda: (engine.generate(prompt, generation_config=config), torch.get_num_threads())[1])
+    assert seen and set(seen) == {1}
+    assert after == 2
