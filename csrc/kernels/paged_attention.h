@@ -143,6 +143,16 @@ void scaled_dots(const A* q, const S* keys, int64_t slot_stride, int64_t count, 
   Lanes parts[kLanes] = {};
   for (int64_t j = 0; j < count; ++j) {
     const S* k = keys + j * slot_stride;
+#if defined(__clang__) || __GNUC__ >= 12
+    if constexpr (kDim == kLanes / 2 && std::is_same_v<S, A>) {  // one half-width product, widened with zeros
+      typedef A Half __attribute__((vector_size(kLanes / 2 * sizeof(A))));
+      Half q_half, k_half;
+      std::memcpy(&q_half, q, sizeof q_half);
+      std::memcpy(&k_half, k, sizeof k_half);
+      parts[j] = __builtin_shufflevector(q_half * k_half, Half{}, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+      continue;
+    }
+#endif
     int64_t d = 0;
     for (; d + kLanes <= size; d += kLanes) parts[j] += load_lanes<A>(q + d) * load_lanes<A>(k + d);
     for (int64_t l = 0; d + l < size; ++l) parts[j][l] += q[d + l] * static_cast<A>(k[d + l]);
