@@ -228,6 +228,31 @@ def test_beam_requests_of_other_widths_and_limits_replay_as_one_search(draft, mo
     _assert_no_leak(engine)
 
 
+def test_a_requests_part_of_a_joined_search_is_split_off_as_it_was_and_never_after_it_steps():
+    """A request's part of a joined beam search (`SplitLater`) reads as the split of the search as it was, under the
+    request's own prompt ids; once the search has stepped, reading it is a bug and raises."""
+    from transformers import GenerationConfig
+
+    from specbeam.beam import BeamSearch
+    from specbeam.config import SamplingParams
+    from specbeam.engine.beam_replay import SplitLater
+    from specbeam.stopping import StopCheck
+
+    config = GenerationConfig(num_beams=2, max_length=12, pad_token_id=PAD, length_penalty=1.0, early_stopping=False,
+                              num_return_sequences=1)
+    config._pad_token_tensor = torch.tensor(PAD)
+    params = SamplingParams.from_generation_config(config)
+    group = BeamSearch(torch.arange(2, 14).view(6, 2), params, None)  # 3 prompts of 2 beams
+    part = SplitLater(group, [1, 2], [0, 1], params)
+    expected = group.split([1, 2])
+    whole = part.whole()
+    assert whole.prompts == [0, 1] and part.batch == 2
+    assert all(torch.equal(getattr(whole, n), getattr(expected, n)) for n in ("running", "running_scores"))
+    group.step(torch.log_softmax(torch.randn(6, 32), dim=-1), StopCheck([]), lambda prompts: None)
+    with pytest.raises(RuntimeError, match="stepped"):
+        part.whole()
+
+
 @pytest.mark.parametrize("draft", [None, "perturbed"])
 def test_requests_with_equal_repetition_penalties_are_processed_together(draft, monkeypatch):
     """Greedy and sampling requests whose processors are the same repetition penalty alone are processed in one
