@@ -133,9 +133,8 @@ class SplitLater:
     def whole(self) -> BeamSearch:
         if self.group.lengths is not self.lengths:
             raise RuntimeError("a joined beam search stepped before a request's part of it was split off")
-        part = self.group if len(self.gs) == self.group.batch else self.group.split(self.gs)
-        if part is self.group:
-            part = copy.copy(part)
+        whole = len(self.gs) == self.group.batch
+        part = copy.copy(self.group) if whole else self.group.split(self.gs)  # (the group keeps its own ids)
         part.prompts, part.params = self.prompts, self.params
         return part
 

@@ -5,7 +5,6 @@ from itertools import accumulate
 import torch
 
 from specbeam.host import as_tensor
-
 from specbeam.serve.schemas import ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob
 
 
